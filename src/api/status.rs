@@ -1,0 +1,82 @@
+//! The one place where errors become gRPC statuses. Each status carries a
+//! `google.rpc.ErrorInfo` whose `reason` clients branch on (listed in the proto's header).
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::domain::{FieldViolation, LeaseRejection};
+use crate::store::StoreError;
+
+/// `ErrorInfo.domain` of every idemd error.
+pub const ERROR_DOMAIN: &str = "idemd";
+
+/// Machine-readable reasons, as documented in the proto.
+pub mod reason {
+    pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+    pub const FINGERPRINT_MISMATCH: &str = "FINGERPRINT_MISMATCH";
+    pub const LEASE_NOT_HELD: &str = "LEASE_NOT_HELD";
+    pub const RECORD_COMPLETED: &str = "RECORD_COMPLETED";
+    pub const RECORD_NOT_FOUND: &str = "RECORD_NOT_FOUND";
+    pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+    pub const INTERNAL: &str = "INTERNAL";
+}
+
+fn with_reason(code: Code, message: impl Into<String>, reason: &str) -> Status {
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, []);
+    Status::with_error_details(code, message, details)
+}
+
+/// INVALID_ARGUMENT naming every broken field and rule.
+pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
+    let message = format!(
+        "invalid request: {}",
+        violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    let mut details = ErrorDetails::with_error_info(reason::INVALID_REQUEST, ERROR_DOMAIN, []);
+    for violation in violations {
+        details.add_bad_request_violation(violation.field, violation.description);
+    }
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// A store error as a status. Unavailable and internal errors are logged here with their cause;
+/// the caller gets a message without database internals.
+pub fn from_store(error: StoreError) -> Status {
+    match error {
+        StoreError::FingerprintMismatch => with_reason(
+            Code::FailedPrecondition,
+            "the key was already used with a different fingerprint: use a new key for a different request",
+            reason::FINGERPRINT_MISMATCH,
+        ),
+        StoreError::Rejected(rejection) => {
+            let (code, reason) = match rejection {
+                LeaseRejection::NotFound => (Code::NotFound, reason::RECORD_NOT_FOUND),
+                LeaseRejection::LeaseNotHeld => (Code::FailedPrecondition, reason::LEASE_NOT_HELD),
+                LeaseRejection::RecordCompleted => {
+                    (Code::FailedPrecondition, reason::RECORD_COMPLETED)
+                }
+            };
+            with_reason(code, error.to_string(), reason)
+        }
+        StoreError::Unavailable(cause) => {
+            tracing::warn!(%cause, "store unavailable");
+            with_reason(
+                Code::Unavailable,
+                "the idempotency store is unavailable; retry with backoff",
+                reason::STORE_UNAVAILABLE,
+            )
+        }
+        StoreError::Internal(cause) => {
+            tracing::error!(%cause, "internal error");
+            with_reason(
+                Code::Internal,
+                "internal error in idemd; see its logs",
+                reason::INTERNAL,
+            )
+        }
+    }
+}

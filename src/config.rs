@@ -1,0 +1,182 @@
+//! Command line and environment. Every setting is a flag with an `IDEMD_*` variable and a
+//! documented default; `idemd --help` and `idemd serve --help` list them.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::domain::{DurationPolicy, Limits};
+use crate::server::ServerSettings;
+use crate::store::postgres::PostgresConfig;
+use crate::telemetry::LogFormat;
+
+/// idemd — an idempotency authority for polyglot microservices.
+///
+/// With no subcommand, idemd serves (same flags as `idemd serve`).
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (the default).
+    Serve(Box<ServeArgs>),
+    /// Apply pending database migrations, then exit.
+    Migrate(MigrateArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|error| format!("{error} (examples: 500ms, 30s, 24h, 30d)"))
+}
+
+/// Logging flags, shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log line format.
+    #[arg(long, env = "IDEMD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `idemd=debug,info`.
+    #[arg(long, env = "IDEMD_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC API listens on.
+    #[arg(long, env = "IDEMD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
+    /// neither durable nor shared between replicas.
+    #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Most PostgreSQL connections per replica.
+    #[arg(long, env = "IDEMD_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub pool_size: u16,
+    /// Bound on opening a database connection or waiting for a free one.
+    #[arg(long, env = "IDEMD_DB_CONNECT_TIMEOUT", default_value = "3s", value_parser = duration)]
+    pub db_connect_timeout: Duration,
+    /// Bound on one RPC's database work; past it the RPC fails with UNAVAILABLE.
+    #[arg(long, env = "IDEMD_DB_QUERY_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub db_query_timeout: Duration,
+    /// Do not apply migrations at start (run `idemd migrate` separately).
+    #[arg(long, env = "IDEMD_NO_MIGRATE")]
+    pub no_migrate: bool,
+    /// Lease length when Acquire or Renew leaves lease_ttl unset.
+    #[arg(long, env = "IDEMD_DEFAULT_LEASE_TTL", default_value = "30s", value_parser = duration)]
+    pub default_lease_ttl: Duration,
+    /// Shortest lease_ttl a caller may ask for.
+    #[arg(long, env = "IDEMD_MIN_LEASE_TTL", default_value = "1s", value_parser = duration)]
+    pub min_lease_ttl: Duration,
+    /// Longest lease_ttl a caller may ask for.
+    #[arg(long, env = "IDEMD_MAX_LEASE_TTL", default_value = "1h", value_parser = duration)]
+    pub max_lease_ttl: Duration,
+    /// Retention when Acquire leaves retention unset.
+    #[arg(long, env = "IDEMD_DEFAULT_RETENTION", default_value = "24h", value_parser = duration)]
+    pub default_retention: Duration,
+    /// Shortest retention a caller may ask for.
+    #[arg(long, env = "IDEMD_MIN_RETENTION", default_value = "1s", value_parser = duration)]
+    pub min_retention: Duration,
+    /// Longest retention a caller may ask for.
+    #[arg(long, env = "IDEMD_MAX_RETENTION", default_value = "30d", value_parser = duration)]
+    pub max_retention: Duration,
+    /// Largest result body Complete accepts, in bytes.
+    #[arg(long, env = "IDEMD_MAX_RESULT_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(0..=3 * 1024 * 1024))]
+    pub max_result_bytes: u32,
+    /// Pause between rounds of deleting expired records.
+    #[arg(long, env = "IDEMD_REAPER_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub reaper_interval: Duration,
+    /// Most records deleted per reaper batch.
+    #[arg(long, env = "IDEMD_REAPER_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub reaper_batch: u32,
+    /// How long in-flight RPCs may finish after SIGTERM/SIGINT.
+    #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL URL to migrate.
+    #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl ServeArgs {
+    /// The server settings, or one line naming the setting that is wrong.
+    pub fn server_settings(&self) -> Result<ServerSettings, String> {
+        let lease_ttl = policy(
+            "lease ttl",
+            self.default_lease_ttl,
+            self.min_lease_ttl,
+            self.max_lease_ttl,
+        )?;
+        let retention = policy(
+            "retention",
+            self.default_retention,
+            self.min_retention,
+            self.max_retention,
+        )?;
+        positive("--reaper-interval", self.reaper_interval)?;
+        Ok(ServerSettings {
+            limits: Limits {
+                lease_ttl,
+                retention,
+                max_result_body_bytes: self.max_result_bytes as usize,
+            },
+            reaper_interval: self.reaper_interval,
+            reaper_batch: self.reaper_batch,
+            shutdown_grace: self.shutdown_grace,
+            ..ServerSettings::default()
+        })
+    }
+
+    pub fn postgres_config(&self) -> Result<Option<PostgresConfig>, String> {
+        let Some(url) = &self.database_url else {
+            return Ok(None);
+        };
+        positive("--db-connect-timeout", self.db_connect_timeout)?;
+        positive("--db-query-timeout", self.db_query_timeout)?;
+        let config = PostgresConfig {
+            url: url.clone(),
+            pool_size: usize::from(self.pool_size),
+            connect_timeout: self.db_connect_timeout,
+            query_timeout: self.db_query_timeout,
+        };
+        config
+            .driver_config()
+            .map_err(|error| format!("--database-url: {error}"))?;
+        Ok(Some(config))
+    }
+}
+
+fn positive(flag: &str, value: Duration) -> Result<(), String> {
+    if value.is_zero() {
+        Err(format!("{flag}: must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+fn policy(name: &str, default: Duration, min: Duration, max: Duration) -> Result<DurationPolicy, String> {
+    let flag = name.replace(' ', "-");
+    positive(&format!("--min-{flag}"), min)?;
+    if min > max {
+        return Err(format!(
+            "--min-{flag} ({min:?}) must not exceed --max-{flag} ({max:?})"
+        ));
+    }
+    if default < min || default > max {
+        return Err(format!(
+            "--default-{flag} ({default:?}) must lie between --min-{flag} ({min:?}) and --max-{flag} ({max:?})"
+        ));
+    }
+    Ok(DurationPolicy { default, min, max })
+}

@@ -1,0 +1,126 @@
+//! The `idemd` binary: parse configuration, set up logging, and hand over to the library.
+
+use std::{process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use idemd::config::{Cli, Command, MigrateArgs, ServeArgs};
+use idemd::store::{postgres, MemoryStore, PostgresStore};
+use tokio::net::TcpListener;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (command, log) = match cli.command {
+        Some(Command::Migrate(args)) => {
+            let log = args.log.clone();
+            (Command::Migrate(args), log)
+        }
+        Some(Command::Serve(args)) => {
+            let log = args.log.clone();
+            (Command::Serve(args), log)
+        }
+        None => {
+            let log = cli.serve.log.clone();
+            (Command::Serve(Box::new(cli.serve)), log)
+        }
+    };
+    if let Err(message) = idemd::telemetry::init(log.log_format, &log.log_level) {
+        eprintln!("idemd: {message}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("idemd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match command {
+            Command::Serve(args) => serve(*args).await,
+            Command::Migrate(args) => migrate(args).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("idemd: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn migrate(args: MigrateArgs) -> Result<(), String> {
+    let config = postgres::PostgresConfig::new(args.database_url)
+        .driver_config()
+        .map_err(|error| format!("--database-url: {error}"))?;
+    let applied = postgres::migrate::migrate(&config)
+        .await
+        .map_err(|error| format!("migration failed: {error}"))?;
+    tracing::info!(?applied, latest = postgres::migrate::latest_version(), "schema is current");
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let settings = args.server_settings()?;
+    let postgres_config = args.postgres_config()?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|error| format!("--listen {}: {error}", args.listen))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|error| format!("--listen {}: {error}", args.listen))?;
+    let shutdown = shutdown_signal();
+    let served = match postgres_config {
+        None => {
+            tracing::warn!(
+                "no --database-url: serving from memory. Records are NOT durable and NOT shared \
+                 between replicas; use PostgreSQL for anything but trying idemd out"
+            );
+            tracing::info!(addr = %local_addr, store = "memory", "serving gRPC on {local_addr}");
+            idemd::server::serve(listener, Arc::new(MemoryStore::new()), settings, shutdown).await
+        }
+        Some(config) => {
+            if !args.no_migrate {
+                let driver = config.driver_config().map_err(|error| error.to_string())?;
+                postgres::migrate::migrate(&driver)
+                    .await
+                    .map_err(|error| format!("migration failed: {error}"))?;
+            }
+            let store = PostgresStore::connect(&config).map_err(|error| error.to_string())?;
+            tracing::info!(addr = %local_addr, store = "postgres", "serving gRPC on {local_addr}");
+            let pool = store.pool().clone();
+            let served = idemd::server::serve(listener, Arc::new(store), settings, shutdown).await;
+            pool.close();
+            served
+        }
+    };
+    served.map_err(|error| error.to_string())?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM; only SIGINT stops idemd");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

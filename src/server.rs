@@ -1,0 +1,164 @@
+//! The gRPC server: the idempotency service, standard health, reflection (v1 and v1alpha), the
+//! reaper, and a shutdown that is injected by the caller and bounded by a grace period.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::{server::HealthReporter, ServingStatus};
+
+use crate::api::IdempotencyApi;
+use crate::domain::Limits;
+use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
+use crate::store::Store;
+
+/// Encoded descriptors of `idempotency.v1`, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("idempotency_descriptor");
+
+/// Health-check name of the idempotency service: the readiness probe.
+pub const SERVICE_NAME: &str = "idempotency.v1.IdempotencyService";
+
+/// How the server runs, apart from where it listens and what it stores in.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub limits: Limits,
+    /// Pause between reaper rounds.
+    pub reaper_interval: Duration,
+    /// Most records one reaper batch deletes.
+    pub reaper_batch: u32,
+    /// Pause between readiness checks of the store.
+    pub readiness_interval: Duration,
+    /// How long in-flight RPCs may run after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            reaper_interval: Duration::from_secs(10),
+            reaper_batch: 1000,
+            readiness_interval: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Failures that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight RPCs for at most
+/// `settings.shutdown_grace`.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    store: Arc<S>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let api = IdempotencyApi::new(store.clone(), settings.limits);
+
+    let background = tokio::spawn(run_background(store, health.clone(), settings.clone()));
+
+    let stopping = Arc::new(Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight RPCs");
+            health
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            stopping.notify_one();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(IdempotencyServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+    // tonic's drain has no deadline of its own.
+    let grace = settings.shutdown_grace;
+    let outcome = tokio::select! {
+        outcome = server => outcome.map_err(ServeError::from),
+        _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "grace period over: cutting off remaining RPCs");
+            Ok(())
+        }
+    };
+    background.abort();
+    outcome
+}
+
+/// Keeps readiness in step with the store, and reaps expired records.
+async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, settings: ServerSettings) {
+    let mut readiness = tokio::time::interval(settings.readiness_interval);
+    readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reaper = tokio::time::interval(settings.reaper_interval);
+    reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ready = None;
+    loop {
+        tokio::select! {
+            _ = readiness.tick() => {
+                let now_ready = match store.check_ready().await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        if ready != Some(false) {
+                            tracing::warn!(%error, "store not ready");
+                        }
+                        false
+                    }
+                };
+                if ready != Some(now_ready) {
+                    let status = if now_ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    health.set_service_status(SERVICE_NAME, status).await;
+                    tracing::info!(ready = now_ready, "readiness changed");
+                    ready = Some(now_ready);
+                }
+            }
+            _ = reaper.tick() => reap(store.as_ref(), settings.reaper_batch).await,
+        }
+    }
+}
+
+/// Deletes expired records in batches until a batch comes back short.
+async fn reap<S: Store>(store: &S, batch: u32) {
+    let mut total = 0;
+    loop {
+        match store.reap_expired(batch).await {
+            Ok(deleted) => {
+                total += deleted;
+                if deleted < u64::from(batch) {
+                    break;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "reaper round failed");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::debug!(deleted = total, "reaped expired records");
+    }
+}

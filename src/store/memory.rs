@@ -1,0 +1,230 @@
+//! The embedded in-memory store: the same semantics as PostgreSQL, for trying idemd and for local
+//! development. Records are neither durable nor shared between replicas.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, MutexGuard,
+    },
+    time::SystemTime,
+};
+
+use super::{Store, StoreError};
+use crate::domain::{
+    decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
+    AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision,
+    GetCommand, Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState,
+    ReleaseCommand, ReleaseDecision, RenewCommand, RenewDecision,
+};
+
+const SHARDS: usize = 32;
+
+type Shard = HashMap<(Namespace, Key), Record>;
+
+/// Records in sharded hash maps. Each shard is a `std::sync::Mutex`, not a Tokio mutex, because
+/// no asynchronous operation happens while it is held.
+pub struct MemoryStore {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+    /// Source of fencing tokens: strictly increasing across all keys, like the database sequence.
+    fencing: AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            fencing: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, namespace: &Namespace, key: &Key) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one((namespace, key)) as usize) % SHARDS;
+        // A poisoned shard only means another request panicked mid-way; every write below is a
+        // single assignment, so the map is still consistent.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn next_fencing_token(&self) -> u64 {
+        self.fencing.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Number of records held, live or expired-but-not-yet-reaped.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn new_token() -> Result<LeaseToken, StoreError> {
+    LeaseToken::generate().map_err(|error| StoreError::Internal(format!("no randomness: {error}")))
+}
+
+impl Store for MemoryStore {
+    async fn acquire(&self, command: AcquireCommand) -> Result<AcquireOutcome, StoreError> {
+        let now = SystemTime::now();
+        let token = new_token()?;
+        let mut shard = self.shard(&command.namespace, &command.key);
+        let map_key = (command.namespace.clone(), command.key.clone());
+        let existing = shard.get(&map_key);
+        let lease_expires_at = now + command.lease_ttl;
+        let decision = decide_acquire(existing, &command.fingerprint, now);
+        let (attempts, created_at) = match (decision, existing) {
+            (AcquireDecision::Create, _) | (_, None) => (1, now),
+            (AcquireDecision::TakeOver, Some(record)) => {
+                (record.attempts.saturating_add(1), record.created_at)
+            }
+            (AcquireDecision::InProgress { retry_after }, Some(record)) => {
+                return Ok(AcquireOutcome::InProgress {
+                    record: record.clone(),
+                    retry_after,
+                })
+            }
+            (AcquireDecision::Completed, Some(record)) => {
+                return Ok(AcquireOutcome::Completed {
+                    record: record.clone(),
+                })
+            }
+            (AcquireDecision::FingerprintMismatch, Some(_)) => {
+                return Err(StoreError::FingerprintMismatch)
+            }
+        };
+        let taken_over = decision == AcquireDecision::TakeOver;
+        let revision = existing.map_or(0, |record| record.revision) + 1;
+        let record = Record {
+            namespace: command.namespace,
+            key: command.key,
+            state: RecordState::InProgress,
+            fingerprint: command.fingerprint,
+            lease_token: token,
+            released: false,
+            fencing_token: self.next_fencing_token(),
+            attempts,
+            holder: command.holder,
+            retention: command.retention,
+            created_at,
+            lease_expires_at,
+            completed_at: None,
+            expires_at: unfinished_expiry(lease_expires_at, command.retention),
+            result: None,
+            revision,
+        };
+        shard.insert(map_key, record.clone());
+        Ok(AcquireOutcome::Acquired {
+            lease: record.lease(),
+            record,
+            taken_over,
+        })
+    }
+
+    async fn complete(&self, command: CompleteCommand) -> Result<Record, StoreError> {
+        let now = SystemTime::now();
+        let mut shard = self.shard(&command.namespace, &command.key);
+        let map_key = (command.namespace, command.key);
+        let existing = shard.get_mut(&map_key);
+        match decide_complete(existing.as_deref(), &command.lease_token, now) {
+            CompleteDecision::Reject(rejection) => Err(rejection.into()),
+            CompleteDecision::AlreadyCompleted | CompleteDecision::Store => {
+                let record = existing.ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
+                if record.state == RecordState::InProgress {
+                    let retention = command.retention.unwrap_or(record.retention);
+                    record.state = RecordState::Completed;
+                    record.result = Some(command.result);
+                    record.retention = retention;
+                    record.completed_at = Some(now);
+                    record.expires_at = now + retention;
+                    record.revision += 1;
+                }
+                Ok(record.clone())
+            }
+        }
+    }
+
+    async fn release(&self, command: ReleaseCommand) -> Result<(), StoreError> {
+        let now = SystemTime::now();
+        let mut shard = self.shard(&command.namespace, &command.key);
+        let existing = shard.get_mut(&(command.namespace, command.key));
+        match decide_release(existing.as_deref(), &command.lease_token, now) {
+            ReleaseDecision::Reject(rejection) => Err(rejection.into()),
+            ReleaseDecision::AlreadyFree => Ok(()),
+            ReleaseDecision::Release => {
+                if let Some(record) = existing {
+                    record.released = true;
+                    record.lease_expires_at = now;
+                    record.expires_at = unfinished_expiry(now, record.retention);
+                    record.revision += 1;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn renew(&self, command: RenewCommand) -> Result<Lease, StoreError> {
+        let now = SystemTime::now();
+        let mut shard = self.shard(&command.namespace, &command.key);
+        let existing = shard.get_mut(&(command.namespace, command.key));
+        match (decide_renew(existing.as_deref(), &command.lease_token, now), existing) {
+            (RenewDecision::Reject(rejection), _) => Err(rejection.into()),
+            (RenewDecision::Renew, None) => Err(LeaseRejection::NotFound.into()),
+            (RenewDecision::Renew, Some(record)) => {
+                record.lease_expires_at = now + command.lease_ttl;
+                record.expires_at = unfinished_expiry(record.lease_expires_at, record.retention);
+                record.revision += 1;
+                Ok(record.lease())
+            }
+        }
+    }
+
+    async fn get(&self, command: GetCommand) -> Result<Record, StoreError> {
+        let now = SystemTime::now();
+        let shard = self.shard(&command.namespace, &command.key);
+        shard
+            .get(&(command.namespace, command.key))
+            .filter(|record| record.is_live(now))
+            .cloned()
+            .ok_or(StoreError::Rejected(LeaseRejection::NotFound))
+    }
+
+    async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let now = SystemTime::now();
+        let mut budget = u64::from(batch);
+        let mut deleted = 0;
+        for shard in &self.shards {
+            if budget == 0 {
+                break;
+            }
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, record| {
+                if budget > 0 && !record.is_live(now) {
+                    budget -= 1;
+                    deleted += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        Ok(deleted)
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

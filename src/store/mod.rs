@@ -1,0 +1,79 @@
+//! Where records live. One `Store` trait, two engines (`memory`, `postgres`), one conformance
+//! suite (`tests/conformance.rs`) that both must pass.
+
+use std::future::Future;
+
+use crate::domain::{
+    AcquireCommand, AcquireOutcome, CompleteCommand, GetCommand, Lease, LeaseRejection, Record,
+    ReleaseCommand, RenewCommand,
+};
+
+pub mod memory;
+pub mod postgres;
+
+pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
+
+/// Why a store could not carry out a command.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the key already has a record with a different fingerprint")]
+    FingerprintMismatch,
+    #[error("{}", rejection_message(*.0))]
+    Rejected(LeaseRejection),
+    /// The database cannot be reached or did not answer in time; the caller may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A bug, or data the store cannot make sense of.
+    #[error("internal store error: {0}")]
+    Internal(String),
+}
+
+fn rejection_message(rejection: LeaseRejection) -> &'static str {
+    match rejection {
+        LeaseRejection::NotFound => "no live record for this namespace and key",
+        LeaseRejection::LeaseNotHeld => {
+            "the lease token is not the key's current lease (it was taken over, released or never issued)"
+        }
+        LeaseRejection::RecordCompleted => "the record is already completed",
+    }
+}
+
+impl From<LeaseRejection> for StoreError {
+    fn from(rejection: LeaseRejection) -> Self {
+        StoreError::Rejected(rejection)
+    }
+}
+
+/// A storage engine for idempotency records. Every method applies the decision functions of
+/// `crate::domain`, with time taken from the store's own clock.
+pub trait Store: Send + Sync + 'static {
+    /// Claim a key, or report that it is in progress or completed.
+    fn acquire(
+        &self,
+        command: AcquireCommand,
+    ) -> impl Future<Output = Result<AcquireOutcome, StoreError>> + Send;
+
+    /// Store a result under the current lease; returns the completed record.
+    fn complete(
+        &self,
+        command: CompleteCommand,
+    ) -> impl Future<Output = Result<Record, StoreError>> + Send;
+
+    /// Give the key back.
+    fn release(&self, command: ReleaseCommand)
+        -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extend the current lease.
+    fn renew(&self, command: RenewCommand) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+
+    /// Read a live record.
+    fn get(&self, command: GetCommand) -> impl Future<Output = Result<Record, StoreError>> + Send;
+
+    /// Delete up to `batch` expired records; returns how many were deleted. With several replicas
+    /// only one reaps at a time (the others return 0).
+    fn reap_expired(&self, batch: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Ok when the store can serve requests (reachable, schema current).
+    fn check_ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

@@ -1,0 +1,105 @@
+//! Schema migrations: numbered plain `.sql` files under `migrations/`, embedded in the binary and
+//! applied in order, each in its own transaction, under a session-level advisory lock so that many
+//! replicas starting together apply each migration exactly once.
+
+use tokio_postgres::{Client, NoTls};
+
+use super::errors::from_db;
+use crate::store::StoreError;
+
+/// A migration: its number, a name for the log, and its SQL.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// All migrations, in order. Append only: never edit one that has shipped.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create_records",
+    sql: include_str!("../../../migrations/0001_create_records.sql"),
+}];
+
+/// The schema version this binary needs.
+pub fn latest_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |migration| migration.version)
+}
+
+/// Key of the session-level advisory lock held while migrating ("idemd" + 1).
+const MIGRATION_LOCK_KEY: i64 = 0x6964_656d_6400_0001;
+
+const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS idemd_schema_migrations (
+        version    integer PRIMARY KEY,
+        name       text NOT NULL,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )";
+
+/// Applies every migration the database lacks; returns the versions applied now. Uses its own
+/// connection, so the session lock dies with it whatever happens.
+pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, StoreError> {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(from_db)?;
+    let driver = tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "migration connection ended with an error");
+        }
+    });
+    let outcome = apply_pending(&mut client).await;
+    drop(client);
+    let _ = driver.await;
+    outcome
+}
+
+async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, StoreError> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(from_db)?;
+    client
+        .batch_execute(CREATE_VERSION_TABLE)
+        .await
+        .map_err(from_db)?;
+    let current: i32 = client
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM idemd_schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(from_db)?
+        .try_get(0)
+        .map_err(from_db)?;
+    if current > latest_version() {
+        tracing::warn!(
+            database = current,
+            binary = latest_version(),
+            "the database schema is newer than this binary knows; leaving it alone"
+        );
+    }
+    let mut applied = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let transaction = client.transaction().await.map_err(from_db)?;
+        transaction
+            .batch_execute(migration.sql)
+            .await
+            .map_err(from_db)?;
+        transaction
+            .execute(
+                "INSERT INTO idemd_schema_migrations (version, name) VALUES ($1, $2)",
+                &[&migration.version, &migration.name],
+            )
+            .await
+            .map_err(from_db)?;
+        transaction.commit().await.map_err(from_db)?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied migration"
+        );
+        applied.push(migration.version);
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(from_db)?;
+    Ok(applied)
+}

@@ -1,0 +1,419 @@
+//! The PostgreSQL store: the source of truth. One round trip per RPC on the hot path; the
+//! decisions that need a second statement (taking over a lease, explaining a refusal) re-read the
+//! row and apply the domain's decision functions, guarded by compare-and-set.
+
+mod errors;
+pub mod migrate;
+mod row;
+mod sql;
+
+use std::{str::FromStr, time::Duration};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use self::errors::{from_db, from_pool};
+use self::row::{db_now, micros, record_from_row};
+use super::{Store, StoreError};
+use crate::domain::{
+    decide_acquire, decide_complete, decide_release, decide_renew, AcquireCommand,
+    AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease,
+    LeaseRejection, LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand,
+    RenewDecision,
+};
+
+/// How often a command re-decides after losing a race before giving up. Each lost race means
+/// another writer made progress on the key, so a handful is plenty.
+const MAX_DECISION_ROUNDS: usize = 8;
+
+/// Connection settings of the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// A libpq-style URL or key=value string.
+    pub url: String,
+    /// Most connections the pool opens.
+    pub pool_size: usize,
+    /// Bound on opening one connection, and on waiting for a free one.
+    pub connect_timeout: Duration,
+    /// Bound on one command's database work; past it the caller gets UNAVAILABLE and the
+    /// connection is discarded (it may be black-holed).
+    pub query_timeout: Duration,
+}
+
+impl PostgresConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(3),
+            query_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The driver configuration, with idemd's defaults for what the URL leaves unset.
+    pub fn driver_config(&self) -> Result<tokio_postgres::Config, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|error| {
+            StoreError::Internal(format!("invalid database URL: {error}"))
+        })?;
+        if config.get_application_name().is_none() {
+            config.application_name("idemd");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(self.connect_timeout);
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        Ok(config)
+    }
+}
+
+/// Records in PostgreSQL, behind a bounded connection pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    query_timeout: Duration,
+}
+
+impl PostgresStore {
+    /// Builds the pool; connections open lazily, so this succeeds while the database is down.
+    pub fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
+        let manager = Manager::from_config(
+            config.driver_config()?,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|error| StoreError::Internal(format!("cannot build pool: {error}")))?;
+        Ok(Self {
+            pool,
+            query_timeout: config.query_timeout,
+        })
+    }
+
+    /// The pool, for metrics and shutdown.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(from_pool)
+    }
+
+    /// Settles one command's database work, run under `tokio::time::timeout(query_timeout, ..)`.
+    /// A connection that timed out is taken out of the pool and closed, since it may be stuck
+    /// behind a dead network.
+    fn settle<T>(
+        &self,
+        client: Object,
+        outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                drop(Object::take(client));
+                Err(StoreError::Unavailable(format!(
+                    "database did not answer within {:?}",
+                    self.query_timeout
+                )))
+            }
+        }
+    }
+}
+
+async fn fetch(
+    client: &Object,
+    namespace: &str,
+    key: &str,
+) -> Result<(Option<Record>, std::time::SystemTime), StoreError> {
+    let statement = client.prepare_cached(sql::GET).await.map_err(from_db)?;
+    let rows = client
+        .query(&statement, &[&namespace, &key])
+        .await
+        .map_err(from_db)?;
+    match rows.first() {
+        Some(row) => Ok((Some(record_from_row(row)?), db_now(row, sql::AFTER_RECORD)?)),
+        None => {
+            let now = client
+                .query_one("SELECT now()", &[])
+                .await
+                .map_err(from_db)?;
+            Ok((None, db_now(&now, 0)?))
+        }
+    }
+}
+
+fn lost_too_many_races(command: &str) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{command} kept racing with concurrent writers of the same key; retry"
+    ))
+}
+
+async fn acquire_on(client: &Object, command: &AcquireCommand) -> Result<AcquireOutcome, StoreError> {
+    let token = LeaseToken::generate()
+        .map_err(|error| StoreError::Internal(format!("no randomness: {error}")))?;
+    let token_bytes: &[u8] = token.as_bytes();
+    let lease_ttl = micros(command.lease_ttl);
+    let retention = micros(command.retention);
+    let insert = client
+        .prepare_cached(sql::ACQUIRE_INSERT_OR_GET)
+        .await
+        .map_err(from_db)?;
+    let grant = client
+        .prepare_cached(sql::ACQUIRE_GRANT)
+        .await
+        .map_err(from_db)?;
+    let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
+    let fingerprint: &[u8] = command.fingerprint.as_bytes();
+    let holder = command.holder.as_str();
+    for _ in 0..MAX_DECISION_ROUNDS {
+        let rows = client
+            .query(
+                &insert,
+                &[&namespace, &key, &fingerprint, &token_bytes, &holder, &lease_ttl, &retention],
+            )
+            .await
+            .map_err(from_db)?;
+        // No row: a concurrent insert of this key committed while the statement ran (see
+        // `sql::ACQUIRE_INSERT_OR_GET`). Deciding again sees it.
+        let Some(row) = rows.first() else { continue };
+        let record = record_from_row(row)?;
+        let created: bool = row.try_get(sql::AFTER_RECORD).map_err(from_db)?;
+        if created {
+            return Ok(AcquireOutcome::Acquired {
+                lease: record.lease(),
+                record,
+                taken_over: false,
+            });
+        }
+        let now = db_now(row, sql::AFTER_RECORD + 1)?;
+        let replace = match decide_acquire(Some(&record), &command.fingerprint, now) {
+            AcquireDecision::FingerprintMismatch => return Err(StoreError::FingerprintMismatch),
+            AcquireDecision::Completed => return Ok(AcquireOutcome::Completed { record }),
+            AcquireDecision::InProgress { retry_after } => {
+                return Ok(AcquireOutcome::InProgress {
+                    record,
+                    retry_after,
+                })
+            }
+            AcquireDecision::Create => true,
+            AcquireDecision::TakeOver => false,
+        };
+        let expected_fencing = i64::try_from(record.fencing_token)
+            .map_err(|_| StoreError::Internal("fencing token out of range".into()))?;
+        let expected_revision = i64::try_from(record.revision)
+            .map_err(|_| StoreError::Internal("revision out of range".into()))?;
+        let granted = client
+            .query_opt(
+                &grant,
+                &[
+                    &namespace,
+                    &key,
+                    &fingerprint,
+                    &token_bytes,
+                    &holder,
+                    &lease_ttl,
+                    &retention,
+                    &replace,
+                    &expected_fencing,
+                    &expected_revision,
+                ],
+            )
+            .await
+            .map_err(from_db)?;
+        if let Some(row) = granted {
+            let record = record_from_row(&row)?;
+            return Ok(AcquireOutcome::Acquired {
+                lease: record.lease(),
+                record,
+                taken_over: !replace,
+            });
+        }
+        // Someone wrote the row since we read it: decide again on what it is now.
+    }
+    Err(lost_too_many_races("Acquire"))
+}
+
+async fn complete_on(client: &Object, command: &CompleteCommand) -> Result<Record, StoreError> {
+    let statement = client.prepare_cached(sql::COMPLETE).await.map_err(from_db)?;
+    let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
+    let token: &[u8] = command.lease_token.as_bytes();
+    let (meta_keys, meta_values): (Vec<&str>, Vec<&str>) = command
+        .result
+        .metadata
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .unzip();
+    let retention = command.retention.map(micros);
+    let body: &[u8] = &command.result.body;
+    for _ in 0..MAX_DECISION_ROUNDS {
+        let updated = client
+            .query_opt(
+                &statement,
+                &[
+                    &namespace,
+                    &key,
+                    &token,
+                    &body,
+                    &command.result.code,
+                    &meta_keys,
+                    &meta_values,
+                    &retention,
+                ],
+            )
+            .await
+            .map_err(from_db)?;
+        if let Some(row) = updated {
+            return record_from_row(&row);
+        }
+        let (record, now) = fetch(client, namespace, key).await?;
+        match decide_complete(record.as_ref(), &command.lease_token, now) {
+            CompleteDecision::Reject(rejection) => return Err(rejection.into()),
+            CompleteDecision::AlreadyCompleted => {
+                return record.ok_or(StoreError::Rejected(LeaseRejection::NotFound))
+            }
+            // The row changed between the two statements; try the update again.
+            CompleteDecision::Store => continue,
+        }
+    }
+    Err(lost_too_many_races("Complete"))
+}
+
+async fn release_on(client: &Object, command: &ReleaseCommand) -> Result<(), StoreError> {
+    let statement = client.prepare_cached(sql::RELEASE).await.map_err(from_db)?;
+    let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
+    let token: &[u8] = command.lease_token.as_bytes();
+    for _ in 0..MAX_DECISION_ROUNDS {
+        let released = client
+            .query_opt(&statement, &[&namespace, &key, &token])
+            .await
+            .map_err(from_db)?;
+        if released.is_some() {
+            return Ok(());
+        }
+        let (record, now) = fetch(client, namespace, key).await?;
+        match decide_release(record.as_ref(), &command.lease_token, now) {
+            ReleaseDecision::Reject(rejection) => return Err(rejection.into()),
+            ReleaseDecision::AlreadyFree => return Ok(()),
+            ReleaseDecision::Release => continue,
+        }
+    }
+    Err(lost_too_many_races("Release"))
+}
+
+async fn renew_on(client: &Object, command: &RenewCommand) -> Result<Lease, StoreError> {
+    let statement = client.prepare_cached(sql::RENEW).await.map_err(from_db)?;
+    let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
+    let token: &[u8] = command.lease_token.as_bytes();
+    let lease_ttl = micros(command.lease_ttl);
+    for _ in 0..MAX_DECISION_ROUNDS {
+        let renewed = client
+            .query_opt(&statement, &[&namespace, &key, &token, &lease_ttl])
+            .await
+            .map_err(from_db)?;
+        if let Some(row) = renewed {
+            return Ok(record_from_row(&row)?.lease());
+        }
+        let (record, now) = fetch(client, namespace, key).await?;
+        match decide_renew(record.as_ref(), &command.lease_token, now) {
+            RenewDecision::Reject(rejection) => return Err(rejection.into()),
+            RenewDecision::Renew => continue,
+        }
+    }
+    Err(lost_too_many_races("Renew"))
+}
+
+async fn get_on(client: &Object, command: &GetCommand) -> Result<Record, StoreError> {
+    let (record, now) = fetch(client, command.namespace.as_str(), command.key.as_str()).await?;
+    record
+        .filter(|record| record.is_live(now))
+        .ok_or(StoreError::Rejected(LeaseRejection::NotFound))
+}
+
+async fn reap_on(client: &mut Object, batch: u32) -> Result<u64, StoreError> {
+    let transaction = client.transaction().await.map_err(from_db)?;
+    let leader: bool = transaction
+        .query_one(sql::REAPER_TRY_LOCK, &[&sql::REAPER_LOCK_KEY])
+        .await
+        .map_err(from_db)?
+        .try_get(0)
+        .map_err(from_db)?;
+    if !leader {
+        return Ok(0);
+    }
+    let limit = i64::from(batch);
+    let deleted = transaction
+        .execute(sql::REAP, &[&limit])
+        .await
+        .map_err(from_db)?;
+    transaction.commit().await.map_err(from_db)?;
+    Ok(deleted)
+}
+
+async fn check_schema(client: &Object) -> Result<(), StoreError> {
+    let version: Option<i32> = client
+        .query_one("SELECT max(version) FROM idemd_schema_migrations", &[])
+        .await
+        .map_err(from_db)?
+        .try_get(0)
+        .map_err(from_db)?;
+    let needed = migrate::latest_version();
+    match version {
+        Some(version) if version >= needed => Ok(()),
+        other => Err(StoreError::Unavailable(format!(
+            "database schema is at version {}, this binary needs {needed}: run `idemd migrate`",
+            other.unwrap_or(0)
+        ))),
+    }
+}
+
+impl Store for PostgresStore {
+    async fn acquire(&self, command: AcquireCommand) -> Result<AcquireOutcome, StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, acquire_on(&client, &command)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn complete(&self, command: CompleteCommand) -> Result<Record, StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, complete_on(&client, &command)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn release(&self, command: ReleaseCommand) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, release_on(&client, &command)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn renew(&self, command: RenewCommand) -> Result<Lease, StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, renew_on(&client, &command)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn get(&self, command: GetCommand) -> Result<Record, StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, get_on(&client, &command)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, reap_on(&mut client, batch)).await;
+        self.settle(client, outcome)
+    }
+
+    async fn check_ready(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let outcome = tokio::time::timeout(self.query_timeout, check_schema(&client)).await;
+        self.settle(client, outcome)
+    }
+}

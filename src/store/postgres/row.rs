@@ -1,0 +1,78 @@
+//! Rows → domain values. The database is trusted but checked: a row that breaks the domain's
+//! rules is reported as an internal error rather than served.
+
+use std::{collections::BTreeMap, time::{Duration, SystemTime}};
+
+use tokio_postgres::Row;
+
+use super::errors::from_db;
+use crate::domain::{
+    Fingerprint, Holder, Key, LeaseToken, Namespace, Record, RecordState, StoredResult,
+};
+use crate::store::StoreError;
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Internal(format!("unexpected value in idemd_records.{what}"))
+}
+
+/// Decodes the columns of `record_columns!()` starting at index 0.
+pub fn record_from_row(row: &Row) -> Result<Record, StoreError> {
+    let get_err = from_db;
+    let state = match row.try_get::<_, i16>(2).map_err(get_err)? {
+        1 => RecordState::InProgress,
+        2 => RecordState::Completed,
+        _ => return Err(corrupt("state")),
+    };
+    let result = if state == RecordState::Completed {
+        let keys: Vec<String> = row.try_get(17).map_err(get_err)?;
+        let values: Vec<String> = row.try_get(18).map_err(get_err)?;
+        if keys.len() != values.len() {
+            return Err(corrupt("result_meta_values"));
+        }
+        Some(StoredResult {
+            body: row.try_get(15).map_err(get_err)?,
+            code: row.try_get(16).map_err(get_err)?,
+            metadata: keys.into_iter().zip(values).collect::<BTreeMap<_, _>>(),
+        })
+    } else {
+        None
+    };
+    let token: Vec<u8> = row.try_get(4).map_err(get_err)?;
+    Ok(Record {
+        namespace: Namespace::parse(row.try_get(0).map_err(get_err)?)
+            .map_err(|_| corrupt("namespace"))?,
+        key: Key::parse(row.try_get(1).map_err(get_err)?).map_err(|_| corrupt("key"))?,
+        state,
+        fingerprint: Fingerprint::parse(row.try_get(3).map_err(get_err)?)
+            .map_err(|_| corrupt("fingerprint"))?,
+        lease_token: LeaseToken::from_bytes(&token).ok_or_else(|| corrupt("lease_token"))?,
+        released: row.try_get(5).map_err(get_err)?,
+        fencing_token: u64::try_from(row.try_get::<_, i64>(6).map_err(get_err)?)
+            .map_err(|_| corrupt("fencing_token"))?,
+        attempts: u32::try_from(row.try_get::<_, i32>(7).map_err(get_err)?)
+            .map_err(|_| corrupt("attempts"))?,
+        holder: Holder::parse(row.try_get(8).map_err(get_err)?).map_err(|_| corrupt("holder"))?,
+        retention: Duration::from_micros(
+            u64::try_from(row.try_get::<_, i64>(9).map_err(get_err)?)
+                .map_err(|_| corrupt("retention_us"))?,
+        ),
+        revision: u64::try_from(row.try_get::<_, i64>(10).map_err(get_err)?)
+            .map_err(|_| corrupt("revision"))?,
+        created_at: row.try_get(11).map_err(get_err)?,
+        lease_expires_at: row.try_get(12).map_err(get_err)?,
+        completed_at: row.try_get(13).map_err(get_err)?,
+        expires_at: row.try_get(14).map_err(get_err)?,
+        result,
+    })
+}
+
+/// The database time at column `index`.
+pub fn db_now(row: &Row, index: usize) -> Result<SystemTime, StoreError> {
+    row.try_get(index).map_err(from_db)
+}
+
+/// A duration as the whole microseconds the SQL expects. Durations are bounded by the server's
+/// limits long before they could overflow.
+pub fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,138 @@
+//! Every statement the PostgreSQL store runs. Each hot-path statement decides in one round trip;
+//! their guards are the SQL image of the decision functions in `crate::domain`:
+//!
+//! * "live record"           = `expires_at > now()`
+//! * "lease held by token"   = `lease_token = $token AND state = 1 AND NOT released`
+//!
+//! Time always comes from `now()`; durations travel as microseconds.
+
+/// Columns read into a `domain::Record`, in the order `super::row::record_from_row` expects.
+macro_rules! record_columns {
+    () => {
+        "namespace, key, state, fingerprint, lease_token, released, fencing_token, attempts, \
+         holder, retention_us, revision, created_at, lease_expires_at, completed_at, expires_at, \
+         result_body, result_code, result_meta_keys, result_meta_values"
+    };
+}
+
+/// Index of the first column after `record_columns!()`.
+pub const AFTER_RECORD: usize = 19;
+
+/// Acquire, first step: insert a new in-progress record, or return the existing one.
+/// $1 namespace, $2 key, $3 fingerprint, $4 lease token, $5 holder, $6 lease_ttl µs,
+/// $7 retention µs. Returns the record, `created`, and the database time.
+///
+/// When a concurrent transaction inserts the same key and commits while this statement runs,
+/// the INSERT waits for it and does nothing, and the SELECT reads the statement's older snapshot:
+/// no row comes back. The store then runs the statement again, and the new snapshot sees the row.
+pub const ACQUIRE_INSERT_OR_GET: &str = concat!(
+    "WITH inserted AS (
+        INSERT INTO idemd_records (namespace, key, state, fingerprint, lease_token, released,
+            fencing_token, attempts, holder, retention_us, revision, created_at,
+            lease_expires_at, expires_at)
+        VALUES ($1, $2, 1, $3, $4, false, nextval('idemd_fencing_token_seq'), 1, $5, $7, 1,
+            now(), now() + $6::bigint * interval '1 microsecond',
+            now() + ($6::bigint + $7::bigint) * interval '1 microsecond')
+        ON CONFLICT (namespace, key) DO NOTHING
+        RETURNING ",
+    record_columns!(),
+    ")
+    SELECT ",
+    record_columns!(),
+    ", true AS created, now() AS db_now FROM inserted
+    UNION ALL
+    SELECT ",
+    record_columns!(),
+    ", false AS created, now() AS db_now FROM idemd_records
+    WHERE namespace = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM inserted)"
+);
+
+/// Acquire, second step when the existing record can be taken over (`$8 = false`) or has
+/// expired and is replaced by a fresh one (`$8 = true`). A compare-and-set on the fencing token
+/// and revision seen by the first step: if anyone wrote the row since, nothing matches and the
+/// store decides again. The fencing token is unique across all rows ever, so a reaped and
+/// re-created row cannot be mistaken for the one that was decided on.
+/// $1..$7 as for `ACQUIRE_INSERT_OR_GET`, $8 replace, $9 expected fencing token,
+/// $10 expected revision.
+pub const ACQUIRE_GRANT: &str = concat!(
+    "UPDATE idemd_records SET
+        state = 1, fingerprint = $3, lease_token = $4, released = false,
+        fencing_token = nextval('idemd_fencing_token_seq'),
+        attempts = CASE WHEN $8 THEN 1 ELSE LEAST(attempts::bigint + 1, 2147483647)::integer END,
+        holder = $5, retention_us = $7, revision = revision + 1,
+        created_at = CASE WHEN $8 THEN now() ELSE created_at END,
+        lease_expires_at = now() + $6::bigint * interval '1 microsecond',
+        completed_at = NULL,
+        expires_at = now() + ($6::bigint + $7::bigint) * interval '1 microsecond',
+        result_body = NULL, result_code = NULL, result_meta_keys = NULL, result_meta_values = NULL
+    WHERE namespace = $1 AND key = $2 AND fencing_token = $9 AND revision = $10
+    RETURNING ",
+    record_columns!(),
+    ", now() AS db_now"
+);
+
+/// Complete with the current lease (live or expired, not released, record live).
+/// $1 namespace, $2 key, $3 lease token, $4 body, $5 code, $6 metadata keys, $7 metadata values,
+/// $8 retention µs or NULL for the retention given at Acquire.
+pub const COMPLETE: &str = concat!(
+    "UPDATE idemd_records SET
+        state = 2, result_body = $4, result_code = $5,
+        result_meta_keys = $6, result_meta_values = $7,
+        retention_us = COALESCE($8::bigint, retention_us),
+        completed_at = now(),
+        expires_at = now() + COALESCE($8::bigint, retention_us) * interval '1 microsecond',
+        revision = revision + 1
+    WHERE namespace = $1 AND key = $2 AND lease_token = $3
+        AND state = 1 AND NOT released AND expires_at > now()
+    RETURNING ",
+    record_columns!(),
+    ", now() AS db_now"
+);
+
+/// Release the current lease: the key is free from now on, and the record expires after its
+/// retention unless someone acquires it. $1 namespace, $2 key, $3 lease token.
+pub const RELEASE: &str = "UPDATE idemd_records SET
+        released = true, lease_expires_at = now(),
+        expires_at = now() + retention_us * interval '1 microsecond',
+        revision = revision + 1
+    WHERE namespace = $1 AND key = $2 AND lease_token = $3
+        AND state = 1 AND NOT released AND expires_at > now()
+    RETURNING revision";
+
+/// Renew the current lease to now + $4 µs. $1 namespace, $2 key, $3 lease token.
+pub const RENEW: &str = concat!(
+    "UPDATE idemd_records SET
+        lease_expires_at = now() + $4::bigint * interval '1 microsecond',
+        expires_at = now() + ($4::bigint + retention_us) * interval '1 microsecond',
+        revision = revision + 1
+    WHERE namespace = $1 AND key = $2 AND lease_token = $3
+        AND state = 1 AND NOT released AND expires_at > now()
+    RETURNING ",
+    record_columns!(),
+    ", now() AS db_now"
+);
+
+/// Read one record, live or not, with the database time. $1 namespace, $2 key.
+pub const GET: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    ", now() AS db_now FROM idemd_records WHERE namespace = $1 AND key = $2"
+);
+
+/// Session-independent key of the reaper's transaction-scoped advisory lock ("idemd" + 2).
+pub const REAPER_LOCK_KEY: i64 = 0x6964_656d_6400_0002;
+
+/// Only the replica holding the reaper lock reaps. Returns whether this one got it.
+pub const REAPER_TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
+
+/// Delete up to $1 expired records, oldest first, skipping rows another transaction is writing
+/// (an Acquire may be replacing one right now; the outer guard re-checks expiry on the row
+/// version the DELETE sees).
+pub const REAP: &str = "DELETE FROM idemd_records
+    WHERE (namespace, key) IN (
+        SELECT namespace, key FROM idemd_records
+        WHERE expires_at <= now()
+        ORDER BY expires_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED)
+    AND expires_at <= now()";
