@@ -31,7 +31,8 @@ pub enum Command {
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|error| format!("{error} (examples: 500ms, 30s, 24h, 30d)"))
+    humantime::parse_duration(text)
+        .map_err(|error| format!("{error} (examples: 500ms, 30s, 24h, 30d)"))
 }
 
 /// Logging flags, shared by every subcommand.
@@ -165,7 +166,12 @@ fn positive(flag: &str, value: Duration) -> Result<(), String> {
     }
 }
 
-fn policy(name: &str, default: Duration, min: Duration, max: Duration) -> Result<DurationPolicy, String> {
+fn policy(
+    name: &str,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<DurationPolicy, String> {
     let flag = name.replace(' ', "-");
     positive(&format!("--min-{flag}"), min)?;
     if min > max {

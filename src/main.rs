@@ -27,7 +27,10 @@ fn main() -> ExitCode {
         eprintln!("idemd: {message}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("idemd: cannot start the async runtime: {error}");
@@ -57,7 +60,11 @@ async fn migrate(args: MigrateArgs) -> Result<(), String> {
     let applied = postgres::migrate::migrate(&config)
         .await
         .map_err(|error| format!("migration failed: {error}"))?;
-    tracing::info!(?applied, latest = postgres::migrate::latest_version(), "schema is current");
+    tracing::info!(
+        ?applied,
+        latest = postgres::migrate::latest_version(),
+        "schema is current"
+    );
     Ok(())
 }
 

@@ -14,7 +14,8 @@ use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServic
 use crate::store::Store;
 
 /// Encoded descriptors of `idempotency.v1`, served by reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("idempotency_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("idempotency_descriptor");
 
 /// Health-check name of the idempotency service: the readiness probe.
 pub const SERVICE_NAME: &str = "idempotency.v1.IdempotencyService";

@@ -40,10 +40,7 @@ fn duration(value: Option<prost_types::Duration>) -> Result<Option<Duration>, St
         ));
     }
     if value.nanos > 999_999_999 {
-        return Err(format!(
-            "nanos must be 0-999999999, got {}",
-            value.nanos
-        ));
+        return Err(format!("nanos must be 0-999999999, got {}", value.nanos));
     }
     let seconds = u64::try_from(value.seconds).unwrap_or_default();
     let nanos = u32::try_from(value.nanos).unwrap_or_default();
@@ -51,7 +48,10 @@ fn duration(value: Option<prost_types::Duration>) -> Result<Option<Duration>, St
     Ok((!value.is_zero()).then_some(value))
 }
 
-fn bounded(value: Option<prost_types::Duration>, policy: &DurationPolicy) -> Result<Duration, String> {
+fn bounded(
+    value: Option<prost_types::Duration>,
+    policy: &DurationPolicy,
+) -> Result<Duration, String> {
     policy.resolve(duration(value)?)
 }
 
@@ -66,7 +66,10 @@ macro_rules! all_valid {
     };
 }
 
-pub fn acquire(request: pb::AcquireRequest, limits: &Limits) -> Result<AcquireCommand, Vec<FieldViolation>> {
+pub fn acquire(
+    request: pb::AcquireRequest,
+    limits: &Limits,
+) -> Result<AcquireCommand, Vec<FieldViolation>> {
     let mut v = Violations::default();
     let namespace = v.check("namespace", Namespace::parse(request.namespace));
     let key = v.check("key", Key::parse(request.key));
@@ -86,7 +89,10 @@ pub fn acquire(request: pb::AcquireRequest, limits: &Limits) -> Result<AcquireCo
     })
 }
 
-pub fn complete(request: pb::CompleteRequest, limits: &Limits) -> Result<CompleteCommand, Vec<FieldViolation>> {
+pub fn complete(
+    request: pb::CompleteRequest,
+    limits: &Limits,
+) -> Result<CompleteCommand, Vec<FieldViolation>> {
     let mut v = Violations::default();
     let namespace = v.check("namespace", Namespace::parse(request.namespace));
     let key = v.check("key", Key::parse(request.key));
@@ -143,7 +149,10 @@ pub fn release(request: pb::ReleaseRequest) -> Result<ReleaseCommand, Vec<FieldV
     })
 }
 
-pub fn renew(request: pb::RenewRequest, limits: &Limits) -> Result<RenewCommand, Vec<FieldViolation>> {
+pub fn renew(
+    request: pb::RenewRequest,
+    limits: &Limits,
+) -> Result<RenewCommand, Vec<FieldViolation>> {
     let mut v = Violations::default();
     let namespace = v.check("namespace", Namespace::parse(request.namespace));
     let key = v.check("key", Key::parse(request.key));
@@ -200,7 +209,14 @@ mod tests {
         let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["namespace", "key", "fingerprint", "lease_ttl", "retention", "holder"]
+            [
+                "namespace",
+                "key",
+                "fingerprint",
+                "lease_ttl",
+                "retention",
+                "holder"
+            ]
         );
     }
 }

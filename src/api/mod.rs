@@ -32,9 +32,13 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let command =
-            decode::acquire(request.into_inner(), &self.limits).map_err(status::invalid_argument)?;
-        let outcome = self.store.acquire(command).await.map_err(status::from_store)?;
+        let command = decode::acquire(request.into_inner(), &self.limits)
+            .map_err(status::invalid_argument)?;
+        let outcome = self
+            .store
+            .acquire(command)
+            .await
+            .map_err(status::from_store)?;
         Ok(Response::new(encode::acquire(outcome)))
     }
 
@@ -42,9 +46,13 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let command =
-            decode::complete(request.into_inner(), &self.limits).map_err(status::invalid_argument)?;
-        let record = self.store.complete(command).await.map_err(status::from_store)?;
+        let command = decode::complete(request.into_inner(), &self.limits)
+            .map_err(status::invalid_argument)?;
+        let record = self
+            .store
+            .complete(command)
+            .await
+            .map_err(status::from_store)?;
         Ok(Response::new(pb::CompleteResponse {
             record: Some(encode::record(record)),
         }))
@@ -55,7 +63,10 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let command = decode::release(request.into_inner()).map_err(status::invalid_argument)?;
-        self.store.release(command).await.map_err(status::from_store)?;
+        self.store
+            .release(command)
+            .await
+            .map_err(status::from_store)?;
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
@@ -65,13 +76,20 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let command =
             decode::renew(request.into_inner(), &self.limits).map_err(status::invalid_argument)?;
-        let lease = self.store.renew(command).await.map_err(status::from_store)?;
+        let lease = self
+            .store
+            .renew(command)
+            .await
+            .map_err(status::from_store)?;
         Ok(Response::new(pb::RenewResponse {
             lease: Some(encode::lease(&lease)),
         }))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let command = decode::get(request.into_inner()).map_err(status::invalid_argument)?;
         let record = self.store.get(command).await.map_err(status::from_store)?;
         Ok(Response::new(pb::GetResponse {

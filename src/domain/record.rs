@@ -193,7 +193,11 @@ pub enum RenewDecision {
     Reject(LeaseRejection),
 }
 
-pub fn decide_renew(existing: Option<&Record>, token: &LeaseToken, now: SystemTime) -> RenewDecision {
+pub fn decide_renew(
+    existing: Option<&Record>,
+    token: &LeaseToken,
+    now: SystemTime,
+) -> RenewDecision {
     let Some(record) = existing.filter(|record| record.is_live(now)) else {
         return RenewDecision::Reject(LeaseRejection::NotFound);
     };

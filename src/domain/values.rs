@@ -169,7 +169,9 @@ impl LeaseToken {
 
     pub fn parse(value: &str) -> Result<Self, String> {
         if value.is_empty() {
-            return Err("is required: pass Lease.token from the Acquire that granted the lease".into());
+            return Err(
+                "is required: pass Lease.token from the Acquire that granted the lease".into(),
+            );
         }
         let raw = value.as_bytes();
         if raw.len() != 32 {

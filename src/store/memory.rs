@@ -14,9 +14,9 @@ use std::{
 use super::{Store, StoreError};
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
-    AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision,
-    GetCommand, Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState,
-    ReleaseCommand, ReleaseDecision, RenewCommand, RenewDecision,
+    AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand,
+    Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState, ReleaseCommand,
+    ReleaseDecision, RenewCommand, RenewDecision,
 };
 
 const SHARDS: usize = 32;
@@ -180,7 +180,10 @@ impl Store for MemoryStore {
         let now = SystemTime::now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let existing = shard.get_mut(&(command.namespace, command.key));
-        match (decide_renew(existing.as_deref(), &command.lease_token, now), existing) {
+        match (
+            decide_renew(existing.as_deref(), &command.lease_token, now),
+            existing,
+        ) {
             (RenewDecision::Reject(rejection), _) => Err(rejection.into()),
             (RenewDecision::Renew, None) => Err(LeaseRejection::NotFound.into()),
             (RenewDecision::Renew, Some(record)) => {

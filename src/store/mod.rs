@@ -61,11 +61,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Record, StoreError>> + Send;
 
     /// Give the key back.
-    fn release(&self, command: ReleaseCommand)
-        -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn release(
+        &self,
+        command: ReleaseCommand,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Extend the current lease.
-    fn renew(&self, command: RenewCommand) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+    fn renew(
+        &self,
+        command: RenewCommand,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
 
     /// Read a live record.
     fn get(&self, command: GetCommand) -> impl Future<Output = Result<Record, StoreError>> + Send;

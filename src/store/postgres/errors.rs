@@ -9,7 +9,9 @@ use crate::store::StoreError;
 pub fn from_db(error: tokio_postgres::Error) -> StoreError {
     let Some(code) = error.code() else {
         // No SQLSTATE: an I/O error, a closed connection, or a decoding problem.
-        if error.is_closed() || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>()) {
+        if error.is_closed()
+            || std::error::Error::source(&error).is_some_and(|s| s.is::<std::io::Error>())
+        {
             return StoreError::Unavailable(format!("database connection failed: {error}"));
         }
         return StoreError::Internal(format!("database client error: {error}"));

@@ -7,7 +7,14 @@ pub mod migrate;
 mod row;
 mod sql;
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -16,10 +23,9 @@ use self::errors::{from_db, from_pool};
 use self::row::{db_now, micros, record_from_row};
 use super::{Store, StoreError};
 use crate::domain::{
-    decide_acquire, decide_complete, decide_release, decide_renew, AcquireCommand,
-    AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease,
-    LeaseRejection, LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand,
-    RenewDecision,
+    decide_acquire, decide_complete, decide_release, decide_renew, AcquireCommand, AcquireDecision,
+    AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease, LeaseRejection,
+    LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand, RenewDecision,
 };
 
 /// How often a command re-decides after losing a race before giving up. Each lost race means
@@ -52,9 +58,8 @@ impl PostgresConfig {
 
     /// The driver configuration, with idemd's defaults for what the URL leaves unset.
     pub fn driver_config(&self) -> Result<tokio_postgres::Config, StoreError> {
-        let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|error| {
-            StoreError::Internal(format!("invalid database URL: {error}"))
-        })?;
+        let mut config = tokio_postgres::Config::from_str(&self.url)
+            .map_err(|error| StoreError::Internal(format!("invalid database URL: {error}")))?;
         if config.get_application_name().is_none() {
             config.application_name("idemd");
         }
@@ -72,6 +77,9 @@ impl PostgresConfig {
 pub struct PostgresStore {
     pool: Pool,
     query_timeout: Duration,
+    /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
+    /// of the same key committed mid-statement (and the store decided again).
+    insert_races: Arc<AtomicU64>,
 }
 
 impl PostgresStore {
@@ -95,12 +103,19 @@ impl PostgresStore {
         Ok(Self {
             pool,
             query_timeout: config.query_timeout,
+            insert_races: Arc::default(),
         })
     }
 
     /// The pool, for metrics and shutdown.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// How many Acquires lost the insert race described at `sql::ACQUIRE_INSERT_OR_GET` and
+    /// decided again.
+    pub fn acquire_insert_races(&self) -> u64 {
+        self.insert_races.load(Ordering::Relaxed)
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
@@ -156,7 +171,11 @@ fn lost_too_many_races(command: &str) -> StoreError {
     ))
 }
 
-async fn acquire_on(client: &Object, command: &AcquireCommand) -> Result<AcquireOutcome, StoreError> {
+async fn acquire_on(
+    client: &Object,
+    command: &AcquireCommand,
+    races: &AtomicU64,
+) -> Result<AcquireOutcome, StoreError> {
     let token = LeaseToken::generate()
         .map_err(|error| StoreError::Internal(format!("no randomness: {error}")))?;
     let token_bytes: &[u8] = token.as_bytes();
@@ -177,13 +196,24 @@ async fn acquire_on(client: &Object, command: &AcquireCommand) -> Result<Acquire
         let rows = client
             .query(
                 &insert,
-                &[&namespace, &key, &fingerprint, &token_bytes, &holder, &lease_ttl, &retention],
+                &[
+                    &namespace,
+                    &key,
+                    &fingerprint,
+                    &token_bytes,
+                    &holder,
+                    &lease_ttl,
+                    &retention,
+                ],
             )
             .await
             .map_err(from_db)?;
         // No row: a concurrent insert of this key committed while the statement ran (see
         // `sql::ACQUIRE_INSERT_OR_GET`). Deciding again sees it.
-        let Some(row) = rows.first() else { continue };
+        let Some(row) = rows.first() else {
+            races.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let record = record_from_row(row)?;
         let created: bool = row.try_get(sql::AFTER_RECORD).map_err(from_db)?;
         if created {
@@ -242,7 +272,10 @@ async fn acquire_on(client: &Object, command: &AcquireCommand) -> Result<Acquire
 }
 
 async fn complete_on(client: &Object, command: &CompleteCommand) -> Result<Record, StoreError> {
-    let statement = client.prepare_cached(sql::COMPLETE).await.map_err(from_db)?;
+    let statement = client
+        .prepare_cached(sql::COMPLETE)
+        .await
+        .map_err(from_db)?;
     let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
     let token: &[u8] = command.lease_token.as_bytes();
     let (meta_keys, meta_values): (Vec<&str>, Vec<&str>) = command
@@ -377,13 +410,18 @@ async fn check_schema(client: &Object) -> Result<(), StoreError> {
 impl Store for PostgresStore {
     async fn acquire(&self, command: AcquireCommand) -> Result<AcquireOutcome, StoreError> {
         let client = self.client().await?;
-        let outcome = tokio::time::timeout(self.query_timeout, acquire_on(&client, &command)).await;
+        let outcome = tokio::time::timeout(
+            self.query_timeout,
+            acquire_on(&client, &command, &self.insert_races),
+        )
+        .await;
         self.settle(client, outcome)
     }
 
     async fn complete(&self, command: CompleteCommand) -> Result<Record, StoreError> {
         let client = self.client().await?;
-        let outcome = tokio::time::timeout(self.query_timeout, complete_on(&client, &command)).await;
+        let outcome =
+            tokio::time::timeout(self.query_timeout, complete_on(&client, &command)).await;
         self.settle(client, outcome)
     }
 

@@ -1,7 +1,10 @@
 //! Rows → domain values. The database is trusted but checked: a row that breaks the domain's
 //! rules is reported as an internal error rather than served.
 
-use std::{collections::BTreeMap, time::{Duration, SystemTime}};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime},
+};
 
 use tokio_postgres::Row;
 
