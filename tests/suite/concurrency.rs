@@ -24,7 +24,10 @@ async fn stampede(clients: &[Client], key: &str) -> (usize, usize, Vec<pb::Lease
     }
     let (mut acquired, mut in_progress, mut leases) = (0, 0, Vec::new());
     while let Some(joined) = calls.join_next().await {
-        let response = joined.expect("task").expect("every duplicate gets an answer").into_inner();
+        let response = joined
+            .expect("task")
+            .expect("every duplicate gets an answer")
+            .into_inner();
         match response.outcome() {
             pb::Outcome::Acquired => {
                 acquired += 1;
@@ -80,7 +83,10 @@ async fn one_winner_across_two_replicas_sharing_postgres() {
     // stampedes, and every caller still got a correct answer.
     let races = store_a.acquire_insert_races() + store_b.acquire_insert_races();
     eprintln!("insert races hit and re-decided: {races}");
-    assert!(races > 0, "the stampedes never hit the insert race; the test proves nothing");
+    assert!(
+        races > 0,
+        "the stampedes never hit the insert race; the test proves nothing"
+    );
     replica_a.stop().await;
     replica_b.stop().await;
 }
@@ -130,7 +136,8 @@ async fn one_winner_memory() {
     let server = TestServer::start(Arc::new(MemoryStore::new()), test_settings()).await;
     let clients = vec![server.client().await, server.client().await];
     for round in 0..5 {
-        let (acquired, in_progress, _) = stampede(&clients, &unique_key(&format!("mem-{round}"))).await;
+        let (acquired, in_progress, _) =
+            stampede(&clients, &unique_key(&format!("mem-{round}"))).await;
         assert_eq!((acquired, in_progress), (1, CALLERS - 1));
     }
 }

@@ -71,7 +71,12 @@ pub async fn acquire_new_key_grants_lease(server: &TestServer) {
     assert!(record.result.is_none());
     let created = to_system_time(&record.created_at);
     let expires = to_system_time(&lease.expires_at);
-    assert_eq!(expires.duration_since(created).expect("expiry after creation"), Duration::from_secs(5));
+    assert_eq!(
+        expires
+            .duration_since(created)
+            .expect("expiry after creation"),
+        Duration::from_secs(5)
+    );
     assert_eq!(record.lease_expires_at, lease.expires_at);
     // Unfinished record lives lease + default retention (24 h).
     let record_expiry = to_system_time(&record.expires_at);
@@ -96,7 +101,10 @@ pub async fn acquire_during_live_lease_is_in_progress(server: &TestServer) {
     assert_eq!(response.outcome(), pb::Outcome::InProgress);
     assert!(response.lease.is_none());
     let retry_after = to_duration(&response.retry_after);
-    assert!(retry_after > Duration::from_secs(5) && retry_after <= Duration::from_secs(10), "{retry_after:?}");
+    assert!(
+        retry_after > Duration::from_secs(5) && retry_after <= Duration::from_secs(10),
+        "{retry_after:?}"
+    );
     let record = response.record.expect("record");
     assert_eq!(record.state(), pb::RecordState::InProgress);
     assert_eq!(record.fencing_token, lease.fencing_token);
@@ -140,9 +148,16 @@ pub async fn acquire_completed_replays_result(server: &TestServer) {
         .complete(complete_request(&key, &lease.token, pb::Result::default()))
         .await
         .expect("complete empty");
-    let replay = client.acquire(acquire_request(NS, &key, b"")).await.expect("acquire").into_inner();
+    let replay = client
+        .acquire(acquire_request(NS, &key, b""))
+        .await
+        .expect("acquire")
+        .into_inner();
     assert_eq!(replay.outcome(), pb::Outcome::Completed);
-    assert_eq!(replay.record.expect("record").result, Some(pb::Result::default()));
+    assert_eq!(
+        replay.record.expect("record").result,
+        Some(pb::Result::default())
+    );
 }
 
 /// Row: Acquire on IN_PROGRESS whose lease expired → take over: new token, larger fencing
@@ -163,7 +178,9 @@ pub async fn acquire_after_lease_expiry_takes_over(server: &TestServer) {
     assert_eq!(record.holder, "second");
     // The old token is dead for every lease operation.
     assert_status(
-        client.complete(complete_request(&key, &old.token, sample_result("late"))).await,
+        client
+            .complete(complete_request(&key, &old.token, sample_result("late")))
+            .await,
         Code::FailedPrecondition,
         "LEASE_NOT_HELD",
     );
@@ -219,7 +236,10 @@ pub async fn fingerprint_mismatch_in_every_state(server: &TestServer) {
     // Released.
     let key = unique_key("fp-released");
     let (lease, _) = acquired(&mut client, acquire_request(NS, &key, b"a")).await;
-    client.release(release_request(&key, &lease.token)).await.expect("release");
+    client
+        .release(release_request(&key, &lease.token))
+        .await
+        .expect("release");
     mismatch(&mut client, key.clone(), b"b").await;
     // Expired lease.
     let key = unique_key("fp-expired");
@@ -253,7 +273,11 @@ pub async fn complete_retry_returns_first_result(server: &TestServer) {
         .record
         .expect("record");
     let again = client
-        .complete(complete_request(&key, &lease.token, sample_result("second")))
+        .complete(complete_request(
+            &key,
+            &lease.token,
+            sample_result("second"),
+        ))
         .await
         .expect("retried complete")
         .into_inner()
@@ -289,19 +313,31 @@ pub async fn complete_refusals(server: &TestServer) {
     acquired(&mut client, acquire_request(NS, &key, b"")).await;
     let forged = "0123456789abcdef0123456789abcdef";
     assert_status(
-        client.complete(complete_request(&key, forged, sample_result("x"))).await,
+        client
+            .complete(complete_request(&key, forged, sample_result("x")))
+            .await,
         Code::FailedPrecondition,
         "LEASE_NOT_HELD",
     );
     assert_status(
         client
-            .complete(complete_request(&unique_key("absent"), forged, sample_result("x")))
+            .complete(complete_request(
+                &unique_key("absent"),
+                forged,
+                sample_result("x"),
+            ))
             .await,
         Code::NotFound,
         "RECORD_NOT_FOUND",
     );
     // The refused Complete stored nothing.
-    let record = client.get(get_request(&key)).await.expect("get").into_inner().record.expect("record");
+    let record = client
+        .get(get_request(&key))
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record");
     assert_eq!(record.state(), pb::RecordState::InProgress);
     assert!(record.result.is_none());
 }
@@ -329,7 +365,13 @@ pub async fn complete_retention(server: &TestServer) {
     let (lease, _) = acquired(&mut client, acquire_request(NS, &key, b"")).await;
     let mut complete = complete_request(&key, &lease.token, sample_result("r"));
     complete.retention = ms(7_200_000);
-    let record = client.complete(complete).await.expect("complete").into_inner().record.expect("record");
+    let record = client
+        .complete(complete)
+        .await
+        .expect("complete")
+        .into_inner()
+        .record
+        .expect("record");
     let kept = to_system_time(&record.expires_at)
         .duration_since(to_system_time(&record.completed_at))
         .expect("expiry after completion");
@@ -342,13 +384,27 @@ pub async fn release_frees_key(server: &TestServer) {
     let mut client = server.client().await;
     let key = unique_key("release");
     let (first, _) = acquired(&mut client, acquire_request(NS, &key, b"")).await;
-    client.release(release_request(&key, &first.token)).await.expect("release");
-    client.release(release_request(&key, &first.token)).await.expect("retried release is OK");
-    let record = client.get(get_request(&key)).await.expect("get").into_inner().record.expect("record");
+    client
+        .release(release_request(&key, &first.token))
+        .await
+        .expect("release");
+    client
+        .release(release_request(&key, &first.token))
+        .await
+        .expect("retried release is OK");
+    let record = client
+        .get(get_request(&key))
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record");
     assert_eq!(record.state(), pb::RecordState::InProgress);
     assert!(to_system_time(&record.lease_expires_at) <= std::time::SystemTime::now());
     assert_status(
-        client.complete(complete_request(&key, &first.token, sample_result("x"))).await,
+        client
+            .complete(complete_request(&key, &first.token, sample_result("x")))
+            .await,
         Code::FailedPrecondition,
         "LEASE_NOT_HELD",
     );
@@ -414,12 +470,20 @@ pub async fn renew_extends_lease(server: &TestServer) {
     let record = response.record.expect("record");
     assert_eq!(record.lease_expires_at, renewed.expires_at);
     assert_status(
-        client.renew(renew_request(&key, "ffffffffffffffffffffffffffffffff", 1_000)).await,
+        client
+            .renew(renew_request(
+                &key,
+                "ffffffffffffffffffffffffffffffff",
+                1_000,
+            ))
+            .await,
         Code::FailedPrecondition,
         "LEASE_NOT_HELD",
     );
     assert_status(
-        client.renew(renew_request(&unique_key("absent"), &lease.token, 1_000)).await,
+        client
+            .renew(renew_request(&unique_key("absent"), &lease.token, 1_000))
+            .await,
         Code::NotFound,
         "RECORD_NOT_FOUND",
     );
@@ -438,20 +502,38 @@ pub async fn renew_extends_lease(server: &TestServer) {
 pub async fn get_reads_record(server: &TestServer) {
     let mut client = server.client().await;
     let key = unique_key("get");
-    assert_status(client.get(get_request(&key)).await, Code::NotFound, "RECORD_NOT_FOUND");
+    assert_status(
+        client.get(get_request(&key)).await,
+        Code::NotFound,
+        "RECORD_NOT_FOUND",
+    );
     let (lease, acquired_record) = acquired(&mut client, acquire_request(NS, &key, b"fp")).await;
-    let record = client.get(get_request(&key)).await.expect("get").into_inner().record.expect("record");
+    let record = client
+        .get(get_request(&key))
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record");
     assert_eq!(record, acquired_record);
     let encoded = prost::Message::encode_to_vec(&record);
     assert!(
-        !encoded.windows(lease.token.len()).any(|w| w == lease.token.as_bytes()),
+        !encoded
+            .windows(lease.token.len())
+            .any(|w| w == lease.token.as_bytes()),
         "Get must not reveal the lease token"
     );
     client
         .complete(complete_request(&key, &lease.token, sample_result("g")))
         .await
         .expect("complete");
-    let record = client.get(get_request(&key)).await.expect("get").into_inner().record.expect("record");
+    let record = client
+        .get(get_request(&key))
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record");
     assert_eq!(record.state(), pb::RecordState::Completed);
     assert_eq!(record.result, Some(sample_result("g")));
 }
@@ -472,9 +554,15 @@ pub async fn completed_record_expires_after_retention(server: &TestServer) {
         .record
         .expect("record");
     wait_past(to_system_time(&record.expires_at)).await;
-    assert_status(client.get(get_request(&key)).await, Code::NotFound, "RECORD_NOT_FOUND");
     assert_status(
-        client.complete(complete_request(&key, &lease.token, sample_result("x"))).await,
+        client.get(get_request(&key)).await,
+        Code::NotFound,
+        "RECORD_NOT_FOUND",
+    );
+    assert_status(
+        client
+            .complete(complete_request(&key, &lease.token, sample_result("x")))
+            .await,
         Code::NotFound,
         "RECORD_NOT_FOUND",
     );
@@ -501,9 +589,15 @@ pub async fn abandoned_record_expires_after_lease_plus_retention(server: &TestSe
         Duration::from_millis(200)
     );
     wait_past(to_system_time(&record.expires_at)).await;
-    assert_status(client.get(get_request(&key)).await, Code::NotFound, "RECORD_NOT_FOUND");
     assert_status(
-        client.complete(complete_request(&key, &lease.token, sample_result("x"))).await,
+        client.get(get_request(&key)).await,
+        Code::NotFound,
+        "RECORD_NOT_FOUND",
+    );
+    assert_status(
+        client
+            .complete(complete_request(&key, &lease.token, sample_result("x")))
+            .await,
         Code::NotFound,
         "RECORD_NOT_FOUND",
     );
@@ -526,11 +620,18 @@ pub async fn fencing_tokens_strictly_increase(server: &TestServer) {
         request.lease_ttl = ms(50);
         request.retention = ms(50);
         let (lease, _) = acquired(&mut client, request).await;
-        assert!(lease.fencing_token > last, "round {round}: {} <= {last}", lease.fencing_token);
+        assert!(
+            lease.fencing_token > last,
+            "round {round}: {} <= {last}",
+            lease.fencing_token
+        );
         last = lease.fencing_token;
         match round % 3 {
             0 => {
-                client.release(release_request(&key, &lease.token)).await.expect("release");
+                client
+                    .release(release_request(&key, &lease.token))
+                    .await
+                    .expect("release");
             }
             1 => wait_past(to_system_time(&lease.expires_at)).await,
             _ => {
@@ -550,7 +651,11 @@ pub async fn namespaces_are_separate(server: &TestServer) {
     assert_ne!(a.token, b.token);
     let mut complete = complete_request(&key, &a.token, sample_result("a"));
     complete.namespace = "tenant-b".into();
-    assert_status(client.complete(complete).await, Code::FailedPrecondition, "LEASE_NOT_HELD");
+    assert_status(
+        client.complete(complete).await,
+        Code::FailedPrecondition,
+        "LEASE_NOT_HELD",
+    );
 }
 
 macro_rules! conformance_suite {

@@ -81,7 +81,9 @@ impl TestDatabase {
         let config = PostgresConfig::new(url.clone())
             .driver_config()
             .expect("test database URL");
-        migrate::migrate(&config).await.expect("migrate test database");
+        migrate::migrate(&config)
+            .await
+            .expect("migrate test database");
         Self {
             url,
             admin_url: admin_url.to_string(),
@@ -170,9 +172,14 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (shutdown, stop) = oneshot::channel::<()>();
-        let task = tokio::spawn(idemd::server::serve(listener, store, settings, async move {
-            let _ = stop.await;
-        }));
+        let task = tokio::spawn(idemd::server::serve(
+            listener,
+            store,
+            settings,
+            async move {
+                let _ = stop.await;
+            },
+        ));
         Self {
             addr,
             shutdown: Some(shutdown),
@@ -271,7 +278,11 @@ pub fn assert_status<T: std::fmt::Debug>(
 ) -> tonic::Status {
     let status = result.expect_err("expected an error status");
     assert_eq!(status.code(), code, "unexpected code: {status:?}");
-    assert_eq!(reason(&status), expected_reason, "unexpected reason: {status:?}");
+    assert_eq!(
+        reason(&status),
+        expected_reason,
+        "unexpected reason: {status:?}"
+    );
     status
 }
 

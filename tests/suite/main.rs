@@ -3,5 +3,7 @@
 
 mod concurrency;
 mod conformance;
+mod durability;
 mod harness;
+mod processes;
 mod validation;

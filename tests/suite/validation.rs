@@ -14,10 +14,17 @@ fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &
     let status = assert_status(result, Code::InvalidArgument, "INVALID_REQUEST");
     let bad_request = status.get_details_bad_request().expect("BadRequest detail");
     assert!(
-        bad_request.field_violations.iter().any(|v| v.field == field),
+        bad_request
+            .field_violations
+            .iter()
+            .any(|v| v.field == field),
         "no violation on {field}: {bad_request:?}"
     );
-    assert!(status.message().contains(field), "message names the field: {}", status.message());
+    assert!(
+        status.message().contains(field),
+        "message names the field: {}",
+        status.message()
+    );
 }
 
 fn acquire(key: &str) -> pb::AcquireRequest {
@@ -50,14 +57,38 @@ async fn check_acquire_validation(server: &TestServer) {
         ("key", Box::new(|r| r.key = "del\u{7f}key".into())),
         ("key", Box::new(|r| r.key = "c1\u{85}key".into())),
         ("fingerprint", Box::new(|r| r.fingerprint = vec![7; 65])),
-        ("lease_ttl", Box::new(move |r| r.lease_ttl = duration(-1, 0))),
-        ("lease_ttl", Box::new(move |r| r.lease_ttl = duration(0, -5))),
-        ("lease_ttl", Box::new(move |r| r.lease_ttl = duration(0, 1_000_000_000))),
-        ("lease_ttl", Box::new(move |r| r.lease_ttl = duration(0, 1_000))),
-        ("lease_ttl", Box::new(move |r| r.lease_ttl = duration(3601, 0))),
-        ("retention", Box::new(move |r| r.retention = duration(-3, 0))),
-        ("retention", Box::new(move |r| r.retention = duration(31 * 24 * 3600, 0))),
-        ("retention", Box::new(move |r| r.retention = duration(i64::MAX, 0))),
+        (
+            "lease_ttl",
+            Box::new(move |r| r.lease_ttl = duration(-1, 0)),
+        ),
+        (
+            "lease_ttl",
+            Box::new(move |r| r.lease_ttl = duration(0, -5)),
+        ),
+        (
+            "lease_ttl",
+            Box::new(move |r| r.lease_ttl = duration(0, 1_000_000_000)),
+        ),
+        (
+            "lease_ttl",
+            Box::new(move |r| r.lease_ttl = duration(0, 1_000)),
+        ),
+        (
+            "lease_ttl",
+            Box::new(move |r| r.lease_ttl = duration(3601, 0)),
+        ),
+        (
+            "retention",
+            Box::new(move |r| r.retention = duration(-3, 0)),
+        ),
+        (
+            "retention",
+            Box::new(move |r| r.retention = duration(31 * 24 * 3600, 0)),
+        ),
+        (
+            "retention",
+            Box::new(move |r| r.retention = duration(i64::MAX, 0)),
+        ),
         ("holder", Box::new(|r| r.holder = "h".repeat(129))),
         ("holder", Box::new(|r| r.holder = "line\nbreak".into())),
     ];
@@ -79,12 +110,20 @@ async fn check_acquire_validation(server: &TestServer) {
     request.holder = "h".repeat(128);
     request.lease_ttl = duration(3600, 0);
     request.retention = duration(30 * 24 * 3600, 0);
-    let response = client.acquire(request).await.expect("limits are inclusive").into_inner();
+    let response = client
+        .acquire(request)
+        .await
+        .expect("limits are inclusive")
+        .into_inner();
     assert_eq!(response.outcome(), pb::Outcome::Acquired);
     let mut request = acquire(&unique_key("zero"));
     request.lease_ttl = duration(0, 0);
     request.retention = duration(0, 0);
-    let response = client.acquire(request).await.expect("zero means default").into_inner();
+    let response = client
+        .acquire(request)
+        .await
+        .expect("zero means default")
+        .into_inner();
     let lease = response.lease.expect("lease");
     let record = response.record.expect("record");
     assert_eq!(
@@ -98,7 +137,10 @@ async fn check_acquire_validation(server: &TestServer) {
     request.namespace = String::new();
     request.holder = "\u{1}".into();
     let status = client.acquire(request).await.expect_err("invalid");
-    let violations = status.get_details_bad_request().expect("BadRequest").field_violations;
+    let violations = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations;
     let fields: Vec<_> = violations.iter().map(|v| v.field.as_str()).collect();
     assert_eq!(fields, ["namespace", "key", "holder"]);
 }
@@ -106,7 +148,11 @@ async fn check_acquire_validation(server: &TestServer) {
 async fn check_lease_operation_validation(server: &TestServer) {
     let mut client = server.client().await;
     let key = unique_key("ops");
-    let response = client.acquire(acquire(&key)).await.expect("acquire").into_inner();
+    let response = client
+        .acquire(acquire(&key))
+        .await
+        .expect("acquire")
+        .into_inner();
     let token = response.lease.expect("lease").token;
     let complete = |token: &str, result: Option<pb::Result>| pb::CompleteRequest {
         namespace: NS.into(),
@@ -115,24 +161,47 @@ async fn check_lease_operation_validation(server: &TestServer) {
         result,
         retention: None,
     };
-    assert_invalid(client.complete(complete("", Some(pb::Result::default()))).await, "lease_token");
-    assert_invalid(client.complete(complete("not-a-token", Some(pb::Result::default()))).await, "lease_token");
+    assert_invalid(
+        client
+            .complete(complete("", Some(pb::Result::default())))
+            .await,
+        "lease_token",
+    );
+    assert_invalid(
+        client
+            .complete(complete("not-a-token", Some(pb::Result::default())))
+            .await,
+        "lease_token",
+    );
     assert_invalid(client.complete(complete(&token, None)).await, "result");
     let big = pb::Result {
         body: vec![0; 1024 * 1024 + 1],
         ..Default::default()
     };
-    assert_invalid(client.complete(complete(&token, Some(big))).await, "result.body");
+    assert_invalid(
+        client.complete(complete(&token, Some(big))).await,
+        "result.body",
+    );
     let crowded = pb::Result {
-        metadata: (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect(),
+        metadata: (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect(),
         ..Default::default()
     };
-    assert_invalid(client.complete(complete(&token, Some(crowded))).await, "result.metadata");
+    assert_invalid(
+        client.complete(complete(&token, Some(crowded))).await,
+        "result.metadata",
+    );
     let nul = pb::Result {
-        metadata: [("k".to_string(), "a\u{0}b".to_string())].into_iter().collect(),
+        metadata: [("k".to_string(), "a\u{0}b".to_string())]
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
-    assert_invalid(client.complete(complete(&token, Some(nul))).await, "result.metadata");
+    assert_invalid(
+        client.complete(complete(&token, Some(nul))).await,
+        "result.metadata",
+    );
     let mut bad_retention = complete(&token, Some(pb::Result::default()));
     bad_retention.retention = ms(1);
     assert_invalid(client.complete(bad_retention).await, "retention");
@@ -140,7 +209,9 @@ async fn check_lease_operation_validation(server: &TestServer) {
     let exactly_max = pb::Result {
         body: vec![42; 1024 * 1024],
         code: -7,
-        metadata: (0..64).map(|i| (format!("k{i}"), "v".repeat(100))).collect(),
+        metadata: (0..64)
+            .map(|i| (format!("k{i}"), "v".repeat(100)))
+            .collect(),
     };
     let record = client
         .complete(complete(&token, Some(exactly_max.clone())))
@@ -157,7 +228,10 @@ async fn check_lease_operation_validation(server: &TestServer) {
         lease_token: token.into(),
     };
     assert_invalid(client.release(release("")).await, "lease_token");
-    assert_invalid(client.release(release(&"z".repeat(32))).await, "lease_token");
+    assert_invalid(
+        client.release(release(&"z".repeat(32))).await,
+        "lease_token",
+    );
     let renew = |token: &str, ttl| pb::RenewRequest {
         namespace: NS.into(),
         key: key.clone(),
@@ -165,7 +239,10 @@ async fn check_lease_operation_validation(server: &TestServer) {
         lease_ttl: ttl,
     };
     assert_invalid(client.renew(renew("", None)).await, "lease_token");
-    assert_invalid(client.renew(renew(&token, ms(3_600_001))).await, "lease_ttl");
+    assert_invalid(
+        client.renew(renew(&token, ms(3_600_001))).await,
+        "lease_ttl",
+    );
     let get = pb::GetRequest {
         namespace: "bad ns".into(),
         key: String::new(),

@@ -1,0 +1,292 @@
+//! Acknowledged Completes survive a SIGKILLed idemd and a crashed PostgreSQL; a dead database
+//! gives UNAVAILABLE quickly, and idemd recovers by itself when it returns.
+
+use std::time::{Duration, Instant};
+
+use idemd::proto::idempotency::v1 as pb;
+use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use idemd::store::postgres::PostgresConfig;
+use tonic::Code;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+use crate::harness::*;
+use crate::processes::{Cluster, IdemdProcess};
+
+const NS: &str = "durability";
+
+/// A result whose bytes cover every value, different per record.
+fn result_for(index: usize) -> pb::Result {
+    let body = (0..=255u8)
+        .cycle()
+        .skip(index)
+        .take(300 + index * 7)
+        .collect();
+    pb::Result {
+        body,
+        code: i32::try_from(index).unwrap_or(0) - 50,
+        metadata: [
+            ("index".to_string(), index.to_string()),
+            ("ünïcode".to_string(), "välue ✓".to_string()),
+        ]
+        .into_iter()
+        .collect(),
+    }
+}
+
+/// Acquires and completes `count` keys; returns (key, acknowledged record) pairs.
+async fn complete_many(client: &mut Client, count: usize) -> Vec<(String, pb::Record)> {
+    let mut done = Vec::new();
+    for index in 0..count {
+        let key = unique_key(&format!("durable-{index}"));
+        let lease = client
+            .acquire(acquire_request(NS, &key, b"fp"))
+            .await
+            .expect("acquire")
+            .into_inner()
+            .lease
+            .expect("lease");
+        let record = client
+            .complete(pb::CompleteRequest {
+                namespace: NS.into(),
+                key: key.clone(),
+                lease_token: lease.token,
+                result: Some(result_for(index)),
+                retention: None,
+            })
+            .await
+            .expect("complete")
+            .into_inner()
+            .record
+            .expect("record");
+        done.push((key, record));
+    }
+    done
+}
+
+/// Every acknowledged record reads back identical, by Get and by Acquire's replay.
+async fn assert_all_there(client: &mut Client, done: &[(String, pb::Record)]) {
+    for (key, acknowledged) in done {
+        let record = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: key.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .record
+            .expect("record");
+        assert_eq!(&record, acknowledged, "record {key} changed");
+        let replay = client
+            .acquire(acquire_request(NS, key, b"fp"))
+            .await
+            .expect("acquire")
+            .into_inner();
+        assert_eq!(replay.outcome(), pb::Outcome::Completed);
+        assert_eq!(replay.record.expect("record").result, acknowledged.result);
+    }
+}
+
+async fn connect(addr: std::net::SocketAddr) -> Client {
+    IdempotencyServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completes_survive_sigkill_of_idemd() {
+    let database = TestDatabase::create().await;
+    let server = IdemdProcess::start(&["--database-url", &database.url]);
+    let mut client = connect(server.addr).await;
+    let done = complete_many(&mut client, 40).await;
+    server.kill();
+
+    let restarted = IdemdProcess::start(&["--database-url", &database.url]);
+    let mut client = connect(restarted.addr).await;
+    assert_all_there(&mut client, &done).await;
+}
+
+async fn readiness(channel: tonic::transport::Channel) -> ServingStatus {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: idemd::server::SERVICE_NAME.into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status()
+}
+
+/// Polls `probe` until it returns true, for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !probe().await {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_gives_unavailable_then_recovers() {
+    let cluster = Cluster::start();
+    let database = TestDatabase::create_on(&cluster.admin_url()).await;
+    let config = PostgresConfig {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(1),
+        query_timeout: Duration::from_secs(2),
+        ..PostgresConfig::new(database.url.clone())
+    };
+    let store = std::sync::Arc::new(idemd::store::PostgresStore::connect(&config).expect("pool"));
+    let server = TestServer::start(store, test_settings()).await;
+    let mut client = server.client().await;
+    let channel = server.channel().await;
+    eventually(Duration::from_secs(10), "readiness SERVING", || {
+        let channel = channel.clone();
+        async move { readiness(channel).await == ServingStatus::Serving }
+    })
+    .await;
+    let done = complete_many(&mut client, 20).await;
+    let in_flight_key = unique_key("in-flight");
+    let in_flight = client
+        .acquire(acquire_request(NS, &in_flight_key, b""))
+        .await
+        .expect("acquire")
+        .into_inner()
+        .lease
+        .expect("lease");
+
+    cluster.crash();
+
+    // Every RPC that needs the database answers UNAVAILABLE, well before the client's deadline.
+    let deadline = Duration::from_secs(20);
+    let mut slowest = Duration::ZERO;
+    for attempt in 0..3 {
+        let mut request = tonic::Request::new(acquire_request(NS, &unique_key("outage"), b""));
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let status = client.acquire(request).await.expect_err("database is down");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "attempt {attempt}: {status:?}"
+        );
+        assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+        let mut request = tonic::Request::new(pb::GetRequest {
+            namespace: NS.into(),
+            key: done[0].0.clone(),
+        });
+        request.set_timeout(deadline);
+        let started = Instant::now();
+        let status = client.get(request).await.expect_err("database is down");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    eprintln!("slowest UNAVAILABLE answer during the outage: {slowest:?}");
+    eventually(Duration::from_secs(10), "readiness NOT_SERVING", || {
+        let channel = channel.clone();
+        async move { readiness(channel).await == ServingStatus::NotServing }
+    })
+    .await;
+
+    cluster.start_again();
+    let recovery = Instant::now();
+    eventually(Duration::from_secs(30), "RPCs succeed again", || {
+        let mut client = client.clone();
+        let key = done[0].0.clone();
+        async move {
+            client
+                .get(pb::GetRequest {
+                    namespace: NS.into(),
+                    key,
+                })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    eprintln!(
+        "recovered {:?} after the database came back",
+        recovery.elapsed()
+    );
+    // Every acknowledged Complete survived the crash of PostgreSQL.
+    assert_all_there(&mut client, &done).await;
+    // The lease granted before the crash is still held and can complete.
+    let completed = client
+        .complete(pb::CompleteRequest {
+            namespace: NS.into(),
+            key: in_flight_key,
+            lease_token: in_flight.token,
+            result: Some(result_for(99)),
+            retention: None,
+        })
+        .await
+        .expect("lease from before the crash completes")
+        .into_inner()
+        .record
+        .expect("record");
+    assert_eq!(completed.fencing_token, in_flight.fencing_token);
+    eventually(Duration::from_secs(10), "readiness SERVING again", || {
+        let channel = channel.clone();
+        async move { readiness(channel).await == ServingStatus::Serving }
+    })
+    .await;
+    server.stop().await;
+    drop(database);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_database_gives_unavailable_within_the_query_timeout() {
+    let cluster = Cluster::start();
+    let database = TestDatabase::create_on(&cluster.admin_url()).await;
+    let config = PostgresConfig {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(1),
+        query_timeout: Duration::from_secs(2),
+        ..PostgresConfig::new(database.url.clone())
+    };
+    let store = std::sync::Arc::new(idemd::store::PostgresStore::connect(&config).expect("pool"));
+    let server = TestServer::start(store, test_settings()).await;
+    let mut client = server.client().await;
+    let done = complete_many(&mut client, 5).await;
+
+    // Open connections stay open but nothing answers: the worst case for a client.
+    cluster.signal_all("STOP");
+    let mut slowest = Duration::ZERO;
+    for _ in 0..3 {
+        let mut request = tonic::Request::new(acquire_request(NS, &unique_key("frozen"), b""));
+        request.set_timeout(Duration::from_secs(20));
+        let started = Instant::now();
+        let status = client
+            .acquire(request)
+            .await
+            .expect_err("database is frozen");
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    eprintln!("slowest UNAVAILABLE answer while frozen: {slowest:?}");
+    cluster.signal_all("CONT");
+
+    eventually(Duration::from_secs(30), "RPCs succeed again", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .acquire(acquire_request(NS, &unique_key("thawed"), b""))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert_all_there(&mut client, &done).await;
+    server.stop().await;
+    drop(database);
+}
