@@ -57,7 +57,7 @@ async fn admin_client(admin_url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A database made for one test, migrated, and dropped when the value is dropped.
+/// A database made for one test (migrated unless made with `create_empty`), dropped when the value is dropped.
 pub struct TestDatabase {
     pub url: String,
     admin_url: String,
@@ -70,6 +70,22 @@ impl TestDatabase {
     }
 
     pub async fn create_on(admin_url: &str) -> Self {
+        let database = Self::create_empty_on(admin_url).await;
+        let config = PostgresConfig::new(database.url.clone())
+            .driver_config()
+            .expect("test database URL");
+        migrate::migrate(&config)
+            .await
+            .expect("migrate test database");
+        database
+    }
+
+    /// A database without idemd's schema.
+    pub async fn create_empty() -> Self {
+        Self::create_empty_on(&admin_url()).await
+    }
+
+    async fn create_empty_on(admin_url: &str) -> Self {
         init_logs();
         let name = format!("idemd_test_{}", uuid::Uuid::new_v4().simple());
         let admin = admin_client(admin_url).await;
@@ -78,12 +94,6 @@ impl TestDatabase {
             .await
             .expect("create test database");
         let url = with_database(admin_url, &name);
-        let config = PostgresConfig::new(url.clone())
-            .driver_config()
-            .expect("test database URL");
-        migrate::migrate(&config)
-            .await
-            .expect("migrate test database");
         Self {
             url,
             admin_url: admin_url.to_string(),
@@ -242,7 +252,7 @@ pub fn ms(millis: u64) -> Option<prost_types::Duration> {
 }
 
 pub fn to_system_time(timestamp: &Option<prost_types::Timestamp>) -> SystemTime {
-    let timestamp = timestamp.clone().expect("timestamp set");
+    let timestamp = (*timestamp).expect("timestamp set");
     SystemTime::try_from(timestamp).expect("valid timestamp")
 }
 

@@ -5,5 +5,6 @@ mod concurrency;
 mod conformance;
 mod durability;
 mod harness;
+mod operations;
 mod processes;
 mod validation;

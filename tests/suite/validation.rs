@@ -8,6 +8,9 @@ use crate::harness::*;
 
 const NS: &str = "validation";
 
+/// Breaks one field of a valid request.
+type Mutation = Box<dyn Fn(&mut pb::AcquireRequest)>;
+
 /// Asserts INVALID_ARGUMENT with reason INVALID_REQUEST and a BadRequest violation on `field`.
 #[track_caller]
 fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
@@ -44,7 +47,7 @@ async fn assert_absent(client: &mut Client, namespace: &str, key: &str) {
 async fn check_acquire_validation(server: &TestServer) {
     let mut client = server.client().await;
     let duration = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::AcquireRequest)>)> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         ("namespace", Box::new(|r| r.namespace = String::new())),
         ("namespace", Box::new(|r| r.namespace = "n".repeat(65))),
         ("namespace", Box::new(|r| r.namespace = "has space".into())),

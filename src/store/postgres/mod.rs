@@ -391,19 +391,25 @@ async fn reap_on(client: &mut Object, batch: u32) -> Result<u64, StoreError> {
 }
 
 async fn check_schema(client: &Object) -> Result<(), StoreError> {
-    let version: Option<i32> = client
-        .query_one("SELECT max(version) FROM idemd_schema_migrations", &[])
+    let version: i32 = match client
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM idemd_schema_migrations",
+            &[],
+        )
         .await
-        .map_err(from_db)?
-        .try_get(0)
-        .map_err(from_db)?;
+    {
+        Ok(row) => row.try_get(0).map_err(from_db)?,
+        // Never migrated.
+        Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+        Err(error) => return Err(from_db(error)),
+    };
     let needed = migrate::latest_version();
-    match version {
-        Some(version) if version >= needed => Ok(()),
-        other => Err(StoreError::Unavailable(format!(
-            "database schema is at version {}, this binary needs {needed}: run `idemd migrate`",
-            other.unwrap_or(0)
-        ))),
+    if version >= needed {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "database schema is at version {version}, this binary needs {needed}: run `idemd migrate`"
+        )))
     }
 }
 
