@@ -5,7 +5,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::domain::{DurationPolicy, Limits};
+use crate::domain::{DurationPolicy, Limits, StoredResult};
 use crate::server::ServerSettings;
 use crate::store::postgres::PostgresConfig;
 use crate::telemetry::LogFormat;
@@ -51,6 +51,9 @@ pub struct ServeArgs {
     /// Address the gRPC API listens on.
     #[arg(long, env = "IDEMD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus metrics listener (GET /metrics).
+    #[arg(long, env = "IDEMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
     /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
@@ -86,7 +89,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEMD_MAX_RETENTION", default_value = "30d", value_parser = duration)]
     pub max_retention: Duration,
     /// Largest result body Complete accepts, in bytes.
-    #[arg(long, env = "IDEMD_MAX_RESULT_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(0..=3 * 1024 * 1024))]
+    #[arg(long, env = "IDEMD_MAX_RESULT_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u32).range(0..=32 * 1024 * 1024))]
     pub max_result_bytes: u32,
     /// Pause between rounds of deleting expired records.
     #[arg(long, env = "IDEMD_REAPER_INTERVAL", default_value = "10s", value_parser = duration)]
@@ -94,6 +97,15 @@ pub struct ServeArgs {
     /// Most records deleted per reaper batch.
     #[arg(long, env = "IDEMD_REAPER_BATCH", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub reaper_batch: u32,
+    /// Pause between refreshes of the pool and record-count gauges.
+    #[arg(long, env = "IDEMD_METRICS_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub metrics_interval: Duration,
+    /// Most RPCs served at once; more are shed at once with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDEMD_MAX_CONCURRENT_RPCS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_rpcs: u32,
+    /// Largest gRPC request message accepted, in bytes (must exceed --max-result-bytes).
+    #[arg(long, env = "IDEMD_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024))]
+    pub max_message_bytes: u32,
     /// How long in-flight RPCs may finish after SIGTERM/SIGINT.
     #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -126,6 +138,15 @@ impl ServeArgs {
             self.max_retention,
         )?;
         positive("--reaper-interval", self.reaper_interval)?;
+        positive("--metrics-interval", self.metrics_interval)?;
+        // A Complete carries the body plus metadata, key and token: leave room for them.
+        let room = 64 * StoredResult::MAX_METADATA_VALUE_BYTES as u32 + 64 * 1024;
+        if u64::from(self.max_message_bytes) < u64::from(self.max_result_bytes) + u64::from(room) {
+            return Err(format!(
+                "--max-message-bytes ({}) must exceed --max-result-bytes ({}) by at least {room} bytes",
+                self.max_message_bytes, self.max_result_bytes
+            ));
+        }
         Ok(ServerSettings {
             limits: Limits {
                 lease_ttl,
@@ -135,6 +156,9 @@ impl ServeArgs {
             reaper_interval: self.reaper_interval,
             reaper_batch: self.reaper_batch,
             shutdown_grace: self.shutdown_grace,
+            max_concurrent_rpcs: self.max_concurrent_rpcs as usize,
+            max_message_bytes: self.max_message_bytes as usize,
+            metrics_interval: self.metrics_interval,
             ..ServerSettings::default()
         })
     }

@@ -77,6 +77,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let local_addr = listener
         .local_addr()
         .map_err(|error| format!("--listen {}: {error}", args.listen))?;
+    let metrics_listener = idemd::telemetry::metrics::bind(args.metrics_listen)
+        .await
+        .map_err(|error| format!("--metrics-listen {}: {error}", args.metrics_listen))?;
+    if let Ok(addr) = metrics_listener.local_addr() {
+        tracing::info!(%addr, "serving metrics on {addr}");
+    }
     let shutdown = shutdown_signal();
     let served = match postgres_config {
         None => {
@@ -85,7 +91,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                  between replicas; use PostgreSQL for anything but trying idemd out"
             );
             tracing::info!(addr = %local_addr, store = "memory", "serving gRPC on {local_addr}");
-            idemd::server::serve(listener, Arc::new(MemoryStore::new()), settings, shutdown).await
+            idemd::server::serve(
+                listener,
+                Some(metrics_listener),
+                Arc::new(MemoryStore::new()),
+                settings,
+                shutdown,
+            )
+            .await
         }
         Some(config) => {
             if !args.no_migrate {
@@ -97,7 +110,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             let store = PostgresStore::connect(&config).map_err(|error| error.to_string())?;
             tracing::info!(addr = %local_addr, store = "postgres", "serving gRPC on {local_addr}");
             let pool = store.pool().clone();
-            let served = idemd::server::serve(listener, Arc::new(store), settings, shutdown).await;
+            let served = idemd::server::serve(
+                listener,
+                Some(metrics_listener),
+                Arc::new(store),
+                settings,
+                shutdown,
+            )
+            .await;
             pool.close();
             served
         }

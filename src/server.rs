@@ -12,6 +12,7 @@ use crate::api::IdempotencyApi;
 use crate::domain::Limits;
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::Store;
+use crate::telemetry::metrics;
 
 /// Encoded descriptors of `idempotency.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -32,6 +33,12 @@ pub struct ServerSettings {
     pub readiness_interval: Duration,
     /// How long in-flight RPCs may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Most RPCs served at once; more are shed with RESOURCE_EXHAUSTED.
+    pub max_concurrent_rpcs: usize,
+    /// Largest request message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Pause between refreshes of the store's gauges (pool, record counts).
+    pub metrics_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -42,6 +49,9 @@ impl Default for ServerSettings {
             reaper_batch: 1000,
             readiness_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            max_concurrent_rpcs: 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+            metrics_interval: Duration::from_secs(15),
         }
     }
 }
@@ -53,16 +63,21 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains in-flight RPCs for at most
-/// `settings.shutdown_grace`.
+/// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given) until
+/// `shutdown` resolves; then readiness turns NOT_SERVING, new connections are refused, and
+/// in-flight RPCs get at most `settings.shutdown_grace` to finish.
 pub async fn serve<S: Store>(
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     store: Arc<S>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let metrics_handle = metrics::install().map_err(ServeError::Metrics)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
@@ -75,9 +90,26 @@ pub async fn serve<S: Store>(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = IdempotencyApi::new(store.clone(), settings.limits);
+    let api = IdempotencyApi::new(store.clone(), settings.limits, settings.max_concurrent_rpcs);
 
     let background = tokio::spawn(run_background(store, health.clone(), settings.clone()));
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_task = metrics_listener.map(|listener| {
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics_handle.clone(),
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ))
+    });
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            metrics_handle.run_upkeep();
+        }
+    });
 
     let stopping = Arc::new(Notify::new());
     let signal = {
@@ -96,7 +128,10 @@ pub async fn serve<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(IdempotencyServiceServer::new(api))
+        .add_service(
+            IdempotencyServiceServer::new(api)
+                .max_decoding_message_size(settings.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
     // tonic's drain has no deadline of its own.
     let grace = settings.shutdown_grace;
@@ -108,6 +143,11 @@ pub async fn serve<S: Store>(
         }
     };
     background.abort();
+    upkeep.abort();
+    let _ = metrics_stop.send(());
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     outcome
 }
 
@@ -117,6 +157,8 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
     readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reaper = tokio::time::interval(settings.reaper_interval);
     reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut gauges = tokio::time::interval(settings.metrics_interval);
+    gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ready = None;
     loop {
         tokio::select! {
@@ -130,6 +172,7 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
                         false
                     }
                 };
+                metrics::store_ready(now_ready);
                 if ready != Some(now_ready) {
                     let status = if now_ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                     health.set_service_status(SERVICE_NAME, status).await;
@@ -138,6 +181,7 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
                 }
             }
             _ = reaper.tick() => reap(store.as_ref(), settings.reaper_batch).await,
+            _ = gauges.tick() => store.report_metrics().await,
         }
     }
 }
@@ -149,6 +193,7 @@ async fn reap<S: Store>(store: &S, batch: u32) {
         match store.reap_expired(batch).await {
             Ok(deleted) => {
                 total += deleted;
+                metrics::reaped(deleted);
                 if deleted < u64::from(batch) {
                     break;
                 }

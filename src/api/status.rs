@@ -6,6 +6,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::domain::{FieldViolation, LeaseRejection};
 use crate::store::StoreError;
+use crate::telemetry::metrics;
 
 /// `ErrorInfo.domain` of every idemd error.
 pub const ERROR_DOMAIN: &str = "idemd";
@@ -18,6 +19,8 @@ pub mod reason {
     pub const RECORD_COMPLETED: &str = "RECORD_COMPLETED";
     pub const RECORD_NOT_FOUND: &str = "RECORD_NOT_FOUND";
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
+    pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
+    pub const OVERLOADED: &str = "OVERLOADED";
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -62,7 +65,16 @@ pub fn from_store(error: StoreError) -> Status {
             };
             with_reason(code, error.to_string(), reason)
         }
+        StoreError::DeadlineExceeded => {
+            metrics::store_error("deadline");
+            with_reason(
+                Code::DeadlineExceeded,
+                "the call's deadline passed before the store answered; its database work was cancelled",
+                reason::DEADLINE_EXCEEDED,
+            )
+        }
         StoreError::Unavailable(cause) => {
+            metrics::store_error("unavailable");
             tracing::warn!(%cause, "store unavailable");
             with_reason(
                 Code::Unavailable,
@@ -71,6 +83,7 @@ pub fn from_store(error: StoreError) -> Status {
             )
         }
         StoreError::Internal(cause) => {
+            metrics::store_error("internal");
             tracing::error!(%cause, "internal error");
             with_reason(
                 Code::Internal,
@@ -79,4 +92,13 @@ pub fn from_store(error: StoreError) -> Status {
             )
         }
     }
+}
+
+/// RESOURCE_EXHAUSTED: the server is at its concurrency limit.
+pub fn overloaded() -> Status {
+    with_reason(
+        Code::ResourceExhausted,
+        "idemd is at its limit of concurrent RPCs; retry with backoff",
+        reason::OVERLOADED,
+    )
 }

@@ -11,6 +11,8 @@ use std::{
     time::SystemTime,
 };
 
+use tokio::time::Instant;
+
 use super::{Store, StoreError};
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
@@ -18,6 +20,7 @@ use crate::domain::{
     Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState, ReleaseCommand,
     ReleaseDecision, RenewCommand, RenewDecision,
 };
+use crate::telemetry::metrics;
 
 const SHARDS: usize = 32;
 
@@ -78,7 +81,11 @@ fn new_token() -> Result<LeaseToken, StoreError> {
 }
 
 impl Store for MemoryStore {
-    async fn acquire(&self, command: AcquireCommand) -> Result<AcquireOutcome, StoreError> {
+    async fn acquire(
+        &self,
+        command: AcquireCommand,
+        _deadline: Option<Instant>,
+    ) -> Result<AcquireOutcome, StoreError> {
         let now = SystemTime::now();
         let token = new_token()?;
         let mut shard = self.shard(&command.namespace, &command.key);
@@ -134,7 +141,11 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn complete(&self, command: CompleteCommand) -> Result<Record, StoreError> {
+    async fn complete(
+        &self,
+        command: CompleteCommand,
+        _deadline: Option<Instant>,
+    ) -> Result<Record, StoreError> {
         let now = SystemTime::now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let map_key = (command.namespace, command.key);
@@ -157,7 +168,11 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn release(&self, command: ReleaseCommand) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        command: ReleaseCommand,
+        _deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
         let now = SystemTime::now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let existing = shard.get_mut(&(command.namespace, command.key));
@@ -176,7 +191,11 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn renew(&self, command: RenewCommand) -> Result<Lease, StoreError> {
+    async fn renew(
+        &self,
+        command: RenewCommand,
+        _deadline: Option<Instant>,
+    ) -> Result<Lease, StoreError> {
         let now = SystemTime::now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let existing = shard.get_mut(&(command.namespace, command.key));
@@ -195,7 +214,11 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn get(&self, command: GetCommand) -> Result<Record, StoreError> {
+    async fn get(
+        &self,
+        command: GetCommand,
+        _deadline: Option<Instant>,
+    ) -> Result<Record, StoreError> {
         let now = SystemTime::now();
         let shard = self.shard(&command.namespace, &command.key);
         shard
@@ -225,6 +248,21 @@ impl Store for MemoryStore {
             });
         }
         Ok(deleted)
+    }
+
+    async fn report_metrics(&self) {
+        let now = SystemTime::now();
+        let (mut in_progress, mut completed) = (0usize, 0usize);
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for record in shard.values().filter(|record| record.is_live(now)) {
+                match record.state {
+                    RecordState::InProgress => in_progress += 1,
+                    RecordState::Completed => completed += 1,
+                }
+            }
+        }
+        metrics::records(in_progress as f64, completed as f64);
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {

@@ -3,6 +3,8 @@
 
 use std::future::Future;
 
+use tokio::time::Instant;
+
 use crate::domain::{
     AcquireCommand, AcquireOutcome, CompleteCommand, GetCommand, Lease, LeaseRejection, Record,
     ReleaseCommand, RenewCommand,
@@ -24,6 +26,9 @@ pub enum StoreError {
     /// The database cannot be reached or did not answer in time; the caller may retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The caller's deadline passed before the store answered; the work was cancelled.
+    #[error("the call's deadline passed before the store answered")]
+    DeadlineExceeded,
     /// A bug, or data the store cannot make sense of.
     #[error("internal store error: {0}")]
     Internal(String),
@@ -46,38 +51,50 @@ impl From<LeaseRejection> for StoreError {
 }
 
 /// A storage engine for idempotency records. Every method applies the decision functions of
-/// `crate::domain`, with time taken from the store's own clock.
+/// `crate::domain`, with time taken from the store's own clock. `deadline` is the caller's gRPC
+/// deadline: a store stops waiting (and cancels its database work) when it passes.
 pub trait Store: Send + Sync + 'static {
     /// Claim a key, or report that it is in progress or completed.
     fn acquire(
         &self,
         command: AcquireCommand,
+        deadline: Option<Instant>,
     ) -> impl Future<Output = Result<AcquireOutcome, StoreError>> + Send;
 
     /// Store a result under the current lease; returns the completed record.
     fn complete(
         &self,
         command: CompleteCommand,
+        deadline: Option<Instant>,
     ) -> impl Future<Output = Result<Record, StoreError>> + Send;
 
     /// Give the key back.
     fn release(
         &self,
         command: ReleaseCommand,
+        deadline: Option<Instant>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Extend the current lease.
     fn renew(
         &self,
         command: RenewCommand,
+        deadline: Option<Instant>,
     ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
 
     /// Read a live record.
-    fn get(&self, command: GetCommand) -> impl Future<Output = Result<Record, StoreError>> + Send;
+    fn get(
+        &self,
+        command: GetCommand,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Record, StoreError>> + Send;
 
     /// Delete up to `batch` expired records; returns how many were deleted. With several replicas
     /// only one reaps at a time (the others return 0).
     fn reap_expired(&self, batch: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Publishes the store's gauges (pool usage, record counts) to the metrics recorder.
+    fn report_metrics(&self) -> impl Future<Output = ()> + Send;
 
     /// Ok when the store can serve requests (reachable, schema current).
     fn check_ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;

@@ -184,6 +184,7 @@ impl TestServer {
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(idemd::server::serve(
             listener,
+            None,
             store,
             settings,
             async move {

@@ -7,4 +7,5 @@ mod durability;
 mod harness;
 mod operations;
 mod processes;
+mod production;
 mod validation;

@@ -5,7 +5,7 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{mpsc, Arc, Mutex},
     time::Duration,
 };
 
@@ -165,14 +165,24 @@ impl Drop for Cluster {
 pub struct IdemdProcess {
     child: Child,
     pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// The address in a line like "... serving gRPC on 127.0.0.1:1234 ...".
+fn address_after(line: &str, marker: &str) -> Option<String> {
+    let (_, rest) = line.split_once(marker)?;
+    let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next()?;
+    Some(addr.to_string())
 }
 
 impl IdemdProcess {
-    /// Starts `idemd serve --listen 127.0.0.1:0 <args>` and waits for its "serving gRPC on" line.
+    /// Starts `idemd serve` on free ports with `args` and waits until it announces its gRPC and
+    /// metrics addresses.
     pub fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemd"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "text"])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -180,28 +190,73 @@ impl IdemdProcess {
             .spawn()
             .expect("spawn idemd");
         let stderr = child.stderr.take().expect("stderr");
-        let (found, address) = mpsc::channel();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (found, addresses) = mpsc::channel();
+        let collected = logs.clone();
         // Keep draining stderr for the life of the process, so it never blocks on a full pipe.
         std::thread::spawn(move || {
-            let mut found = Some(found);
+            let (mut grpc, mut metrics) = (None, None);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("TEST_LOG").is_some() {
                     eprintln!("[idemd] {line}");
                 }
-                if let Some((_, addr)) = line.split_once("serving gRPC on ") {
-                    if let Some(sender) = found.take() {
-                        let addr = addr.split_whitespace().next().unwrap_or_default();
-                        let _ = sender.send(addr.to_string());
-                    }
+                if let Some(addr) = address_after(&line, "serving gRPC on ") {
+                    grpc = Some(addr);
                 }
+                if let Some(addr) = address_after(&line, "serving metrics on ") {
+                    metrics = Some(addr);
+                }
+                if let (Some(grpc), Some(metrics)) = (&grpc, &metrics) {
+                    let _ = found.send((grpc.clone(), metrics.clone()));
+                }
+                collected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(line);
             }
         });
-        let addr = address
+        let (grpc, metrics) = addresses
             .recv_timeout(Duration::from_secs(60))
-            .expect("idemd announced its address")
-            .parse()
-            .expect("socket address");
-        Self { child, addr }
+            .expect("idemd announced its addresses");
+        Self {
+            child,
+            addr: grpc.parse().expect("gRPC address"),
+            metrics_addr: metrics.parse().expect("metrics address"),
+            logs,
+        }
+    }
+
+    /// Log lines printed so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, for at most `limit`; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "idemd did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL: the process gets no chance to clean up.
@@ -216,4 +271,27 @@ impl Drop for IdemdProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// GET `path` over plain HTTP/1.1; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    (code, body.to_string())
 }

@@ -16,7 +16,8 @@ use std::{
     time::Duration,
 };
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
 use self::errors::{from_db, from_pool};
@@ -27,6 +28,7 @@ use crate::domain::{
     AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease, LeaseRejection,
     LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand, RenewDecision,
 };
+use crate::telemetry::metrics;
 
 /// How often a command re-decides after losing a race before giving up. Each lost race means
 /// another writer made progress on the key, so a handful is plenty.
@@ -76,6 +78,7 @@ impl PostgresConfig {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    connect_timeout: Duration,
     query_timeout: Duration,
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
     /// of the same key committed mid-statement (and the store decided again).
@@ -102,6 +105,7 @@ impl PostgresStore {
             .map_err(|error| StoreError::Internal(format!("cannot build pool: {error}")))?;
         Ok(Self {
             pool,
+            connect_timeout: config.connect_timeout,
             query_timeout: config.query_timeout,
             insert_races: Arc::default(),
         })
@@ -118,28 +122,101 @@ impl PostgresStore {
         self.insert_races.load(Ordering::Relaxed)
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(from_pool)
+    /// How long one command may take: the query timeout, or less if the caller's deadline
+    /// comes first (then `true`).
+    fn budget(&self, deadline: Option<Instant>) -> (Duration, bool) {
+        match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left < self.query_timeout {
+                    (left, true)
+                } else {
+                    (self.query_timeout, false)
+                }
+            }
+            None => (self.query_timeout, false),
+        }
     }
 
-    /// Settles one command's database work, run under `tokio::time::timeout(query_timeout, ..)`.
-    /// A connection that timed out is taken out of the pool and closed, since it may be stuck
-    /// behind a dead network.
+    /// A pooled connection, waiting no longer than the budget allows.
+    async fn client(&self, budget: Duration, by_caller: bool) -> Result<Object, StoreError> {
+        let wait = budget.min(self.connect_timeout);
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: Some(wait),
+            recycle: Some(wait),
+        };
+        match self.pool.timeout_get(&timeouts).await {
+            Ok(client) => Ok(client),
+            Err(deadpool_postgres::PoolError::Timeout(_)) if by_caller && wait == budget => {
+                Err(StoreError::DeadlineExceeded)
+            }
+            Err(error) => Err(from_pool(error)),
+        }
+    }
+
+    /// Settles one command's database work, run under `tokio::time::timeout(budget, ..)`. When
+    /// the budget ran out, the running statement is cancelled on the server and the connection
+    /// is closed rather than reused, since it may be stuck behind a dead network.
     fn settle<T>(
         &self,
         client: Object,
         outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
+        by_caller: bool,
+        guard: CancelOnDrop,
     ) -> Result<T, StoreError> {
         match outcome {
-            Ok(result) => result,
+            Ok(result) => {
+                guard.disarm();
+                result
+            }
             Err(_) => {
+                // The guard cancels the statement on the server.
+                drop(guard);
                 drop(Object::take(client));
-                Err(StoreError::Unavailable(format!(
-                    "database did not answer within {:?}",
-                    self.query_timeout
-                )))
+                if by_caller {
+                    Err(StoreError::DeadlineExceeded)
+                } else {
+                    Err(StoreError::Unavailable(format!(
+                        "database did not answer within {:?}",
+                        self.query_timeout
+                    )))
+                }
             }
         }
+    }
+}
+
+/// Cancels the connection's running statement if the command's future is dropped before it
+/// finished, e.g. when tonic abandons an RPC whose client deadline passed.
+struct CancelOnDrop {
+    token: Option<tokio_postgres::CancelToken>,
+    bound: Duration,
+}
+
+impl CancelOnDrop {
+    fn new(client: &Object, bound: Duration) -> Self {
+        Self {
+            token: Some(client.cancel_token()),
+            bound,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.token = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let (Some(token), Ok(runtime)) = (self.token.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let bound = self.bound;
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(bound, token.cancel_query(NoTls)).await;
+        });
     }
 }
 
@@ -212,6 +289,7 @@ async fn acquire_on(
         // `sql::ACQUIRE_INSERT_OR_GET`). Deciding again sees it.
         let Some(row) = rows.first() else {
             races.fetch_add(1, Ordering::Relaxed);
+            metrics::acquire_insert_race();
             continue;
         };
         let record = record_from_row(row)?;
@@ -413,51 +491,128 @@ async fn check_schema(client: &Object) -> Result<(), StoreError> {
     }
 }
 
+/// Planner estimate of live rows by state: cheap (no scan), refreshed by (auto)ANALYZE.
+const RECORD_ESTIMATE: &str = "SELECT
+        COALESCE((SELECT reltuples FROM pg_class
+                  WHERE oid = to_regclass('idemd_records')), 0)::float8,
+        (SELECT most_common_vals::text FROM pg_stats
+         WHERE schemaname = current_schema() AND tablename = 'idemd_records' AND attname = 'state'),
+        (SELECT most_common_freqs FROM pg_stats
+         WHERE schemaname = current_schema() AND tablename = 'idemd_records' AND attname = 'state')";
+
+async fn estimate_records(client: &Object) -> Result<(f64, f64), StoreError> {
+    let row = client
+        .query_one(RECORD_ESTIMATE, &[])
+        .await
+        .map_err(from_db)?;
+    let total: f64 = row.try_get::<_, f64>(0).map_err(from_db)?.max(0.0);
+    let values: Option<String> = row.try_get(1).map_err(from_db)?;
+    let freqs: Option<Vec<f32>> = row.try_get(2).map_err(from_db)?;
+    let (mut in_progress, mut completed) = (0.0, 0.0);
+    if let (Some(values), Some(freqs)) = (values, freqs) {
+        let states = values.trim_matches(|c| c == '{' || c == '}').split(',');
+        for (state, freq) in states.zip(freqs) {
+            match state.trim() {
+                "1" => in_progress = total * f64::from(freq),
+                "2" => completed = total * f64::from(freq),
+                _ => {}
+            }
+        }
+    }
+    Ok((in_progress.round(), completed.round()))
+}
+
 impl Store for PostgresStore {
-    async fn acquire(&self, command: AcquireCommand) -> Result<AcquireOutcome, StoreError> {
-        let client = self.client().await?;
-        let outcome = tokio::time::timeout(
-            self.query_timeout,
-            acquire_on(&client, &command, &self.insert_races),
-        )
-        .await;
-        self.settle(client, outcome)
-    }
-
-    async fn complete(&self, command: CompleteCommand) -> Result<Record, StoreError> {
-        let client = self.client().await?;
+    async fn acquire(
+        &self,
+        command: AcquireCommand,
+        deadline: Option<Instant>,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let (budget, by_caller) = self.budget(deadline);
+        let client = self.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
         let outcome =
-            tokio::time::timeout(self.query_timeout, complete_on(&client, &command)).await;
-        self.settle(client, outcome)
+            tokio::time::timeout(budget, acquire_on(&client, &command, &self.insert_races)).await;
+        self.settle(client, outcome, by_caller, guard)
     }
 
-    async fn release(&self, command: ReleaseCommand) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        let outcome = tokio::time::timeout(self.query_timeout, release_on(&client, &command)).await;
-        self.settle(client, outcome)
+    async fn complete(
+        &self,
+        command: CompleteCommand,
+        deadline: Option<Instant>,
+    ) -> Result<Record, StoreError> {
+        let (budget, by_caller) = self.budget(deadline);
+        let client = self.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let outcome = tokio::time::timeout(budget, complete_on(&client, &command)).await;
+        self.settle(client, outcome, by_caller, guard)
     }
 
-    async fn renew(&self, command: RenewCommand) -> Result<Lease, StoreError> {
-        let client = self.client().await?;
-        let outcome = tokio::time::timeout(self.query_timeout, renew_on(&client, &command)).await;
-        self.settle(client, outcome)
+    async fn release(
+        &self,
+        command: ReleaseCommand,
+        deadline: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        let (budget, by_caller) = self.budget(deadline);
+        let client = self.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let outcome = tokio::time::timeout(budget, release_on(&client, &command)).await;
+        self.settle(client, outcome, by_caller, guard)
     }
 
-    async fn get(&self, command: GetCommand) -> Result<Record, StoreError> {
-        let client = self.client().await?;
-        let outcome = tokio::time::timeout(self.query_timeout, get_on(&client, &command)).await;
-        self.settle(client, outcome)
+    async fn renew(
+        &self,
+        command: RenewCommand,
+        deadline: Option<Instant>,
+    ) -> Result<Lease, StoreError> {
+        let (budget, by_caller) = self.budget(deadline);
+        let client = self.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let outcome = tokio::time::timeout(budget, renew_on(&client, &command)).await;
+        self.settle(client, outcome, by_caller, guard)
+    }
+
+    async fn get(
+        &self,
+        command: GetCommand,
+        deadline: Option<Instant>,
+    ) -> Result<Record, StoreError> {
+        let (budget, by_caller) = self.budget(deadline);
+        let client = self.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let outcome = tokio::time::timeout(budget, get_on(&client, &command)).await;
+        self.settle(client, outcome, by_caller, guard)
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
+        let mut client = self.client(self.query_timeout, false).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
         let outcome = tokio::time::timeout(self.query_timeout, reap_on(&mut client, batch)).await;
-        self.settle(client, outcome)
+        self.settle(client, outcome, false, guard)
+    }
+
+    async fn report_metrics(&self) {
+        let status = self.pool.status();
+        metrics::pool(
+            status.max_size,
+            status.size,
+            status.available,
+            status.waiting,
+        );
+        let Ok(client) = self.client(self.query_timeout, false).await else {
+            return;
+        };
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let outcome = tokio::time::timeout(self.query_timeout, estimate_records(&client)).await;
+        if let Ok((in_progress, completed)) = self.settle(client, outcome, false, guard) {
+            metrics::records(in_progress, completed);
+        }
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let client = self.client(self.query_timeout, false).await?;
+        let guard = CancelOnDrop::new(&client, self.connect_timeout);
         let outcome = tokio::time::timeout(self.query_timeout, check_schema(&client)).await;
-        self.settle(client, outcome)
+        self.settle(client, outcome, false, guard)
     }
 }

@@ -1,0 +1,448 @@
+//! Running it in production: metrics, logs, graceful shutdown, deadlines, overload.
+
+use std::{sync::Arc, time::Duration};
+
+use idemd::proto::idempotency::v1 as pb;
+use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use tokio::task::JoinSet;
+use tonic::Code;
+
+use crate::harness::*;
+use crate::processes::{http_get, IdemdProcess};
+
+const NS: &str = "production";
+
+async fn connect(addr: std::net::SocketAddr) -> Client {
+    IdempotencyServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+async fn acquire_lease(client: &mut Client, key: &str) -> pb::Lease {
+    client
+        .acquire(acquire_request(NS, key, b"fingerprint-secret"))
+        .await
+        .expect("acquire")
+        .into_inner()
+        .lease
+        .expect("lease")
+}
+
+fn complete_request(key: &str, token: &str, tag: &str) -> pb::CompleteRequest {
+    pb::CompleteRequest {
+        namespace: NS.into(),
+        key: key.into(),
+        lease_token: token.into(),
+        result: Some(sample_result(tag)),
+        retention: None,
+    }
+}
+
+/// Polls `probe` every 50 ms until it holds, for at most `limit`.
+async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !probe().await {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Holds row locks on `keys` in an open transaction, so idemd's writes to them block.
+async fn lock_rows(database: &TestDatabase, keys: &[String]) -> tokio_postgres::Client {
+    let locker = database.connect().await;
+    locker.batch_execute("BEGIN").await.expect("begin");
+    for key in keys {
+        locker
+            .execute(
+                "SELECT 1 FROM idemd_records WHERE namespace = $1 AND key = $2 FOR UPDATE",
+                &[&NS, key],
+            )
+            .await
+            .expect("lock row");
+    }
+    locker
+}
+
+/// Number of idemd statements waiting on a lock in `database`.
+async fn blocked_statements(database: &TestDatabase) -> i64 {
+    database
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'idemd'
+               AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_format() {
+    let database = TestDatabase::create().await;
+    let server = IdemdProcess::start(&[
+        "--database-url",
+        &database.url,
+        "--metrics-interval",
+        "100ms",
+    ]);
+    let mut client = connect(server.addr).await;
+    let key = unique_key("metrics-key");
+    let lease = acquire_lease(&mut client, &key).await;
+    client
+        .acquire(acquire_request(NS, &key, b"fingerprint-secret"))
+        .await
+        .expect("in progress");
+    client
+        .complete(complete_request(&key, &lease.token, "m"))
+        .await
+        .expect("complete");
+    client
+        .acquire(acquire_request(NS, &key, b"fingerprint-secret"))
+        .await
+        .expect("replay");
+    let _ = client
+        .acquire(acquire_request(NS, &key, b"other"))
+        .await
+        .expect_err("mismatch");
+    let _ = client
+        .acquire(acquire_request("bad ns", &key, b""))
+        .await
+        .expect_err("invalid");
+
+    let addr = server.metrics_addr;
+    let scrape = move || async move {
+        let (code, text) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+            .await
+            .expect("scrape");
+        assert_eq!(code, 200);
+        text
+    };
+    eventually(Duration::from_secs(10), "pool gauges", || async move {
+        scrape().await.contains("idemd_db_pool_connections")
+    })
+    .await;
+    let body = scrape().await;
+    for expected in [
+        "# TYPE idemd_rpc_requests_total counter",
+        r#"idemd_rpc_requests_total{method="Acquire",code="OK"} 3"#,
+        r#"idemd_rpc_requests_total{method="Acquire",code="FAILED_PRECONDITION"} 1"#,
+        r#"idemd_rpc_requests_total{method="Acquire",code="INVALID_ARGUMENT"} 1"#,
+        r#"idemd_rpc_requests_total{method="Complete",code="OK"} 1"#,
+        r#"idemd_acquire_outcomes_total{outcome="acquired"} 1"#,
+        r#"idemd_acquire_outcomes_total{outcome="in_progress"} 1"#,
+        r#"idemd_acquire_outcomes_total{outcome="completed"} 1"#,
+        r#"idemd_acquire_outcomes_total{outcome="fingerprint_mismatch"} 1"#,
+        "# TYPE idemd_rpc_duration_seconds histogram",
+        r#"idemd_rpc_duration_seconds_bucket{method="Complete",le="0.005"}"#,
+        "idemd_rpc_in_flight",
+        "idemd_db_pool_max_connections 16",
+        "idemd_db_pool_idle_connections",
+        "idemd_db_pool_waiters",
+        r#"idemd_records{state="completed"}"#,
+        "idemd_store_ready 1",
+        r#"idemd_build_info{version=""#,
+    ] {
+        assert!(body.contains(expected), "metrics lack {expected}:\n{body}");
+    }
+    assert!(!body.contains(&key), "a key leaked into metrics");
+    assert!(
+        !body.contains("production"),
+        "a namespace leaked into metrics"
+    );
+    let (code, _) = tokio::task::spawn_blocking(move || http_get(addr, "/"))
+        .await
+        .expect("get /");
+    assert_eq!(code, 404);
+}
+
+/// Logs in JSON: one span per RPC with method, namespace, outcome, code and duration; keys only
+/// at debug level; tokens, fingerprints and bodies never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_rpc_spans_and_no_secrets() {
+    for level in ["debug", "info"] {
+        let server = IdemdProcess::start(&["--log-format", "json", "--log-level", level]);
+        let mut client = connect(server.addr).await;
+        let key = unique_key("log-key");
+        let lease = acquire_lease(&mut client, &key).await;
+        client
+            .complete(complete_request(&key, &lease.token, "body-secret"))
+            .await
+            .expect("complete");
+        let _ = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: unique_key("absent"),
+            })
+            .await;
+        // The last RPC's log line is written before its response; the process flushes per line.
+        let mut lines = Vec::new();
+        eventually(Duration::from_secs(10), "rpc log lines", || {
+            lines = server.logs();
+            let done = lines.iter().filter(|line| line.contains("\"rpc\"")).count() >= 1;
+            async move { done }
+        })
+        .await;
+        for line in &lines {
+            assert!(line.starts_with('{'), "not JSON: {line}");
+            assert!(!line.contains(&lease.token), "lease token leaked: {line}");
+            assert!(!line.contains("body-secret"), "result body leaked: {line}");
+            assert!(
+                !line.contains("fingerprint-secret"),
+                "fingerprint leaked: {line}"
+            );
+            if line.contains(&key) {
+                assert_eq!(level, "debug");
+                assert!(
+                    line.contains(r#""level":"DEBUG""#),
+                    "key outside debug: {line}"
+                );
+            }
+        }
+        let refused = lines
+            .iter()
+            .find(|line| line.contains("rpc refused"))
+            .unwrap_or_else(|| panic!("the NOT_FOUND Get is logged at info:\n{lines:#?}"));
+        for field in [
+            r#""method":"Get""#,
+            r#""namespace":"production""#,
+            r#""code":"NOT_FOUND""#,
+            "duration_ms",
+        ] {
+            assert!(refused.contains(field), "span lacks {field}: {refused}");
+        }
+        if level == "debug" {
+            let finished = lines
+                .iter()
+                .find(|line| {
+                    line.contains("rpc finished") && line.contains(r#""method":"Acquire""#)
+                })
+                .expect("Acquire logged at debug");
+            for field in [r#""outcome":"acquired""#, r#""code":"OK""#, "duration_ms"] {
+                assert!(finished.contains(field), "span lacks {field}: {finished}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
+    let database = TestDatabase::create().await;
+    let mut server =
+        IdemdProcess::start(&["--database-url", &database.url, "--shutdown-grace", "20s"]);
+    let mut client = connect(server.addr).await;
+    let keys: Vec<String> = (0..6).map(|i| unique_key(&format!("drain-{i}"))).collect();
+    let mut leases = Vec::new();
+    for key in &keys {
+        leases.push(acquire_lease(&mut client, key).await);
+    }
+    // Make the Completes wait inside PostgreSQL, so they are surely in flight at SIGTERM.
+    let locker = lock_rows(&database, &keys).await;
+    let mut in_flight = JoinSet::new();
+    for (key, lease) in keys.iter().zip(&leases) {
+        let mut client = connect(server.addr).await;
+        let request = complete_request(key, &lease.token, "drained");
+        in_flight.spawn(async move { client.complete(request).await });
+    }
+    eventually(
+        Duration::from_secs(10),
+        "Completes blocked in PostgreSQL",
+        || {
+            let database = &database;
+            async move { blocked_statements(database).await == 6 }
+        },
+    )
+    .await;
+    // And a steady load of fresh Acquires on connections of their own.
+    let stop_load = Arc::new(tokio::sync::Notify::new());
+    let mut load = JoinSet::new();
+    for worker in 0..4 {
+        let mut client = connect(server.addr).await;
+        let stop = stop_load.clone();
+        load.spawn(async move {
+            // (key, code) of every Acquire this worker sent.
+            let mut sent = Vec::new();
+            loop {
+                let key = unique_key(&format!("load-{worker}"));
+                let request = acquire_request(NS, &key, b"");
+                tokio::select! {
+                    _ = stop.notified() => return sent,
+                    result = client.acquire(request) => {
+                        let code = result.map(|_| Code::Ok).unwrap_or_else(|status| status.code());
+                        sent.push((key, code));
+                        if code != Code::Ok {
+                            return sent;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    server.terminate();
+    eventually(Duration::from_secs(10), "shutdown begins", || {
+        let begun = server
+            .logs()
+            .iter()
+            .any(|line| line.contains("readiness NOT_SERVING"));
+        async move { begun }
+    })
+    .await;
+    locker
+        .batch_execute("COMMIT")
+        .await
+        .expect("release row locks");
+    while let Some(done) = in_flight.join_next().await {
+        let record = done
+            .expect("task")
+            .expect("an in-flight RPC finished normally during shutdown")
+            .into_inner()
+            .record
+            .expect("record");
+        assert_eq!(record.state(), pb::RecordState::Completed);
+    }
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+    stop_load.notify_waiters();
+    let mut sent = Vec::new();
+    while let Some(worker) = load.join_next().await {
+        sent.extend(worker.expect("load task"));
+    }
+    assert!(
+        sent.iter().any(|(_, code)| *code == Code::Ok),
+        "the load ran"
+    );
+    // Every acknowledged Complete is there.
+    let restarted = IdemdProcess::start(&["--database-url", &database.url]);
+    let mut client = connect(restarted.addr).await;
+    for key in &keys {
+        let record = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: key.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .record
+            .expect("record");
+        assert_eq!(record.result, Some(sample_result("drained")));
+    }
+    // An RPC sent after SIGTERM may be refused by the closing connection (the transport race
+    // shows up as UNAVAILABLE, CANCELLED or UNKNOWN); what must never happen is an RPC that ran
+    // and lost its answer. So every failed Acquire's key must never have been written.
+    for (key, _) in sent.iter().filter(|(_, code)| *code != Code::Ok) {
+        let found = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: key.clone(),
+            })
+            .await;
+        assert_status(found, Code::NotFound, "RECORD_NOT_FOUND");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadline_cancels_the_database_statement() {
+    let database = TestDatabase::create().await;
+    let server = TestServer::on_database(&database, test_settings()).await;
+    let mut client = server.client().await;
+    let key = unique_key("deadline");
+    let lease = acquire_lease(&mut client, &key).await;
+    let locker = lock_rows(&database, std::slice::from_ref(&key)).await;
+    let mut request = tonic::Request::new(complete_request(&key, &lease.token, "too late"));
+    request.set_timeout(Duration::from_millis(500));
+    let status = client.complete(request).await.expect_err("deadline passes");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The statement does not linger in PostgreSQL once the caller has gone.
+    eventually(
+        Duration::from_secs(10),
+        "blocked statement cancelled",
+        || {
+            let database = &database;
+            async move { blocked_statements(database).await == 0 }
+        },
+    )
+    .await;
+    locker.batch_execute("COMMIT").await.expect("release lock");
+    let record = client
+        .get(pb::GetRequest {
+            namespace: NS.into(),
+            key: key.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record");
+    assert_eq!(
+        record.state(),
+        pb::RecordState::InProgress,
+        "the cancelled Complete wrote nothing"
+    );
+    client
+        .complete(complete_request(&key, &lease.token, "in time"))
+        .await
+        .expect("a retry within the deadline completes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_shed_with_resource_exhausted() {
+    let database = TestDatabase::create().await;
+    let settings = idemd::server::ServerSettings {
+        max_concurrent_rpcs: 2,
+        ..test_settings()
+    };
+    let server = TestServer::on_database(&database, settings).await;
+    let mut client = server.client().await;
+    let keys: Vec<String> = (0..2).map(|i| unique_key(&format!("busy-{i}"))).collect();
+    let mut leases = Vec::new();
+    for key in &keys {
+        leases.push(acquire_lease(&mut client, key).await);
+    }
+    let locker = lock_rows(&database, &keys).await;
+    let mut busy = JoinSet::new();
+    for (key, lease) in keys.iter().zip(&leases) {
+        let mut client = client.clone();
+        let request = complete_request(key, &lease.token, "slow");
+        busy.spawn(async move { client.complete(request).await });
+    }
+    eventually(
+        Duration::from_secs(10),
+        "two RPCs occupy the server",
+        || {
+            let database = &database;
+            async move { blocked_statements(database).await == 2 }
+        },
+    )
+    .await;
+    let shed = client
+        .get(pb::GetRequest {
+            namespace: NS.into(),
+            key: keys[0].clone(),
+        })
+        .await;
+    assert_status(shed, Code::ResourceExhausted, "OVERLOADED");
+    locker.batch_execute("COMMIT").await.expect("release locks");
+    while let Some(done) = busy.join_next().await {
+        done.expect("task").expect("the admitted RPCs finish");
+    }
+    client
+        .get(pb::GetRequest {
+            namespace: NS.into(),
+            key: keys[0].clone(),
+        })
+        .await
+        .expect("capacity is back");
+}
