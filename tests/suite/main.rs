@@ -4,6 +4,7 @@
 mod concurrency;
 mod conformance;
 mod durability;
+mod grpcurl;
 mod harness;
 mod operations;
 mod processes;
