@@ -18,7 +18,10 @@ fn grpcurl_available() {
 fn walkthrough(server: &IdemdProcess) {
     let key = unique_key("order");
     let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/grpcurl-walkthrough.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/grpcurl-walkthrough.sh"
+        ))
         .arg(server.addr.to_string())
         .arg(&key)
         .output()

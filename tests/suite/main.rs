@@ -3,6 +3,7 @@
 
 mod concurrency;
 mod conformance;
+mod deploy;
 mod durability;
 mod grpcurl;
 mod harness;
