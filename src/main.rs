@@ -4,6 +4,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use idemd::config::{Cli, Command, MigrateArgs, ServeArgs};
+use idemd::server::ServerSettings;
 use idemd::store::{postgres, MemoryStore, PostgresStore};
 use tokio::net::TcpListener;
 
@@ -37,17 +38,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = runtime.block_on(async {
-        match command {
-            Command::Serve(args) => serve(*args).await,
-            Command::Migrate(args) => migrate(args).await,
+    let outcome = match command {
+        Command::Serve(args) => {
+            // Settings are checked before anything starts: a bad one is one line and exit code 2.
+            let checked = args
+                .server_settings()
+                .and_then(|settings| Ok((settings, args.postgres_config()?)));
+            match checked {
+                Ok((settings, postgres_config)) => {
+                    runtime.block_on(serve(*args, settings, postgres_config))
+                }
+                Err(message) => {
+                    eprintln!("idemd: {message}");
+                    return ExitCode::from(2);
+                }
+            }
         }
-    });
+        Command::Migrate(args) => runtime.block_on(migrate(args)),
+    };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
-            eprintln!("idemd: {message}");
             ExitCode::FAILURE
         }
     }
@@ -68,9 +80,11 @@ async fn migrate(args: MigrateArgs) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let settings = args.server_settings()?;
-    let postgres_config = args.postgres_config()?;
+async fn serve(
+    args: ServeArgs,
+    settings: ServerSettings,
+    postgres_config: Option<postgres::PostgresConfig>,
+) -> Result<(), String> {
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|error| format!("--listen {}: {error}", args.listen))?;
@@ -102,7 +116,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         }
         Some(config) => {
             if !args.no_migrate {
-                let driver = config.driver_config().map_err(|error| error.to_string())?;
+                let driver = config.driver_config()?;
                 postgres::migrate::migrate(&driver)
                     .await
                     .map_err(|error| format!("migration failed: {error}"))?;

@@ -59,9 +59,9 @@ impl PostgresConfig {
     }
 
     /// The driver configuration, with idemd's defaults for what the URL leaves unset.
-    pub fn driver_config(&self) -> Result<tokio_postgres::Config, StoreError> {
+    pub fn driver_config(&self) -> Result<tokio_postgres::Config, String> {
         let mut config = tokio_postgres::Config::from_str(&self.url)
-            .map_err(|error| StoreError::Internal(format!("invalid database URL: {error}")))?;
+            .map_err(|error| format!("not a valid PostgreSQL URL or key=value string ({error})"))?;
         if config.get_application_name().is_none() {
             config.application_name("idemd");
         }
@@ -89,7 +89,7 @@ impl PostgresStore {
     /// Builds the pool; connections open lazily, so this succeeds while the database is down.
     pub fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
         let manager = Manager::from_config(
-            config.driver_config()?,
+            config.driver_config().map_err(StoreError::Internal)?,
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
