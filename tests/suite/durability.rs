@@ -119,22 +119,6 @@ async fn readiness(channel: tonic::transport::Channel) -> ServingStatus {
         .status()
 }
 
-/// Polls `probe` until it returns true, for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !probe().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_gives_unavailable_then_recovers() {
     let cluster = Cluster::start();

@@ -327,3 +327,20 @@ pub fn sample_result(tag: &str) -> pb::Result {
 pub fn unique_key(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4())
 }
+
+/// Polls `probe` every 50 ms until it holds, for at most `limit`: awaiting a condition, not
+/// sleeping for a guessed time.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !probe().await {
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

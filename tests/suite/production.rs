@@ -38,22 +38,6 @@ fn complete_request(key: &str, token: &str, tag: &str) -> pb::CompleteRequest {
     }
 }
 
-/// Polls `probe` every 50 ms until it holds, for at most `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut probe: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = std::time::Instant::now();
-    while !probe().await {
-        assert!(
-            started.elapsed() < limit,
-            "{what} did not happen within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Holds row locks on `keys` in an open transaction, so idemd's writes to them block.
 async fn lock_rows(database: &TestDatabase, keys: &[String]) -> tokio_postgres::Client {
     let locker = database.connect().await;

@@ -522,18 +522,30 @@ async fn estimate_records(client: &Object) -> Result<(f64, f64), StoreError> {
     Ok((in_progress.round(), completed.round()))
 }
 
+/// Runs `$work` (an expression over `$client: &Object`) on a pooled connection within the budget
+/// the deadline allows, cancelling it in PostgreSQL if it runs out (see `PostgresStore::settle`).
+macro_rules! on_connection {
+    ($store:expr, $deadline:expr, |$client:ident| $work:expr) => {{
+        let (budget, by_caller) = $store.budget($deadline);
+        #[allow(unused_mut)]
+        let mut $client = $store.client(budget, by_caller).await?;
+        let guard = CancelOnDrop::new(&$client, $store.connect_timeout);
+        let outcome = tokio::time::timeout(budget, $work).await;
+        $store.settle($client, outcome, by_caller, guard)
+    }};
+}
+
 impl Store for PostgresStore {
     async fn acquire(
         &self,
         command: AcquireCommand,
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, StoreError> {
-        let (budget, by_caller) = self.budget(deadline);
-        let client = self.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome =
-            tokio::time::timeout(budget, acquire_on(&client, &command, &self.insert_races)).await;
-        self.settle(client, outcome, by_caller, guard)
+        on_connection!(self, deadline, |client| acquire_on(
+            &client,
+            &command,
+            &self.insert_races
+        ))
     }
 
     async fn complete(
@@ -541,11 +553,7 @@ impl Store for PostgresStore {
         command: CompleteCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        let (budget, by_caller) = self.budget(deadline);
-        let client = self.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(budget, complete_on(&client, &command)).await;
-        self.settle(client, outcome, by_caller, guard)
+        on_connection!(self, deadline, |client| complete_on(&client, &command))
     }
 
     async fn release(
@@ -553,11 +561,7 @@ impl Store for PostgresStore {
         command: ReleaseCommand,
         deadline: Option<Instant>,
     ) -> Result<(), StoreError> {
-        let (budget, by_caller) = self.budget(deadline);
-        let client = self.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(budget, release_on(&client, &command)).await;
-        self.settle(client, outcome, by_caller, guard)
+        on_connection!(self, deadline, |client| release_on(&client, &command))
     }
 
     async fn renew(
@@ -565,11 +569,7 @@ impl Store for PostgresStore {
         command: RenewCommand,
         deadline: Option<Instant>,
     ) -> Result<Lease, StoreError> {
-        let (budget, by_caller) = self.budget(deadline);
-        let client = self.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(budget, renew_on(&client, &command)).await;
-        self.settle(client, outcome, by_caller, guard)
+        on_connection!(self, deadline, |client| renew_on(&client, &command))
     }
 
     async fn get(
@@ -577,18 +577,11 @@ impl Store for PostgresStore {
         command: GetCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        let (budget, by_caller) = self.budget(deadline);
-        let client = self.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(budget, get_on(&client, &command)).await;
-        self.settle(client, outcome, by_caller, guard)
+        on_connection!(self, deadline, |client| get_on(&client, &command))
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        let mut client = self.client(self.query_timeout, false).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(self.query_timeout, reap_on(&mut client, batch)).await;
-        self.settle(client, outcome, false, guard)
+        on_connection!(self, None, |client| reap_on(&mut client, batch))
     }
 
     async fn report_metrics(&self) {
@@ -610,9 +603,6 @@ impl Store for PostgresStore {
     }
 
     async fn check_ready(&self) -> Result<(), StoreError> {
-        let client = self.client(self.query_timeout, false).await?;
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
-        let outcome = tokio::time::timeout(self.query_timeout, check_schema(&client)).await;
-        self.settle(client, outcome, false, guard)
+        on_connection!(self, None, |client| check_schema(&client))
     }
 }
