@@ -1,14 +1,16 @@
 //! Command line and environment. Every setting is a flag with an `IDEMD_*` variable and a
 //! documented default; `idemd --help` and `idemd serve --help` list them.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::AuthState;
 use crate::domain::{DurationPolicy, Limits, StoredResult};
 use crate::server::ServerSettings;
 use crate::store::postgres::PostgresConfig;
 use crate::telemetry::LogFormat;
+use crate::tls::{TlsFiles, TlsState};
 
 /// idemd — an idempotency authority for polyglot microservices.
 ///
@@ -54,6 +56,10 @@ pub struct ServeArgs {
     /// Address of the Prometheus metrics listener (GET /metrics).
     #[arg(long, env = "IDEMD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only gRPC health, for probes that cannot speak TLS
+    /// (Kubernetes `grpc:` probes) when the API listener uses TLS.
+    #[arg(long, env = "IDEMD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
@@ -106,6 +112,25 @@ pub struct ServeArgs {
     /// Largest gRPC request message accepted, in bytes (must exceed --max-result-bytes).
     #[arg(long, env = "IDEMD_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..=64 * 1024 * 1024))]
     pub max_message_bytes: u32,
+    /// Access policy file (TOML; see docs/SECURITY.md). Unset: auth is OFF and every caller may
+    /// do everything (a loud warning is logged).
+    #[arg(long, env = "IDEMD_AUTH_CONFIG")]
+    pub auth_config: Option<PathBuf>,
+    /// Refuse to start without --auth-config.
+    #[arg(long, env = "IDEMD_REQUIRE_AUTH")]
+    pub require_auth: bool,
+    /// Server certificate chain (PEM) for TLS on the gRPC listener; needs --tls-key.
+    #[arg(long, env = "IDEMD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM); needs --tls-cert.
+    #[arg(long, env = "IDEMD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to: turns on mTLS. Needs --tls-cert.
+    #[arg(long, env = "IDEMD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the policy and certificate files are checked for changes (SIGHUP: at once).
+    #[arg(long, env = "IDEMD_RELOAD_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub reload_interval: Duration,
     /// How long in-flight RPCs may finish after SIGTERM/SIGINT.
     #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
@@ -139,6 +164,24 @@ impl ServeArgs {
         )?;
         positive("--reaper-interval", self.reaper_interval)?;
         positive("--metrics-interval", self.metrics_interval)?;
+        positive("--reload-interval", self.reload_interval)?;
+        let auth = match &self.auth_config {
+            Some(path) => Some(Arc::new(
+                AuthState::load(path).map_err(|error| format!("--auth-config: {error}"))?,
+            )),
+            None if self.require_auth => {
+                return Err("--require-auth is set but no --auth-config was given".into())
+            }
+            None => None,
+        };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(TlsState::load(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })?)),
+            _ => None,
+        };
         // A Complete carries the body plus metadata, key and token: leave room for them.
         let room = 64 * StoredResult::MAX_METADATA_VALUE_BYTES as u32 + 64 * 1024;
         if u64::from(self.max_message_bytes) < u64::from(self.max_result_bytes) + u64::from(room) {
@@ -159,6 +202,9 @@ impl ServeArgs {
             max_concurrent_rpcs: self.max_concurrent_rpcs as usize,
             max_message_bytes: self.max_message_bytes as usize,
             metrics_interval: self.metrics_interval,
+            auth,
+            tls,
+            reload_interval: self.reload_interval,
             ..ServerSettings::default()
         })
     }

@@ -4,11 +4,13 @@
 //! applies the domain's state machine with its own clock, and `api` encodes the outcome.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/`.
 pub mod proto {

@@ -4,7 +4,7 @@ use std::{process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use idemd::config::{Cli, Command, MigrateArgs, ServeArgs};
-use idemd::server::ServerSettings;
+use idemd::server::{Listeners, ServerSettings};
 use idemd::store::{postgres, MemoryStore, PostgresStore};
 use tokio::net::TcpListener;
 
@@ -97,6 +97,28 @@ async fn serve(
     if let Ok(addr) = metrics_listener.local_addr() {
         tracing::info!(%addr, "serving metrics on {addr}");
     }
+    let health_listener = match args.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|error| format!("--health-listen {addr}: {error}"))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving plaintext gRPC health on {addr}");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    let tls = if settings.tls.is_some() {
+        "TLS"
+    } else {
+        "plaintext"
+    };
+    let listeners = Listeners {
+        grpc: listener,
+        metrics: Some(metrics_listener),
+        health: health_listener,
+    };
     let shutdown = shutdown_signal();
     let served = match postgres_config {
         None => {
@@ -104,15 +126,8 @@ async fn serve(
                 "no --database-url: serving from memory. Records are NOT durable and NOT shared \
                  between replicas; use PostgreSQL for anything but trying idemd out"
             );
-            tracing::info!(addr = %local_addr, store = "memory", "serving gRPC on {local_addr}");
-            idemd::server::serve(
-                listener,
-                Some(metrics_listener),
-                Arc::new(MemoryStore::new()),
-                settings,
-                shutdown,
-            )
-            .await
+            tracing::info!(addr = %local_addr, store = "memory", tls, "serving gRPC on {local_addr}");
+            idemd::server::serve(listeners, Arc::new(MemoryStore::new()), settings, shutdown).await
         }
         Some(config) => {
             if !args.no_migrate {
@@ -122,16 +137,9 @@ async fn serve(
                     .map_err(|error| format!("migration failed: {error}"))?;
             }
             let store = PostgresStore::connect(&config).map_err(|error| error.to_string())?;
-            tracing::info!(addr = %local_addr, store = "postgres", "serving gRPC on {local_addr}");
+            tracing::info!(addr = %local_addr, store = "postgres", tls, "serving gRPC on {local_addr}");
             let pool = store.pool().clone();
-            let served = idemd::server::serve(
-                listener,
-                Some(metrics_listener),
-                Arc::new(store),
-                settings,
-                shutdown,
-            )
-            .await;
+            let served = idemd::server::serve(listeners, Arc::new(store), settings, shutdown).await;
             pool.close();
             served
         }

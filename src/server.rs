@@ -3,16 +3,20 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
+use std::pin::Pin;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+
+use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::api::IdempotencyApi;
+use crate::auth::AuthState;
 use crate::domain::Limits;
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::Store;
 use crate::telemetry::metrics;
+use crate::tls::{self, TlsState};
 
 /// Encoded descriptors of `idempotency.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -39,6 +43,12 @@ pub struct ServerSettings {
     pub max_message_bytes: usize,
     /// Pause between refreshes of the store's gauges (pool, record counts).
     pub metrics_interval: Duration,
+    /// The access policy; `None` turns auth off.
+    pub auth: Option<Arc<AuthState>>,
+    /// TLS for the gRPC listener; `None` serves plaintext.
+    pub tls: Option<Arc<TlsState>>,
+    /// How often the policy and certificate files are checked for changes (SIGHUP checks now).
+    pub reload_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -52,6 +62,9 @@ impl Default for ServerSettings {
             max_concurrent_rpcs: 1024,
             max_message_bytes: 4 * 1024 * 1024,
             metrics_interval: Duration::from_secs(15),
+            auth: None,
+            tls: None,
+            reload_interval: Duration::from_secs(5),
         }
     }
 }
@@ -67,12 +80,33 @@ pub enum ServeError {
     Metrics(String),
 }
 
-/// Serves gRPC on `listener` (and Prometheus metrics on `metrics_listener`, if given) until
-/// `shutdown` resolves; then readiness turns NOT_SERVING, new connections are refused, and
-/// in-flight RPCs get at most `settings.shutdown_grace` to finish.
+/// Where the server listens.
+pub struct Listeners {
+    /// The gRPC API (TLS when `ServerSettings::tls` is set), health and reflection.
+    pub grpc: TcpListener,
+    /// Prometheus `GET /metrics`.
+    pub metrics: Option<TcpListener>,
+    /// Plaintext gRPC health only, for probes that cannot speak TLS (Kubernetes `grpc:` probes).
+    pub health: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Just the gRPC listener.
+    pub fn grpc(listener: TcpListener) -> Self {
+        Self {
+            grpc: listener,
+            metrics: None,
+            health: None,
+        }
+    }
+}
+
+type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// Serves until `shutdown` resolves; then readiness turns NOT_SERVING, new connections are
+/// refused, and in-flight RPCs get at most `settings.shutdown_grace` to finish.
 pub async fn serve<S: Store>(
-    listener: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     store: Arc<S>,
     settings: ServerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -90,63 +124,102 @@ pub async fn serve<S: Store>(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let api = IdempotencyApi::new(store.clone(), settings.limits, settings.max_concurrent_rpcs);
+    if settings.auth.is_none() {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF: no --auth-config, so every caller may read and write every \
+             namespace. Set --auth-config (and --require-auth) for anything but local use"
+        );
+    }
+    let api = IdempotencyApi::new(
+        store.clone(),
+        settings.limits,
+        settings.max_concurrent_rpcs,
+        settings.auth.clone(),
+    );
 
     let background = tokio::spawn(run_background(store, health.clone(), settings.clone()));
-    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics_task = metrics_listener.map(|listener| {
-        tokio::spawn(metrics::serve(
-            listener,
-            metrics_handle.clone(),
-            async move {
-                let _ = metrics_stopped.await;
-            },
-        ))
-    });
-    let upkeep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            metrics_handle.run_upkeep();
-        }
-    });
+    let upkeep = {
+        let metrics_handle = metrics_handle.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                metrics_handle.run_upkeep();
+            }
+        })
+    };
 
-    let stopping = Arc::new(Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
+    // One shutdown signal, fanned out to every listener.
+    let (stop, stopped) = watch::channel(false);
+    {
         let health = health.clone();
-        async move {
+        tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight RPCs");
             health
                 .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
                 .await;
-            stopping.notify_one();
+            let _ = stop.send(true);
+        });
+    }
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
         }
     };
-    let server = tonic::transport::Server::builder()
+
+    let metrics_task = listeners
+        .metrics
+        .map(|listener| tokio::spawn(metrics::serve(listener, metrics_handle, until_stopped())));
+    let health_task = listeners.health.map(|listener| {
+        let health_only = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), until_stopped());
+        tokio::spawn(health_only)
+    });
+
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             IdempotencyServiceServer::new(api)
                 .max_decoding_message_size(settings.max_message_bytes),
-        )
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), signal);
+        );
+    let server: Serving = match &settings.tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            tls::incoming(listeners.grpc, tls.clone()),
+            until_stopped(),
+        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), until_stopped()),
+        ),
+    };
     // tonic's drain has no deadline of its own.
     let grace = settings.shutdown_grace;
+    let drain_deadline = until_stopped();
     let outcome = tokio::select! {
         outcome = server => outcome.map_err(ServeError::from),
-        _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+        _ = async { drain_deadline.await; tokio::time::sleep(grace).await } => {
             tracing::warn!(?grace, "grace period over: cutting off remaining RPCs");
             Ok(())
         }
     };
     background.abort();
     upkeep.abort();
-    let _ = metrics_stop.send(());
-    if let Some(task) = metrics_task {
-        let _ = task.await;
+    for task in [
+        metrics_task,
+        health_task.map(|task| {
+            tokio::spawn(async move {
+                let _ = task.await;
+            })
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let _ = tokio::time::timeout(grace, task).await;
     }
     outcome
 }
@@ -159,6 +232,9 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
     reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauges = tokio::time::interval(settings.metrics_interval);
     gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reload = tokio::time::interval(settings.reload_interval);
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hangups = hangup_signals();
     let mut ready = None;
     loop {
         tokio::select! {
@@ -182,6 +258,11 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
             }
             _ = reaper.tick() => reap(store.as_ref(), settings.reaper_batch).await,
             _ = gauges.tick() => store.report_metrics().await,
+            _ = reload.tick() => reload_files(&settings),
+            Some(()) = hangups.recv() => {
+                tracing::info!("SIGHUP: reloading the auth policy and TLS certificates");
+                reload_files(&settings);
+            }
         }
     }
 }
@@ -207,4 +288,36 @@ async fn reap<S: Store>(store: &S, batch: u32) {
     if total > 0 {
         tracing::debug!(deleted = total, "reaped expired records");
     }
+}
+
+fn reload_files(settings: &ServerSettings) {
+    if let Some(auth) = &settings.auth {
+        auth.reload_and_log();
+    }
+    if let Some(tls) = &settings.tls {
+        tls.reload_and_log();
+    }
+}
+
+/// SIGHUP deliveries, as a channel (empty and never ready where there is no SIGHUP).
+fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tokio::spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        let _ = sender.try_send(());
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; files are still polled")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(sender);
+    receiver
 }

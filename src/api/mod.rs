@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tracing::{field, Instrument, Span};
 
+use crate::auth::{AuthState, Caller, Credentials, PeerIdentities, Rpc, Throttled};
 use crate::domain::{AcquireOutcome, Key, Limits, Namespace};
 use crate::proto::idempotency::v1 as pb;
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyService;
@@ -27,50 +28,100 @@ pub struct IdempotencyApi<S> {
     /// Bounds the RPCs served at once; past it calls are shed with RESOURCE_EXHAUSTED at once,
     /// never queued.
     admission: Arc<Semaphore>,
+    /// The access policy; `None` when auth is off (every caller may do everything).
+    auth: Option<Arc<AuthState>>,
 }
 
 impl<S> IdempotencyApi<S> {
-    pub fn new(store: Arc<S>, limits: Limits, max_concurrent_rpcs: usize) -> Self {
+    pub fn new(
+        store: Arc<S>,
+        limits: Limits,
+        max_concurrent_rpcs: usize,
+        auth: Option<Arc<AuthState>>,
+    ) -> Self {
         Self {
             store,
             limits,
             admission: Arc::new(Semaphore::new(max_concurrent_rpcs.max(1))),
+            auth,
         }
     }
 }
 
-/// What one RPC carries through its life: its span, start time and deadline.
+/// What one RPC carries through its life: its span, start time, deadline and credentials.
 struct Call {
-    method: &'static str,
+    rpc: Rpc,
     span: Span,
     started: Instant,
     deadline: Option<Instant>,
+    bearer: Option<String>,
+    peer: Option<PeerIdentities>,
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer_token<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
 }
 
 impl Call {
-    fn begin<T>(method: &'static str, request: &Request<T>) -> Self {
+    fn begin<T>(rpc: Rpc, request: &Request<T>) -> Self {
         let started = Instant::now();
         let span = tracing::info_span!(
             "rpc",
-            method,
+            method = rpc.name(),
+            caller = field::Empty,
             namespace = field::Empty,
             outcome = field::Empty,
             code = field::Empty,
             duration_ms = field::Empty,
         );
         Self {
-            method,
+            rpc,
             span,
             started,
             deadline: deadline::from_metadata(request.metadata(), started),
+            bearer: bearer_token(request),
+            peer: request.extensions().get::<PeerIdentities>().cloned(),
+        }
+    }
+
+    /// The caller behind the request's credentials (a bearer token first, else the client
+    /// certificate), or UNAUTHENTICATED.
+    fn authenticate(&self, auth: &AuthState) -> Result<Arc<Caller>, Status> {
+        let policy = auth.policy();
+        let names = self.peer.as_ref().map(|peer| peer.0.as_slice());
+        let (credentials, kind) = match (&self.bearer, names) {
+            (Some(token), _) => (Credentials::Bearer(token), "unknown bearer token"),
+            (None, Some(names)) if !names.is_empty() => (
+                Credentials::Certificate(names),
+                "unknown client certificate",
+            ),
+            _ => (Credentials::None, "no credentials"),
+        };
+        match policy.authenticate(credentials) {
+            Some(caller) => {
+                self.span.record("caller", caller.name.as_str());
+                Ok(caller)
+            }
+            None => {
+                audit("-", None, self.rpc, kind);
+                metrics::auth_denied("unauthenticated");
+                Err(status::unauthenticated())
+            }
         }
     }
 
     /// What the RPC's work needs of the call.
-    fn scope(&self) -> Scope {
+    fn scope(&self, caller: Option<Arc<Caller>>) -> Scope {
         Scope {
+            rpc: self.rpc,
             span: self.span.clone(),
             deadline: self.deadline,
+            caller,
         }
     }
 
@@ -84,7 +135,7 @@ impl Call {
         self.span.record("code", label);
         self.span
             .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
-        metrics::rpc_finished(self.method, code, elapsed);
+        metrics::rpc_finished(self.rpc.name(), code, elapsed);
         let _entered = self.span.enter();
         match code {
             Code::Ok => tracing::debug!("rpc finished"),
@@ -97,13 +148,41 @@ impl Call {
     }
 }
 
-/// The part of a call its work sees: the span to annotate and the caller's deadline.
+/// Logs a refused call for the audit trail: who, where, what, why. Never tokens or bodies.
+fn audit(caller: &str, namespace: Option<&Namespace>, rpc: Rpc, reason: &str) {
+    tracing::warn!(
+        target: "idemd::audit",
+        caller,
+        namespace = namespace.map(Namespace::as_str).unwrap_or("-"),
+        rpc = rpc.name(),
+        reason,
+        "call denied"
+    );
+}
+
+/// The part of a call its work sees: the span to annotate, the caller's deadline, and who the
+/// caller is (`None` when auth is off).
 struct Scope {
+    rpc: Rpc,
     span: Span,
     deadline: Option<Instant>,
+    caller: Option<Arc<Caller>>,
 }
 
 impl Scope {
+    /// PERMISSION_DENIED unless the caller may call this RPC in `namespace`. Checked before the
+    /// store is asked anything, so a refusal reveals nothing about the key.
+    fn authorize(&self, namespace: &Namespace) -> Result<(), Status> {
+        match &self.caller {
+            Some(caller) if !caller.allows(self.rpc, namespace) => {
+                audit(&caller.name, Some(namespace), self.rpc, "not granted");
+                metrics::auth_denied("permission_denied");
+                Err(status::permission_denied(&caller.name, self.rpc, namespace))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Names the validated key in the span. Keys are logged at debug level only.
     fn target(&self, namespace: &Namespace, key: &Key) {
         self.span.record("namespace", namespace.as_str());
@@ -139,12 +218,42 @@ impl<S: Store> IdempotencyApi<S> {
         Fut: Future<Output = Result<T, Status>>,
     {
         let _in_flight = metrics::InFlight::start();
-        let result = match self.admission.clone().try_acquire_owned() {
-            Ok(_permit) => work(call.scope()).instrument(call.span.clone()).await,
-            Err(_) => Err(status::overloaded()),
-        };
+        let result = self.admit_and_run(&call, work).await;
         call.finish(&result);
         result.map(Response::new)
+    }
+
+    /// Authentication, the caller's own limits, then the server's, then the work.
+    async fn admit_and_run<T, Fut>(
+        &self,
+        call: &Call,
+        work: impl FnOnce(Scope) -> Fut,
+    ) -> Result<T, Status>
+    where
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let (caller, _caller_permit) = match &self.auth {
+            None => (None, None),
+            Some(auth) => {
+                let caller = call.authenticate(auth)?;
+                match auth.limiter.admit(&caller.name, caller.limits) {
+                    Ok(permit) => (Some(caller), Some(permit)),
+                    Err(throttled) => {
+                        let why = match throttled {
+                            Throttled::Rate => "rate limit",
+                            Throttled::Concurrency => "concurrency limit",
+                        };
+                        audit(&caller.name, None, call.rpc, why);
+                        metrics::auth_denied("caller_limited");
+                        return Err(status::caller_limited(&caller.name, why));
+                    }
+                }
+            }
+        };
+        let Ok(_permit) = self.admission.clone().try_acquire_owned() else {
+            return Err(status::overloaded());
+        };
+        work(call.scope(caller)).instrument(call.span.clone()).await
     }
 }
 
@@ -154,11 +263,12 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let call = Call::begin("Acquire", &request);
+        let call = Call::begin(Rpc::Acquire, &request);
         self.serve(call, |call| async move {
             let command = decode::acquire(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
             match self.store.acquire(command, call.deadline).await {
                 Ok(outcome) => {
                     let label = acquire_outcome_label(&outcome);
@@ -182,11 +292,12 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let call = Call::begin("Complete", &request);
+        let call = Call::begin(Rpc::Complete, &request);
         self.serve(call, |call| async move {
             let command = decode::complete(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
             let record = self
                 .store
                 .complete(command, call.deadline)
@@ -204,11 +315,12 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let call = Call::begin("Release", &request);
+        let call = Call::begin(Rpc::Release, &request);
         self.serve(call, |call| async move {
             let command =
                 decode::release(request.into_inner()).map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
             self.store
                 .release(command, call.deadline)
                 .await
@@ -223,11 +335,12 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let call = Call::begin("Renew", &request);
+        let call = Call::begin(Rpc::Renew, &request);
         self.serve(call, |call| async move {
             let command = decode::renew(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
             let lease = self
                 .store
                 .renew(command, call.deadline)
@@ -245,10 +358,11 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let call = Call::begin("Get", &request);
+        let call = Call::begin(Rpc::Get, &request);
         self.serve(call, |call| async move {
             let command = decode::get(request.into_inner()).map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
             let record = self
                 .store
                 .get(command, call.deadline)

@@ -4,7 +4,8 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::domain::{FieldViolation, LeaseRejection};
+use crate::auth::Rpc;
+use crate::domain::{FieldViolation, LeaseRejection, Namespace};
 use crate::store::StoreError;
 use crate::telemetry::metrics;
 
@@ -21,6 +22,9 @@ pub mod reason {
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const OVERLOADED: &str = "OVERLOADED";
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
+    pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+    pub const CALLER_LIMITED: &str = "CALLER_LIMITED";
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -100,5 +104,36 @@ pub fn overloaded() -> Status {
         Code::ResourceExhausted,
         "idemd is at its limit of concurrent RPCs; retry with backoff",
         reason::OVERLOADED,
+    )
+}
+
+/// UNAUTHENTICATED: no credentials, or ones the policy does not know.
+pub fn unauthenticated() -> Status {
+    with_reason(
+        Code::Unauthenticated,
+        "missing or unknown credentials: send `authorization: Bearer <token>` or a client certificate the policy knows",
+        reason::UNAUTHENTICATED,
+    )
+}
+
+/// PERMISSION_DENIED: a known caller outside its grants.
+pub fn permission_denied(caller: &str, rpc: Rpc, namespace: &Namespace) -> Status {
+    with_reason(
+        Code::PermissionDenied,
+        format!(
+            "caller {caller:?} may not call {} in namespace {:?}",
+            rpc.name(),
+            namespace.as_str()
+        ),
+        reason::PERMISSION_DENIED,
+    )
+}
+
+/// RESOURCE_EXHAUSTED: the caller is over its own limit.
+pub fn caller_limited(caller: &str, limit: &str) -> Status {
+    with_reason(
+        Code::ResourceExhausted,
+        format!("caller {caller:?} is over its {limit}; retry with backoff"),
+        reason::CALLER_LIMITED,
     )
 }

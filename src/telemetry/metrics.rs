@@ -29,6 +29,8 @@ pub const REAPER_DELETED: &str = "idemd_reaper_deleted_total";
 pub const RECORDS: &str = "idemd_records";
 pub const STORE_READY: &str = "idemd_store_ready";
 pub const BUILD_INFO: &str = "idemd_build_info";
+pub const AUTH_DENIED: &str = "idemd_auth_denied_total";
+pub const AUTH_RELOADS: &str = "idemd_auth_policy_reloads_total";
 
 /// Latency buckets in seconds: 250 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -88,6 +90,14 @@ fn describe() {
         "1 while the store is reachable and its schema current."
     );
     describe_gauge!(BUILD_INFO, "Always 1; labelled with the idemd version.");
+    describe_counter!(
+        AUTH_DENIED,
+        "Calls refused by auth, by reason: unauthenticated, permission_denied, caller_limited."
+    );
+    describe_counter!(
+        AUTH_RELOADS,
+        "Auth policy and TLS reloads, by kind and result (applied, rejected)."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
@@ -139,6 +149,14 @@ pub fn reaped(deleted: u64) {
 pub fn records(in_progress: f64, completed: f64) {
     gauge!(RECORDS, "state" => "in_progress").set(in_progress);
     gauge!(RECORDS, "state" => "completed").set(completed);
+}
+
+pub fn auth_denied(reason: &'static str) {
+    counter!(AUTH_DENIED, "reason" => reason).increment(1);
+}
+
+pub fn reloaded(kind: &'static str, result: &'static str) {
+    counter!(AUTH_RELOADS, "kind" => kind, "result" => result).increment(1);
 }
 
 pub fn store_ready(ready: bool) {

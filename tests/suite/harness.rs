@@ -183,8 +183,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let (shutdown, stop) = oneshot::channel::<()>();
         let task = tokio::spawn(idemd::server::serve(
-            listener,
-            None,
+            idemd::server::Listeners::grpc(listener),
             store,
             settings,
             async move {

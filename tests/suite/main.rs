@@ -10,4 +10,5 @@ mod harness;
 mod operations;
 mod processes;
 mod production;
+mod security;
 mod validation;
