@@ -64,6 +64,10 @@ pub struct ServeArgs {
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// CA certificates (PEM) that verify the database's certificate when the URL says
+    /// sslmode=require (the system's roots are trusted too).
+    #[arg(long, env = "IDEMD_DB_CA_FILE")]
+    pub db_ca_file: Option<PathBuf>,
     /// Most PostgreSQL connections per replica.
     #[arg(long, env = "IDEMD_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub pool_size: u16,
@@ -143,6 +147,9 @@ pub struct MigrateArgs {
     /// PostgreSQL URL to migrate.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// CA certificates (PEM) for sslmode=require, as for `serve`.
+    #[arg(long, env = "IDEMD_DB_CA_FILE")]
+    pub db_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -220,9 +227,10 @@ impl ServeArgs {
             pool_size: usize::from(self.pool_size),
             connect_timeout: self.db_connect_timeout,
             query_timeout: self.db_query_timeout,
+            ca_file: self.db_ca_file.clone(),
         };
         config
-            .driver_config()
+            .connection_settings()
             .map_err(|error| format!("--database-url: {error}"))?;
         Ok(Some(config))
     }

@@ -66,8 +66,12 @@ fn main() -> ExitCode {
 }
 
 async fn migrate(args: MigrateArgs) -> Result<(), String> {
-    let config = postgres::PostgresConfig::new(args.database_url)
-        .driver_config()
+    let config = postgres::PostgresConfig {
+        ca_file: args.db_ca_file,
+        ..postgres::PostgresConfig::new(args.database_url)
+    };
+    config
+        .connection_settings()
         .map_err(|error| format!("--database-url: {error}"))?;
     let applied = postgres::migrate::migrate(&config)
         .await
@@ -131,8 +135,7 @@ async fn serve(
         }
         Some(config) => {
             if !args.no_migrate {
-                let driver = config.driver_config()?;
-                postgres::migrate::migrate(&driver)
+                postgres::migrate::migrate(&config)
                     .await
                     .map_err(|error| format!("migration failed: {error}"))?;
             }

@@ -71,9 +71,7 @@ impl TestDatabase {
 
     pub async fn create_on(admin_url: &str) -> Self {
         let database = Self::create_empty_on(admin_url).await;
-        let config = PostgresConfig::new(database.url.clone())
-            .driver_config()
-            .expect("test database URL");
+        let config = PostgresConfig::new(database.url.clone());
         migrate::migrate(&config)
             .await
             .expect("migrate test database");

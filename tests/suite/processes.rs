@@ -55,10 +55,43 @@ fn run(mut command: Command, what: &str) {
 pub struct Cluster {
     dir: tempfile::TempDir,
     port: u16,
+    /// Extra `postgres -c` settings.
+    options: String,
 }
 
 impl Cluster {
     pub fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// A cluster that also accepts TLS, with this certificate and key (PEM).
+    pub fn start_with_tls(cert: &str, key: &str) -> Self {
+        let (cert, key) = (cert.to_string(), key.to_string());
+        Self::start_with(move |dir| {
+            let cert_path = dir.join("server.crt");
+            let key_path = dir.join("server.key");
+            std::fs::write(&cert_path, &cert).expect("write cert");
+            std::fs::write(&key_path, &key).expect("write key");
+            if running_as_root() {
+                let mut chown = Command::new("chown");
+                chown
+                    .arg("postgres:postgres")
+                    .arg(&cert_path)
+                    .arg(&key_path);
+                run(chown, "chown TLS files");
+            }
+            let mut chmod = Command::new("chmod");
+            chmod.arg("600").arg(&key_path);
+            run(chmod, "chmod key");
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert_path.display(),
+                key_path.display()
+            )
+        })
+    }
+
+    fn start_with(options: impl FnOnce(&Path) -> String) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("idemd-pg-")
             .tempdir_in("/tmp")
@@ -77,9 +110,11 @@ impl Cluster {
             "--no-sync",
         ]);
         run(initdb, "initdb");
+        let options = options(dir.path());
         let cluster = Self {
             dir,
             port: free_port(),
+            options,
         };
         cluster.start_again();
         cluster
@@ -103,9 +138,10 @@ impl Cluster {
             .arg(self.dir.path().join("server.log"))
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                "-p {} -k {} -c listen_addresses=127.0.0.1{}",
                 self.port,
-                self.dir.path().display()
+                self.dir.path().display(),
+                self.options
             ))
             .args(["-w", "-t", "60", "start"]);
         run(pg_ctl, "pg_ctl start");
@@ -170,7 +206,7 @@ pub struct IdemdProcess {
 }
 
 /// The address in a line like "... serving gRPC on 127.0.0.1:1234 ...".
-fn address_after(line: &str, marker: &str) -> Option<String> {
+pub fn address_after(line: &str, marker: &str) -> Option<String> {
     let (_, rest) = line.split_once(marker)?;
     let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next()?;
     Some(addr.to_string())

@@ -478,13 +478,13 @@ async fn rate_limit_sheds_the_noisy_caller_while_a_quiet_one_keeps_succeeding() 
 }
 
 /// A certificate authority for tests, and certificates it signs.
-struct TestCa {
+pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
-    pem: String,
+    pub pem: String,
 }
 
 impl TestCa {
-    fn new(name: &str) -> Self {
+    pub fn new(name: &str) -> Self {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -497,7 +497,7 @@ impl TestCa {
     }
 
     /// (certificate PEM, key PEM) for `names`; `expired` backdates it.
-    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
+    pub fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
         let key = KeyPair::generate().expect("key");
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
@@ -676,4 +676,162 @@ async fn mtls_identifies_callers_by_certificate_and_refuses_bad_ones() {
     .await;
     let rogue = TestCa::new("rogue CA").issue(&["payments-api.payments.svc"], false);
     refused_with(tls_client(addr, &ca.pem, Some(&rogue)).await, "UnknownCA").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_use_verified_tls_with_sslmode_require() {
+    use crate::processes::Cluster;
+    use idemd::store::postgres::PostgresConfig;
+    use idemd::store::{PostgresStore, Store};
+
+    let ca = TestCa::new("database CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let cluster = Cluster::start_with_tls(&cert, &key);
+    let database = TestDatabase::create_on(&cluster.admin_url()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_file = dir.path().join("db-ca.crt");
+    std::fs::write(&ca_file, &ca.pem).expect("write CA");
+    let url = format!("{}?sslmode=require", database.url);
+
+    let config = PostgresConfig {
+        ca_file: Some(ca_file),
+        ..PostgresConfig::new(url.clone())
+    };
+    idemd::store::postgres::migrate::migrate(&config)
+        .await
+        .expect("migrate over TLS");
+    let store = Arc::new(PostgresStore::connect(&config).expect("pool"));
+    store.check_ready().await.expect("ready over TLS");
+    let server = TestServer::start(store, test_settings()).await;
+    let mut client = server.client().await;
+    client
+        .acquire(acquire_request("tls-db", &unique_key("k"), b""))
+        .await
+        .expect("acquire over a TLS database connection");
+    let encrypted: Vec<bool> = database
+        .connect()
+        .await
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = 'idemd' AND a.datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!encrypted.is_empty(), "idemd has connections open");
+    assert!(
+        encrypted.iter().all(|ssl| *ssl),
+        "every idemd connection uses TLS: {encrypted:?}"
+    );
+
+    // Without the CA, the certificate cannot be verified and idemd refuses to talk.
+    let unverified = PostgresStore::connect(&PostgresConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..PostgresConfig::new(url)
+    })
+    .expect("pool builds lazily");
+    let error = unverified
+        .check_ready()
+        .await
+        .expect_err("unverifiable certificate");
+    assert!(error.to_string().contains("unavailable"), "{error}");
+    server.stop().await;
+    drop(database);
+}
+
+/// With TLS on the API port, probes use the plaintext health listener; denied calls are audited
+/// (caller, namespace, RPC, reason; never the token) in the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_process_serves_plaintext_health_and_audits_denials() {
+    use crate::processes::{address_after, IdemdProcess};
+
+    let ca = TestCa::new("idemd test CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let files = write_tls_files(dir.path(), &ca.issue(&["localhost"], false), None);
+    let policy_path = dir.path().join("policy.toml");
+    write(&policy_path, &policy(""));
+    let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+    let (cert, key, policy_file) = (path(&files.cert), path(&files.key), path(&policy_path));
+    let server = IdemdProcess::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--auth-config",
+        &policy_file,
+        "--require-auth",
+        "--health-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]);
+    let mut health_addr = None;
+    eventually(Duration::from_secs(10), "health listener announced", || {
+        health_addr = server
+            .logs()
+            .iter()
+            .find_map(|line| address_after(line, "serving plaintext gRPC health on "));
+        let found = health_addr.is_some();
+        async move { found }
+    })
+    .await;
+    let health_addr = health_addr.expect("address");
+    let channel = Endpoint::from_shared(format!("http://{health_addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("plaintext health port");
+    let mut health = HealthClient::new(channel);
+    for service in ["", idemd::server::SERVICE_NAME] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, 1, "{service:?} SERVING");
+    }
+
+    let mut client = tls_client(server.addr, &ca.pem, None).await.expect("TLS");
+    let denied = client
+        .get(with_token(key_request("payments", "k"), ORDERS_TOKEN))
+        .await;
+    assert_status(denied, Code::PermissionDenied, "PERMISSION_DENIED");
+    let unknown = client
+        .get(with_token(key_request("payments", "k"), "forged-token"))
+        .await;
+    assert_status(unknown, Code::Unauthenticated, "UNAUTHENTICATED");
+    let mut audit = Vec::new();
+    eventually(Duration::from_secs(10), "audit lines", || {
+        audit = server
+            .logs()
+            .into_iter()
+            .filter(|line| line.contains("idemd::audit"))
+            .collect();
+        let enough = audit.len() >= 2;
+        async move { enough }
+    })
+    .await;
+    let denial = audit
+        .iter()
+        .find(|line| line.contains("orders-api"))
+        .expect("the denial names the caller");
+    for field in [
+        r#""namespace":"payments""#,
+        r#""rpc":"Get""#,
+        r#""reason":"not granted""#,
+    ] {
+        assert!(denial.contains(field), "audit line lacks {field}: {denial}");
+    }
+    for line in server.logs() {
+        assert!(
+            !line.contains(ORDERS_TOKEN) && !line.contains("forged-token"),
+            "token in logs: {line}"
+        );
+    }
 }

@@ -2,9 +2,10 @@
 //! applied in order, each in its own transaction, under a session-level advisory lock so that many
 //! replicas starting together apply each migration exactly once.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::errors::from_db;
+use super::PostgresConfig;
 use crate::store::StoreError;
 
 /// A migration: its number, a name for the log, and its SQL.
@@ -37,13 +38,9 @@ const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS idemd_schema_migr
 
 /// Applies every migration the database lacks; returns the versions applied now. Uses its own
 /// connection, so the session lock dies with it whatever happens.
-pub async fn migrate(config: &tokio_postgres::Config) -> Result<Vec<i32>, StoreError> {
-    let (mut client, connection) = config.connect(NoTls).await.map_err(from_db)?;
-    let driver = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::warn!(%error, "migration connection ended with an error");
-        }
-    });
+pub async fn migrate(config: &PostgresConfig) -> Result<Vec<i32>, StoreError> {
+    let (driver_config, tls) = config.connection_settings().map_err(StoreError::Internal)?;
+    let (mut client, driver) = tls.connect(&driver_config).await.map_err(from_db)?;
     let outcome = apply_pending(&mut client).await;
     drop(client);
     let _ = driver.await;

@@ -6,6 +6,9 @@ mod errors;
 pub mod migrate;
 mod row;
 mod sql;
+mod tls;
+
+pub use self::tls::DbTls;
 
 use std::{
     str::FromStr,
@@ -18,7 +21,6 @@ use std::{
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio::time::Instant;
-use tokio_postgres::NoTls;
 
 use self::errors::{from_db, from_pool};
 use self::row::{db_now, micros, record_from_row};
@@ -46,6 +48,8 @@ pub struct PostgresConfig {
     /// Bound on one command's database work; past it the caller gets UNAVAILABLE and the
     /// connection is discarded (it may be black-holed).
     pub query_timeout: Duration,
+    /// Extra CA certificates (PEM) to verify the database's certificate with `sslmode=require`.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl PostgresConfig {
@@ -55,7 +59,15 @@ impl PostgresConfig {
             pool_size: 16,
             connect_timeout: Duration::from_secs(3),
             query_timeout: Duration::from_secs(5),
+            ca_file: None,
         }
+    }
+
+    /// The driver configuration and how to secure it (see `tls`).
+    pub fn connection_settings(&self) -> Result<(tokio_postgres::Config, DbTls), String> {
+        let mut config = self.driver_config()?;
+        let tls = DbTls::for_config(&mut config, self.ca_file.as_deref())?;
+        Ok((config, tls))
     }
 
     /// The driver configuration, with idemd's defaults for what the URL leaves unset.
@@ -78,6 +90,7 @@ impl PostgresConfig {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    tls: DbTls,
     connect_timeout: Duration,
     query_timeout: Duration,
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
@@ -88,13 +101,18 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Builds the pool; connections open lazily, so this succeeds while the database is down.
     pub fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
-        let manager = Manager::from_config(
-            config.driver_config().map_err(StoreError::Internal)?,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let (driver_config, tls) = config.connection_settings().map_err(StoreError::Internal)?;
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            DbTls::Plain => {
+                Manager::from_config(driver_config, tokio_postgres::NoTls, manager_config)
+            }
+            DbTls::Verified(connector) => {
+                Manager::from_config(driver_config, connector.clone(), manager_config)
+            }
+        };
         let pool = Pool::builder(manager)
             .max_size(config.pool_size.max(1))
             .runtime(Runtime::Tokio1)
@@ -105,6 +123,7 @@ impl PostgresStore {
             .map_err(|error| StoreError::Internal(format!("cannot build pool: {error}")))?;
         Ok(Self {
             pool,
+            tls,
             connect_timeout: config.connect_timeout,
             query_timeout: config.query_timeout,
             insert_races: Arc::default(),
@@ -191,13 +210,15 @@ impl PostgresStore {
 /// finished, e.g. when tonic abandons an RPC whose client deadline passed.
 struct CancelOnDrop {
     token: Option<tokio_postgres::CancelToken>,
+    tls: DbTls,
     bound: Duration,
 }
 
 impl CancelOnDrop {
-    fn new(client: &Object, bound: Duration) -> Self {
+    fn new(client: &Object, tls: &DbTls, bound: Duration) -> Self {
         Self {
             token: Some(client.cancel_token()),
+            tls: tls.clone(),
             bound,
         }
     }
@@ -213,9 +234,9 @@ impl Drop for CancelOnDrop {
         else {
             return;
         };
-        let bound = self.bound;
+        let (bound, tls) = (self.bound, self.tls.clone());
         runtime.spawn(async move {
-            let _ = tokio::time::timeout(bound, token.cancel_query(NoTls)).await;
+            let _ = tokio::time::timeout(bound, tls.cancel(token)).await;
         });
     }
 }
@@ -529,7 +550,7 @@ macro_rules! on_connection {
         let (budget, by_caller) = $store.budget($deadline);
         #[allow(unused_mut)]
         let mut $client = $store.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&$client, $store.connect_timeout);
+        let guard = CancelOnDrop::new(&$client, &$store.tls, $store.connect_timeout);
         let outcome = tokio::time::timeout(budget, $work).await;
         $store.settle($client, outcome, by_caller, guard)
     }};
@@ -595,7 +616,7 @@ impl Store for PostgresStore {
         let Ok(client) = self.client(self.query_timeout, false).await else {
             return;
         };
-        let guard = CancelOnDrop::new(&client, self.connect_timeout);
+        let guard = CancelOnDrop::new(&client, &self.tls, self.connect_timeout);
         let outcome = tokio::time::timeout(self.query_timeout, estimate_records(&client)).await;
         if let Ok((in_progress, completed)) = self.settle(client, outcome, false, guard) {
             metrics::records(in_progress, completed);
