@@ -784,17 +784,26 @@ async fn tls_process_serves_plaintext_health_and_audits_denials() {
         .connect()
         .await
         .expect("plaintext health port");
-    let mut health = HealthClient::new(channel);
+    let health = HealthClient::new(channel);
     for service in ["", idemd::server::SERVICE_NAME] {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("health check")
-            .into_inner()
-            .status;
-        assert_eq!(status, 1, "{service:?} SERVING");
+        // Readiness turns SERVING after the first store check.
+        eventually(
+            Duration::from_secs(10),
+            "SERVING on the health port",
+            || {
+                let mut health = health.clone();
+                async move {
+                    let response = health
+                        .check(HealthCheckRequest {
+                            service: service.into(),
+                        })
+                        .await
+                        .expect("health check");
+                    response.into_inner().status == 1
+                }
+            },
+        )
+        .await;
     }
 
     let mut client = tls_client(server.addr, &ca.pem, None).await.expect("TLS");
