@@ -20,6 +20,7 @@ MANIFESTS = HERE / "kubernetes"
 # 1.30: the preStop `sleep` action the shell-less image relies on is on by default from there.
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
 READINESS_SERVICE = "idempotency.v1.IdempotencyService"
+COMPONENTS = ["tls"]
 
 problems = []
 
@@ -45,6 +46,53 @@ def load_documents():
             if document:
                 documents.append((name, document))
     return kustomization, documents
+
+
+def json_pointer_add(document, path, value):
+    """The JSON-patch `add` operation, enough for our components' patches."""
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+    target = document
+    for part in parts[:-1]:
+        target = target[int(part)] if isinstance(target, list) else target[part]
+    last = parts[-1]
+    if isinstance(target, list):
+        if last == "-":
+            target.append(value)
+        else:
+            target.insert(int(last), value)
+    else:
+        target[last] = value
+
+
+def apply_components(documents):
+    """The documents as each component would change them: [(component, name, document)]."""
+    import copy
+
+    variants = []
+    for component in COMPONENTS:
+        spec = yaml.safe_load((MANIFESTS / "components" / component / "kustomization.yaml").read_text())
+        if spec.get("kind") != "Component":
+            problem(f"components/{component} is not a kustomize Component")
+            continue
+        patched = [(name, copy.deepcopy(document)) for name, document in documents]
+        for patch in spec.get("patches", []):
+            target = patch["target"]
+            matched = False
+            for _, document in patched:
+                if document["kind"] == target["kind"] and document["metadata"]["name"] == target["name"]:
+                    matched = True
+                    for operation in yaml.safe_load(patch["patch"]):
+                        if operation["op"] != "add":
+                            problem(f"components/{component}: only add operations are checked here")
+                            continue
+                        try:
+                            json_pointer_add(document, operation["path"], operation["value"])
+                        except (KeyError, IndexError, ValueError) as error:
+                            problem(f"components/{component}: cannot apply {operation['path']}: {error}")
+            if not matched:
+                problem(f"components/{component}: patch target {target} matches nothing")
+        variants.extend((component, name, document) for name, document in patched)
+    return variants
 
 
 def validate_schemas(documents):
@@ -127,6 +175,11 @@ def check_pods(documents):
             if document["kind"] == "Deployment":
                 readiness = container.get("readinessProbe", {}).get("grpc", {})
                 liveness = container.get("livenessProbe", {}).get("grpc", {})
+                ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+                if readiness.get("port") != ports.get("health") or liveness.get("port") != ports.get("health"):
+                    problem(f"{where}: probes must use the plaintext health port (works with TLS on the API port)")
+                if "--require-auth" not in container.get("args", []):
+                    problem(f"{where}: replicas must run with --require-auth")
                 if readiness.get("service") != READINESS_SERVICE:
                     problem(f"{where}: readiness must be the gRPC health of {READINESS_SERVICE}")
                 if liveness.get("service", "") != "":
@@ -150,18 +203,52 @@ def lint_dockerfile():
         problem("the runtime image must run as the non-root user 65532")
 
 
+def check_config(documents):
+    config = next((d["data"] for _, d in documents if d["kind"] == "ConfigMap"), {})
+    deployment = next(d for _, d in documents if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    for setting, port in [("IDEMD_LISTEN", "grpc"), ("IDEMD_METRICS_LISTEN", "metrics"), ("IDEMD_HEALTH_LISTEN", "health")]:
+        value = config.get(setting, "")
+        if not value.endswith(f":{ports.get(port)}"):
+            problem(f"ConfigMap {setting}={value!r} does not match the {port} container port {ports.get(port)}")
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    if not config.get("IDEMD_AUTH_CONFIG", "").startswith(mounts.get("auth", "/nonexistent") + "/"):
+        problem("IDEMD_AUTH_CONFIG does not point into the mounted auth Secret")
+
+
+def extract_policy(documents, destination):
+    """Writes the example policy.toml, so the test suite can parse it with idemd's own parser."""
+    for _, document in documents:
+        if document["kind"] == "Secret" and "policy.toml" in document.get("stringData", {}):
+            pathlib.Path(destination).write_text(document["stringData"]["policy.toml"])
+            return
+    problem("no Secret carries policy.toml")
+
+
 def main():
     _, documents = load_documents()
     validate_schemas(documents)
     check_selectors(documents)
     check_pods(documents)
+    check_config(documents)
+    for component, name, document in apply_components(documents):
+        if document["kind"] == "Deployment":
+            for version in KUBERNETES_VERSIONS:
+                try:
+                    kubernetes_validate.validate(document, version, strict=True)
+                except Exception as error:
+                    first_line = str(getattr(error, "message", error)).splitlines()[0]
+                    problem(f"with components/{component}, {name} is invalid for Kubernetes {version}: {first_line}")
+    if len(sys.argv) == 3 and sys.argv[1] == "--extract-policy":
+        extract_policy(documents, sys.argv[2])
     lint_dockerfile()
     for text in problems:
         print(f"deploy: {text}")
     if problems:
         return 1
     kinds = sorted({d["kind"] for _, d in documents})
-    print(f"deploy: {len(documents)} manifests valid for Kubernetes {', '.join(KUBERNETES_VERSIONS)} ({', '.join(kinds)}); selectors match; Dockerfile lints clean")
+    print(f"deploy: {len(documents)} manifests valid for Kubernetes {', '.join(KUBERNETES_VERSIONS)} ({', '.join(kinds)}), also with components {', '.join(COMPONENTS)}; selectors match; Dockerfile lints clean")
     return 0
 
 
