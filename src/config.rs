@@ -110,6 +110,16 @@ pub struct ServeArgs {
     /// Pause between refreshes of the pool and record-count gauges.
     #[arg(long, env = "IDEMD_METRICS_INTERVAL", default_value = "15s", value_parser = duration)]
     pub metrics_interval: Duration,
+    /// How long a Wait lasts when the request leaves timeout unset.
+    #[arg(long, env = "IDEMD_DEFAULT_WAIT_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub default_wait_timeout: Duration,
+    /// Longest timeout a Wait may ask for.
+    #[arg(long, env = "IDEMD_MAX_WAIT_TIMEOUT", default_value = "5m", value_parser = duration)]
+    pub max_wait_timeout: Duration,
+    /// Most Waits in progress at once (they hold no database connection while waiting); more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDEMD_MAX_WAITERS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_waiters: u32,
     /// Most RPCs served at once; more are shed at once with RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDEMD_MAX_CONCURRENT_RPCS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_rpcs: u32,
@@ -202,11 +212,18 @@ impl ServeArgs {
                 lease_ttl,
                 retention,
                 max_result_body_bytes: self.max_result_bytes as usize,
+                wait_timeout: policy(
+                    "wait timeout",
+                    self.default_wait_timeout,
+                    Duration::from_millis(1),
+                    self.max_wait_timeout,
+                )?,
             },
             reaper_interval: self.reaper_interval,
             reaper_batch: self.reaper_batch,
             shutdown_grace: self.shutdown_grace,
             max_concurrent_rpcs: self.max_concurrent_rpcs as usize,
+            max_waiters: self.max_waiters as usize,
             max_message_bytes: self.max_message_bytes as usize,
             metrics_interval: self.metrics_interval,
             auth,
@@ -228,6 +245,7 @@ impl ServeArgs {
             connect_timeout: self.db_connect_timeout,
             query_timeout: self.db_query_timeout,
             ca_file: self.db_ca_file.clone(),
+            ..PostgresConfig::new(url.clone())
         };
         config
             .connection_settings()

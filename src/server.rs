@@ -39,6 +39,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// Most RPCs served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
+    /// Most Waits in progress at once (they do not count against `max_concurrent_rpcs`).
+    pub max_waiters: usize,
     /// Largest request message accepted, in bytes.
     pub max_message_bytes: usize,
     /// Pause between refreshes of the store's gauges (pool, record counts).
@@ -60,6 +62,7 @@ impl Default for ServerSettings {
             readiness_interval: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             max_concurrent_rpcs: 1024,
+            max_waiters: 10_000,
             max_message_bytes: 4 * 1024 * 1024,
             metrics_interval: Duration::from_secs(15),
             auth: None,
@@ -134,6 +137,7 @@ pub async fn serve<S: Store>(
         store.clone(),
         settings.limits,
         settings.max_concurrent_rpcs,
+        settings.max_waiters,
         settings.auth.clone(),
     );
 

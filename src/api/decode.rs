@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::domain::{
     AcquireCommand, CompleteCommand, DurationPolicy, FieldViolation, Fingerprint, GetCommand,
     Holder, Key, LeaseToken, Limits, Namespace, ReleaseCommand, RenewCommand, StoredResult,
+    WaitCommand,
 };
 use crate::proto::idempotency::v1 as pb;
 
@@ -174,6 +175,19 @@ pub fn get(request: pb::GetRequest) -> Result<GetCommand, Vec<FieldViolation>> {
     let key = v.check("key", Key::parse(request.key));
     let (namespace, key) = all_valid!(v; namespace, key);
     Ok(GetCommand { namespace, key })
+}
+
+pub fn wait(request: pb::WaitRequest, limits: &Limits) -> Result<WaitCommand, Vec<FieldViolation>> {
+    let mut v = Violations::default();
+    let namespace = v.check("namespace", Namespace::parse(request.namespace));
+    let key = v.check("key", Key::parse(request.key));
+    let timeout = v.check("timeout", bounded(request.timeout, &limits.wait_timeout));
+    let (namespace, key, timeout) = all_valid!(v; namespace, key, timeout);
+    Ok(WaitCommand {
+        namespace,
+        key,
+        timeout,
+    })
 }
 
 #[cfg(test)]

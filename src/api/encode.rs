@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::domain::{AcquireOutcome, Lease, Record, RecordState, StoredResult};
+use crate::domain::{AcquireOutcome, Lease, Record, RecordState, StoredResult, WaitOutcome};
 use crate::proto::idempotency::v1 as pb;
 
 fn timestamp(time: SystemTime) -> prost_types::Timestamp {
@@ -81,5 +81,17 @@ pub fn acquire(outcome: AcquireOutcome) -> pb::AcquireResponse {
             record: Some(record(current)),
             retry_after: None,
         },
+    }
+}
+
+pub fn wait(outcome: WaitOutcome) -> pb::WaitResponse {
+    let (outcome, current) = match outcome {
+        WaitOutcome::Completed { record } => (pb::WaitOutcome::Completed, Some(record)),
+        WaitOutcome::Free { record } => (pb::WaitOutcome::Free, record),
+        WaitOutcome::TimedOut { record } => (pb::WaitOutcome::TimedOut, Some(record)),
+    };
+    pb::WaitResponse {
+        outcome: outcome as i32,
+        record: current.map(record),
     }
 }

@@ -15,7 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{field, Instrument, Span};
 
 use crate::auth::{AuthState, Caller, Credentials, PeerIdentities, Rpc, Throttled};
-use crate::domain::{AcquireOutcome, Key, Limits, Namespace};
+use crate::domain::{AcquireOutcome, Key, Limits, Namespace, WaitOutcome};
 use crate::proto::idempotency::v1 as pb;
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyService;
 use crate::store::{Store, StoreError};
@@ -28,6 +28,9 @@ pub struct IdempotencyApi<S> {
     /// Bounds the RPCs served at once; past it calls are shed with RESOURCE_EXHAUSTED at once,
     /// never queued.
     admission: Arc<Semaphore>,
+    /// Bounds the Waits in progress (they are long, so they have their own budget and hold no
+    /// database connection while waiting).
+    waiters: Arc<Semaphore>,
     /// The access policy; `None` when auth is off (every caller may do everything).
     auth: Option<Arc<AuthState>>,
 }
@@ -37,12 +40,14 @@ impl<S> IdempotencyApi<S> {
         store: Arc<S>,
         limits: Limits,
         max_concurrent_rpcs: usize,
+        max_waiters: usize,
         auth: Option<Arc<AuthState>>,
     ) -> Self {
         Self {
             store,
             limits,
             admission: Arc::new(Semaphore::new(max_concurrent_rpcs.max(1))),
+            waiters: Arc::new(Semaphore::new(max_waiters.max(1))),
             auth,
         }
     }
@@ -250,9 +255,18 @@ impl<S: Store> IdempotencyApi<S> {
                 }
             }
         };
-        let Ok(_permit) = self.admission.clone().try_acquire_owned() else {
-            return Err(status::overloaded());
+        let admitted = if call.rpc == Rpc::Wait {
+            self.waiters
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| status::too_many_waiters())
+        } else {
+            self.admission
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| status::overloaded())
         };
+        let _permit = admitted?;
         work(call.scope(caller)).instrument(call.span.clone()).await
     }
 }
@@ -350,6 +364,31 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
             Ok(pb::RenewResponse {
                 lease: Some(encode::lease(&lease)),
             })
+        })
+        .await
+    }
+
+    async fn wait(
+        &self,
+        request: Request<pb::WaitRequest>,
+    ) -> Result<Response<pb::WaitResponse>, Status> {
+        let call = Call::begin(Rpc::Wait, &request);
+        self.serve(call, |call| async move {
+            let command = decode::wait(request.into_inner(), &self.limits)
+                .map_err(status::invalid_argument)?;
+            call.target(&command.namespace, &command.key);
+            call.authorize(&command.namespace)?;
+            let outcome = self
+                .store
+                .wait(command, call.deadline)
+                .await
+                .map_err(status::from_store)?;
+            call.outcome(match &outcome {
+                WaitOutcome::Completed { .. } => "completed",
+                WaitOutcome::Free { .. } => "free",
+                WaitOutcome::TimedOut { .. } => "timed_out",
+            });
+            Ok(encode::wait(outcome))
         })
         .await
     }

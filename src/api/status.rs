@@ -25,6 +25,7 @@ pub mod reason {
     pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
     pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
     pub const CALLER_LIMITED: &str = "CALLER_LIMITED";
+    pub const TOO_MANY_WAITERS: &str = "TOO_MANY_WAITERS";
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -135,5 +136,14 @@ pub fn caller_limited(caller: &str, limit: &str) -> Status {
         Code::ResourceExhausted,
         format!("caller {caller:?} is over its {limit}; retry with backoff"),
         reason::CALLER_LIMITED,
+    )
+}
+
+/// RESOURCE_EXHAUSTED: the server is at its limit of concurrent Waits.
+pub fn too_many_waiters() -> Status {
+    with_reason(
+        Code::ResourceExhausted,
+        "idemd is at its limit of concurrent Waits; retry Acquire after a backoff instead",
+        reason::TOO_MANY_WAITERS,
     )
 }

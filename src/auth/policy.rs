@@ -10,7 +10,7 @@
 //!
 //!   [[callers.grants]]
 //!   namespaces = ["payments", "payments-eu-*"]   # exact names, or prefixes ending in "*"
-//!   rpcs = ["*"]                                 # or some of Acquire, Complete, Release, Renew, Get
+//!   rpcs = ["*"]                                 # or some of Acquire, Complete, Release, Renew, Get, Wait
 //! ```
 
 use std::{
@@ -32,15 +32,17 @@ pub enum Rpc {
     Release,
     Renew,
     Get,
+    Wait,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 5] = [
+    pub const ALL: [Rpc; 6] = [
         Rpc::Acquire,
         Rpc::Complete,
         Rpc::Release,
         Rpc::Renew,
         Rpc::Get,
+        Rpc::Wait,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +52,7 @@ impl Rpc {
             Rpc::Release => "Release",
             Rpc::Renew => "Renew",
             Rpc::Get => "Get",
+            Rpc::Wait => "Wait",
         }
     }
 
@@ -259,7 +262,7 @@ impl Policy {
                         rpcs.extend(Rpc::ALL);
                     } else {
                         rpcs.insert(Rpc::parse(rpc).ok_or_else(|| {
-                            format!("caller {name:?}: unknown rpc {rpc:?} (use *, Acquire, Complete, Release, Renew, Get)")
+                            format!("caller {name:?}: unknown rpc {rpc:?} (use *, Acquire, Complete, Release, Renew, Get, Wait)")
                         })?);
                     }
                 }

@@ -68,3 +68,22 @@ pub enum AcquireOutcome {
     /// Replay of the stored result.
     Completed { record: Record },
 }
+
+/// Wait until `key` is completed or free, for at most `timeout`.
+#[derive(Debug, Clone)]
+pub struct WaitCommand {
+    pub namespace: Namespace,
+    pub key: Key,
+    pub timeout: Duration,
+}
+
+/// How a Wait ended.
+#[derive(Debug, Clone)]
+pub enum WaitOutcome {
+    /// The record is completed.
+    Completed { record: Record },
+    /// Nobody holds the key; `record` is the unfinished record, if one is still live.
+    Free { record: Option<Record> },
+    /// The time ran out while a live lease was held.
+    TimedOut { record: Record },
+}

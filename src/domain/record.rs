@@ -217,3 +217,26 @@ pub fn decide_renew(
 pub fn unfinished_expiry(lease_expires_at: SystemTime, retention: Duration) -> SystemTime {
     lease_expires_at + retention
 }
+
+/// What a Wait sees in the key's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitDecision {
+    Completed,
+    /// No live lease: released, expired, or no live record.
+    Free,
+    /// A live lease: wait until it ends (or something changes).
+    Held {
+        lease_expires_at: SystemTime,
+    },
+}
+
+pub fn decide_wait(existing: Option<&Record>, now: SystemTime) -> WaitDecision {
+    match existing.filter(|record| record.is_live(now)) {
+        None => WaitDecision::Free,
+        Some(record) if record.state == RecordState::Completed => WaitDecision::Completed,
+        Some(record) if record.lease_is_live(now) => WaitDecision::Held {
+            lease_expires_at: record.lease_expires_at,
+        },
+        Some(_) => WaitDecision::Free,
+    }
+}

@@ -341,6 +341,8 @@ pub struct Limits {
     pub lease_ttl: DurationPolicy,
     pub retention: DurationPolicy,
     pub max_result_body_bytes: usize,
+    /// How long one Wait may last.
+    pub wait_timeout: DurationPolicy,
 }
 
 impl Default for Limits {
@@ -357,6 +359,11 @@ impl Default for Limits {
                 max: Duration::from_secs(30 * 24 * 3600),
             },
             max_result_body_bytes: 1024 * 1024,
+            wait_timeout: DurationPolicy {
+                default: Duration::from_secs(30),
+                min: Duration::from_millis(1),
+                max: Duration::from_secs(300),
+            },
         }
     }
 }

@@ -13,12 +13,13 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::{Store, StoreError};
+use super::waiters::Waiters;
+use super::{wait_until, Store, StoreError};
 use crate::domain::{
-    decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
+    decide_acquire, decide_complete, decide_release, decide_renew, decide_wait, unfinished_expiry,
     AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand,
     Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState, ReleaseCommand,
-    ReleaseDecision, RenewCommand, RenewDecision,
+    ReleaseDecision, RenewCommand, RenewDecision, WaitCommand, WaitDecision, WaitOutcome,
 };
 use crate::telemetry::metrics;
 
@@ -33,6 +34,8 @@ pub struct MemoryStore {
     hasher: RandomState,
     /// Source of fencing tokens: strictly increasing across all keys, like the database sequence.
     fencing: AtomicU64,
+    /// Local Waits, woken by Complete and Release.
+    waiters: Waiters,
 }
 
 impl Default for MemoryStore {
@@ -47,6 +50,7 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             fencing: AtomicU64::new(0),
+            waiters: Waiters::default(),
         }
     }
 
@@ -73,6 +77,11 @@ impl MemoryStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keys that at least one Wait is waiting on.
+    pub fn waited_keys(&self) -> usize {
+        self.waiters.len()
     }
 }
 
@@ -162,6 +171,7 @@ impl Store for MemoryStore {
                     record.completed_at = Some(now);
                     record.expires_at = now + retention;
                     record.revision += 1;
+                    self.waiters.wake(&record.namespace, &record.key);
                 }
                 Ok(record.clone())
             }
@@ -185,6 +195,7 @@ impl Store for MemoryStore {
                     record.lease_expires_at = now;
                     record.expires_at = unfinished_expiry(now, record.retention);
                     record.revision += 1;
+                    self.waiters.wake(&record.namespace, &record.key);
                 }
                 Ok(())
             }
@@ -226,6 +237,57 @@ impl Store for MemoryStore {
             .filter(|record| record.is_live(now))
             .cloned()
             .ok_or(StoreError::Rejected(LeaseRejection::NotFound))
+    }
+
+    async fn wait(
+        &self,
+        command: WaitCommand,
+        deadline: Option<Instant>,
+    ) -> Result<WaitOutcome, StoreError> {
+        let until = wait_until(command.timeout, deadline);
+        let registration = self.waiters.register(&command.namespace, &command.key);
+        loop {
+            // Listen before looking, so a change in between is not missed.
+            let notified = registration.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = SystemTime::now();
+            let record = self
+                .shard(&command.namespace, &command.key)
+                .get(&(command.namespace.clone(), command.key.clone()))
+                .cloned();
+            match decide_wait(record.as_ref(), now) {
+                WaitDecision::Completed => {
+                    if let Some(record) = record {
+                        return Ok(WaitOutcome::Completed { record });
+                    }
+                }
+                WaitDecision::Free => {
+                    let record = record.filter(|record| record.is_live(now));
+                    return Ok(WaitOutcome::Free { record });
+                }
+                WaitDecision::Held { lease_expires_at } => {
+                    let (Some(record), true) = (record, Instant::now() < until) else {
+                        let record = self
+                            .shard(&command.namespace, &command.key)
+                            .get(&(command.namespace.clone(), command.key.clone()))
+                            .cloned()
+                            .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
+                        return Ok(WaitOutcome::TimedOut { record });
+                    };
+                    let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
+                    let wake = until.min(Instant::now() + lease_left);
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(wake) => {
+                            if Instant::now() >= until && wake == until {
+                                return Ok(WaitOutcome::TimedOut { record });
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {

@@ -7,11 +7,12 @@ use tokio::time::Instant;
 
 use crate::domain::{
     AcquireCommand, AcquireOutcome, CompleteCommand, GetCommand, Lease, LeaseRejection, Record,
-    ReleaseCommand, RenewCommand,
+    ReleaseCommand, RenewCommand, WaitCommand, WaitOutcome,
 };
 
 pub mod memory;
 pub mod postgres;
+pub mod waiters;
 
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
@@ -89,6 +90,13 @@ pub trait Store: Send + Sync + 'static {
         deadline: Option<Instant>,
     ) -> impl Future<Output = Result<Record, StoreError>> + Send;
 
+    /// Wait until the key is completed or free, or `command.timeout` or `deadline` passes.
+    fn wait(
+        &self,
+        command: WaitCommand,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<WaitOutcome, StoreError>> + Send;
+
     /// Delete up to `batch` expired records; returns how many were deleted. With several replicas
     /// only one reaps at a time (the others return 0).
     fn reap_expired(&self, batch: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -98,4 +106,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ok when the store can serve requests (reachable, schema current).
     fn check_ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// When a Wait must give up: its own timeout or, a little before it, the caller's deadline —
+/// early enough that the TIMED_OUT answer reaches the caller before it stops listening.
+pub fn wait_until(timeout: std::time::Duration, deadline: Option<Instant>) -> Instant {
+    let own = Instant::now() + timeout;
+    let margin = std::time::Duration::from_millis(20);
+    deadline.map_or(own, |deadline| {
+        deadline.checked_sub(margin).unwrap_or(deadline).min(own)
+    })
 }

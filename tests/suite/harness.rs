@@ -158,6 +158,7 @@ pub fn test_settings() -> ServerSettings {
                 max: Duration::from_secs(30 * 24 * 3600),
             },
             max_result_body_bytes: 1024 * 1024,
+            ..Limits::default()
         },
         reaper_interval: Duration::from_secs(3600),
         readiness_interval: Duration::from_millis(100),

@@ -12,3 +12,4 @@ mod processes;
 mod production;
 mod security;
 mod validation;
+mod wait;

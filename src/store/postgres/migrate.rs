@@ -16,11 +16,18 @@ pub struct Migration {
 }
 
 /// All migrations, in order. Append only: never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create_records",
-    sql: include_str!("../../../migrations/0001_create_records.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create_records",
+        sql: include_str!("../../../migrations/0001_create_records.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "record_waiters",
+        sql: include_str!("../../../migrations/0002_record_waiters.sql"),
+    },
+];
 
 /// The schema version this binary needs.
 pub fn latest_version() -> i32 {

@@ -3,6 +3,7 @@
 //! row and apply the domain's decision functions, guarded by compare-and-set.
 
 mod errors;
+mod listener;
 pub mod migrate;
 mod row;
 mod sql;
@@ -13,7 +14,7 @@ pub use self::tls::DbTls;
 use std::{
     str::FromStr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -24,11 +25,13 @@ use tokio::time::Instant;
 
 use self::errors::{from_db, from_pool};
 use self::row::{db_now, micros, record_from_row};
-use super::{Store, StoreError};
+use super::waiters::Waiters;
+use super::{wait_until, Store, StoreError};
 use crate::domain::{
-    decide_acquire, decide_complete, decide_release, decide_renew, AcquireCommand, AcquireDecision,
-    AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease, LeaseRejection,
-    LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand, RenewDecision,
+    decide_acquire, decide_complete, decide_release, decide_renew, decide_wait, AcquireCommand,
+    AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand, Lease,
+    LeaseRejection, LeaseToken, Record, ReleaseCommand, ReleaseDecision, RenewCommand,
+    RenewDecision, WaitCommand, WaitDecision, WaitOutcome,
 };
 use crate::telemetry::metrics;
 
@@ -50,6 +53,9 @@ pub struct PostgresConfig {
     pub query_timeout: Duration,
     /// Extra CA certificates (PEM) to verify the database's certificate with `sslmode=require`.
     pub ca_file: Option<std::path::PathBuf>,
+    /// How often a Wait re-reads its record without a notification: a lost notification delays
+    /// a Wait by at most this much.
+    pub wait_poll: Duration,
 }
 
 impl PostgresConfig {
@@ -60,6 +66,7 @@ impl PostgresConfig {
             connect_timeout: Duration::from_secs(3),
             query_timeout: Duration::from_secs(5),
             ca_file: None,
+            wait_poll: Duration::from_secs(2),
         }
     }
 
@@ -91,8 +98,17 @@ impl PostgresConfig {
 pub struct PostgresStore {
     pool: Pool,
     tls: DbTls,
+    /// The driver configuration, for the LISTEN connection.
+    driver_config: tokio_postgres::Config,
+    /// Local Waits, woken through LISTEN/NOTIFY.
+    waiters: Arc<Waiters>,
+    /// Whether the LISTEN connection is up (else Waits poll faster).
+    listening: Arc<AtomicBool>,
+    /// Starts the LISTEN connection on the first Wait.
+    listener_started: Arc<std::sync::Once>,
     connect_timeout: Duration,
     query_timeout: Duration,
+    wait_poll: Duration,
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
     /// of the same key committed mid-statement (and the store decided again).
     insert_races: Arc<AtomicU64>,
@@ -107,10 +123,10 @@ impl PostgresStore {
         };
         let manager = match &tls {
             DbTls::Plain => {
-                Manager::from_config(driver_config, tokio_postgres::NoTls, manager_config)
+                Manager::from_config(driver_config.clone(), tokio_postgres::NoTls, manager_config)
             }
             DbTls::Verified(connector) => {
-                Manager::from_config(driver_config, connector.clone(), manager_config)
+                Manager::from_config(driver_config.clone(), connector.clone(), manager_config)
             }
         };
         let pool = Pool::builder(manager)
@@ -124,8 +140,13 @@ impl PostgresStore {
         Ok(Self {
             pool,
             tls,
+            driver_config,
+            waiters: Arc::default(),
+            listening: Arc::default(),
+            listener_started: Arc::new(std::sync::Once::new()),
             connect_timeout: config.connect_timeout,
             query_timeout: config.query_timeout,
+            wait_poll: config.wait_poll,
             insert_races: Arc::default(),
         })
     }
@@ -133,6 +154,11 @@ impl PostgresStore {
     /// The pool, for metrics and shutdown.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Whether the LISTEN connection is up.
+    pub fn listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
     }
 
     /// How many Acquires lost the insert race described at `sql::ACQUIRE_INSERT_OR_GET` and
@@ -556,7 +582,91 @@ macro_rules! on_connection {
     }};
 }
 
+/// How often a Wait re-reads the record while the LISTEN connection is down.
+const WAIT_POLL_UNLISTENED: Duration = Duration::from_millis(250);
+
+async fn read_for_wait(
+    client: &Object,
+    command: &WaitCommand,
+    mark: bool,
+) -> Result<(Option<Record>, std::time::SystemTime), StoreError> {
+    let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
+    if mark {
+        let statement = client
+            .prepare_cached(sql::MARK_WAITED_ON)
+            .await
+            .map_err(from_db)?;
+        client
+            .execute(&statement, &[&namespace, &key])
+            .await
+            .map_err(from_db)?;
+    }
+    fetch(client, namespace, key).await
+}
+
+impl PostgresStore {
+    fn start_listener(&self) {
+        self.listener_started.call_once(|| {
+            tokio::spawn(listener::run(
+                self.driver_config.clone(),
+                self.tls.clone(),
+                self.waiters.clone(),
+                self.listening.clone(),
+            ));
+        });
+    }
+}
+
 impl Store for PostgresStore {
+    async fn wait(
+        &self,
+        command: WaitCommand,
+        deadline: Option<Instant>,
+    ) -> Result<WaitOutcome, StoreError> {
+        self.start_listener();
+        let until = wait_until(command.timeout, deadline);
+        let registration = self.waiters.register(&command.namespace, &command.key);
+        let mut marked = false;
+        loop {
+            // Listen before looking, so a change in between is not missed.
+            let notified = registration.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let mark = !marked;
+            // Reading is bounded by the caller's deadline, not by the Wait's own timeout: a
+            // Wait always answers with the record's state.
+            let (record, now) = on_connection!(self, deadline, |client| read_for_wait(
+                &client, &command, mark
+            ))?;
+            marked = true;
+            match (decide_wait(record.as_ref(), now), record) {
+                (WaitDecision::Completed, Some(record)) => {
+                    return Ok(WaitOutcome::Completed { record })
+                }
+                (WaitDecision::Held { lease_expires_at }, Some(record)) => {
+                    if Instant::now() >= until {
+                        return Ok(WaitOutcome::TimedOut { record });
+                    }
+                    let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
+                    let poll = if self.listening.load(Ordering::SeqCst) {
+                        self.wait_poll
+                    } else {
+                        WAIT_POLL_UNLISTENED.min(self.wait_poll)
+                    };
+                    let wake = until.min(Instant::now() + lease_left.min(poll));
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(wake) => {}
+                    }
+                }
+                (_, record) => {
+                    let record = record.filter(|record| record.is_live(now));
+                    return Ok(WaitOutcome::Free { record });
+                }
+            }
+        }
+    }
+
     async fn acquire(
         &self,
         command: AcquireCommand,

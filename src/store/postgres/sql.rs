@@ -15,6 +15,21 @@ macro_rules! record_columns {
     };
 }
 
+/// Wakes Waits on every replica, only when a Wait marked the record (see migration 0002). The
+/// payload is `namespace/key`; namespaces cannot contain `/`. Delivered at commit.
+macro_rules! notify_waiters {
+    () => {
+        "CASE WHEN has_waiters THEN pg_notify('idemd_changes', namespace || '/' || key) END"
+    };
+}
+
+/// The LISTEN/NOTIFY channel of record changes.
+pub const CHANGES_CHANNEL: &str = "idemd_changes";
+
+/// Marks an in-progress record as waited on, so its Complete or Release notifies.
+pub const MARK_WAITED_ON: &str = "UPDATE idemd_records SET has_waiters = true
+    WHERE namespace = $1 AND key = $2 AND state = 1 AND NOT has_waiters";
+
 /// Index of the first column after `record_columns!()`.
 pub const AFTER_RECORD: usize = 19;
 
@@ -64,7 +79,8 @@ pub const ACQUIRE_GRANT: &str = concat!(
         lease_expires_at = now() + $6::bigint * interval '1 microsecond',
         completed_at = NULL,
         expires_at = now() + ($6::bigint + $7::bigint) * interval '1 microsecond',
-        result_body = NULL, result_code = NULL, result_meta_keys = NULL, result_meta_values = NULL
+        result_body = NULL, result_code = NULL, result_meta_keys = NULL, result_meta_values = NULL,
+        has_waiters = has_waiters AND NOT $8
     WHERE namespace = $1 AND key = $2 AND fencing_token = $9 AND revision = $10
     RETURNING ",
     record_columns!(),
@@ -86,18 +102,22 @@ pub const COMPLETE: &str = concat!(
         AND state = 1 AND NOT released AND expires_at > now()
     RETURNING ",
     record_columns!(),
-    ", now() AS db_now"
+    ", now() AS db_now, ",
+    notify_waiters!()
 );
 
 /// Release the current lease: the key is free from now on, and the record expires after its
 /// retention unless someone acquires it. $1 namespace, $2 key, $3 lease token.
-pub const RELEASE: &str = "UPDATE idemd_records SET
+pub const RELEASE: &str = concat!(
+    "UPDATE idemd_records SET
         released = true, lease_expires_at = now(),
         expires_at = now() + retention_us * interval '1 microsecond',
         revision = revision + 1
     WHERE namespace = $1 AND key = $2 AND lease_token = $3
         AND state = 1 AND NOT released AND expires_at > now()
-    RETURNING revision";
+    RETURNING revision, ",
+    notify_waiters!()
+);
 
 /// Renew the current lease to now + $4 µs. $1 namespace, $2 key, $3 lease token.
 pub const RENEW: &str = concat!(
