@@ -141,7 +141,14 @@ pub async fn serve<S: Store>(
         settings.auth.clone(),
     );
 
-    let background = tokio::spawn(run_background(store, health.clone(), settings.clone()));
+    // One shutdown signal, fanned out to every listener and the background loop.
+    let (stop, stopped) = watch::channel(false);
+    let background = tokio::spawn(run_background(
+        store,
+        health.clone(),
+        settings.clone(),
+        stopped.clone(),
+    ));
     let upkeep = {
         let metrics_handle = metrics_handle.clone();
         tokio::spawn(async move {
@@ -153,8 +160,6 @@ pub async fn serve<S: Store>(
         })
     };
 
-    // One shutdown signal, fanned out to every listener.
-    let (stop, stopped) = watch::channel(false);
     {
         let health = health.clone();
         tokio::spawn(async move {
@@ -229,7 +234,12 @@ pub async fn serve<S: Store>(
 }
 
 /// Keeps readiness in step with the store, and reaps expired records.
-async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, settings: ServerSettings) {
+async fn run_background<S: Store>(
+    store: Arc<S>,
+    health: HealthReporter,
+    settings: ServerSettings,
+    stopped: watch::Receiver<bool>,
+) {
     let mut readiness = tokio::time::interval(settings.readiness_interval);
     readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reaper = tokio::time::interval(settings.reaper_interval);
@@ -253,6 +263,10 @@ async fn run_background<S: Store>(store: Arc<S>, health: HealthReporter, setting
                     }
                 };
                 metrics::store_ready(now_ready);
+                // Once shutdown began, readiness stays NOT_SERVING.
+                if *stopped.borrow() {
+                    continue;
+                }
                 if ready != Some(now_ready) {
                     let status = if now_ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                     health.set_service_status(SERVICE_NAME, status).await;

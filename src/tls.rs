@@ -28,6 +28,9 @@ use crate::auth::PeerIdentities;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most TLS handshakes in progress at once; connections beyond are closed at once.
+const MAX_HANDSHAKES: usize = 1024;
+
 /// Where the server's certificate, key and (for mTLS) client CA live.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -160,7 +163,8 @@ impl TlsState {
     }
 }
 
-/// A client certificate's identities: its SAN DNS names, then its subject CN.
+/// A client certificate's identities: its SAN DNS names, or, only when it has none, its subject
+/// CN (as RFC 6125 prescribes for names).
 fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
         return Vec::new();
@@ -173,9 +177,11 @@ fn identities(cert: &CertificateDer<'_>) -> Vec<String> {
             }
         }
     }
-    for cn in parsed.subject().iter_common_name() {
-        if let Ok(cn) = cn.as_str() {
-            names.push(cn.to_string());
+    if names.is_empty() {
+        for cn in parsed.subject().iter_common_name() {
+            if let Ok(cn) = cn.as_str() {
+                names.push(cn.to_string());
+            }
         }
     }
     names
@@ -243,6 +249,7 @@ pub fn incoming(
     tls: Arc<TlsState>,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
     let (sender, receiver) = mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -252,14 +259,21 @@ pub fn incoming(
             let (tcp, remote) = match accepted {
                 Ok(connection) => connection,
                 Err(error) => {
-                    tracing::debug!(%error, "accept failed");
+                    // E.g. out of file descriptors: back off rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%remote, "too many TLS handshakes in progress; connection closed");
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor();
             let sender = sender.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let names = stream

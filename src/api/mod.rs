@@ -61,6 +61,8 @@ struct Call {
     deadline: Option<Instant>,
     bearer: Option<String>,
     peer: Option<PeerIdentities>,
+    /// Accounted for (by `finish`, or by `Drop` when tonic abandoned the call).
+    finished: bool,
 }
 
 /// The token of an `authorization: Bearer <token>` header.
@@ -91,6 +93,7 @@ impl Call {
             deadline: deadline::from_metadata(request.metadata(), started),
             bearer: bearer_token(request),
             peer: request.extensions().get::<PeerIdentities>().cloned(),
+            finished: false,
         }
     }
 
@@ -130,12 +133,17 @@ impl Call {
         }
     }
 
-    fn finish<T>(self, result: &Result<T, Status>) {
-        let elapsed = self.started.elapsed();
+    fn finish<T>(mut self, result: &Result<T, Status>) {
         let code = match result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         };
+        self.account(code);
+    }
+
+    fn account(&mut self, code: Code) {
+        self.finished = true;
+        let elapsed = self.started.elapsed();
         let label = metrics::code_label(code);
         self.span.record("code", label);
         self.span
@@ -196,6 +204,16 @@ impl Scope {
 
     fn outcome(&self, outcome: &'static str) {
         self.span.record("outcome", outcome);
+    }
+}
+
+/// A call whose future was dropped (tonic gave up at the client's deadline, or the client went
+/// away) is still counted and logged, as CANCELLED.
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.account(Code::Cancelled);
+        }
     }
 }
 

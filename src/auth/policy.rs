@@ -301,11 +301,16 @@ impl Policy {
                 }
                 found.and_then(|index| self.callers.get(index)).cloned()
             }
-            Credentials::Certificate(names) => names
-                .iter()
-                .find_map(|name| self.identities.get(name))
-                .and_then(|index| self.callers.get(*index))
-                .cloned(),
+            Credentials::Certificate(names) => {
+                // Every name on the certificate that the policy knows must belong to the same
+                // caller; a certificate naming two callers authenticates as neither.
+                let mut callers = names.iter().filter_map(|name| self.identities.get(name));
+                let first = callers.next()?;
+                if callers.any(|other| other != first) {
+                    return None;
+                }
+                self.callers.get(*first).cloned()
+            }
             Credentials::None => None,
         }
     }
@@ -368,6 +373,20 @@ mod tests {
             .expect("known identity");
         assert!(operator.allows(Rpc::Get, &ns("payments")));
         assert!(!operator.allows(Rpc::Release, &ns("payments")));
+    }
+
+    #[test]
+    fn a_certificate_naming_two_callers_is_nobody() {
+        let policy = Policy::parse(
+            "[[callers]]\nname = \"a\"\ntls_identities = [\"a.example\"]\n\
+             [[callers]]\nname = \"b\"\ntls_identities = [\"b.example\"]\n",
+        )
+        .expect("valid");
+        let both = vec!["a.example".to_string(), "b.example".to_string()];
+        assert!(policy.authenticate(Credentials::Certificate(&both)).is_none());
+        let one = vec!["unknown".to_string(), "b.example".to_string()];
+        let caller = policy.authenticate(Credentials::Certificate(&one)).expect("b");
+        assert_eq!(caller.name, "b");
     }
 
     #[test]

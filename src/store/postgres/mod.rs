@@ -202,23 +202,21 @@ impl PostgresStore {
 
     /// Settles one command's database work, run under `tokio::time::timeout(budget, ..)`. When
     /// the budget ran out, the running statement is cancelled on the server and the connection
-    /// is closed rather than reused, since it may be stuck behind a dead network.
+    /// is closed rather than reused (see `Guarded`).
     fn settle<T>(
         &self,
-        client: Object,
+        client: Guarded,
         outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
         by_caller: bool,
-        guard: CancelOnDrop,
     ) -> Result<T, StoreError> {
         match outcome {
             Ok(result) => {
-                guard.disarm();
+                client.finish();
                 result
             }
             Err(_) => {
-                // The guard cancels the statement on the server.
-                drop(guard);
-                drop(Object::take(client));
+                // Dropping the unfinished connection cancels the statement and closes it.
+                drop(client);
                 if by_caller {
                     Err(StoreError::DeadlineExceeded)
                 } else {
@@ -232,32 +230,64 @@ impl PostgresStore {
     }
 }
 
-/// Cancels the connection's running statement if the command's future is dropped before it
-/// finished, e.g. when tonic abandons an RPC whose client deadline passed.
-struct CancelOnDrop {
-    token: Option<tokio_postgres::CancelToken>,
+/// A pooled connection lent to one command. If the command does not finish — its time ran out,
+/// or its future was dropped because tonic abandoned the RPC at the client's deadline — the
+/// running statement is cancelled on the server and the connection is closed instead of going
+/// back to the pool: a late cancel request must never hit the next caller's statement.
+struct Guarded {
+    object: Option<Object>,
     tls: DbTls,
     bound: Duration,
+    finished: bool,
 }
 
-impl CancelOnDrop {
-    fn new(client: &Object, tls: &DbTls, bound: Duration) -> Self {
+impl Guarded {
+    fn new(object: Object, tls: &DbTls, bound: Duration) -> Self {
         Self {
-            token: Some(client.cancel_token()),
+            object: Some(object),
             tls: tls.clone(),
             bound,
+            finished: false,
         }
     }
 
-    fn disarm(mut self) {
-        self.token = None;
+    /// The command finished: the connection goes back to the pool.
+    fn finish(mut self) {
+        self.finished = true;
     }
 }
 
-impl Drop for CancelOnDrop {
+impl std::ops::Deref for Guarded {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        // Present from construction until drop; nothing else takes it.
+        self.object
+            .as_ref()
+            .expect("a guarded connection holds its object until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.object
+            .as_mut()
+            .expect("a guarded connection holds its object until dropped")
+    }
+}
+
+impl Drop for Guarded {
     fn drop(&mut self) {
-        let (Some(token), Ok(runtime)) = (self.token.take(), tokio::runtime::Handle::try_current())
-        else {
+        if self.finished {
+            return;
+        }
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        let token = object.cancel_token();
+        // Detach from the pool: dropping it closes the connection.
+        drop(Object::take(object));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let (bound, tls) = (self.bound, self.tls.clone());
@@ -575,15 +605,18 @@ macro_rules! on_connection {
     ($store:expr, $deadline:expr, |$client:ident| $work:expr) => {{
         let (budget, by_caller) = $store.budget($deadline);
         #[allow(unused_mut)]
-        let mut $client = $store.client(budget, by_caller).await?;
-        let guard = CancelOnDrop::new(&$client, &$store.tls, $store.connect_timeout);
+        let mut $client = Guarded::new(
+            $store.client(budget, by_caller).await?,
+            &$store.tls,
+            $store.connect_timeout,
+        );
         let outcome = tokio::time::timeout(budget, $work).await;
-        $store.settle($client, outcome, by_caller, guard)
+        $store.settle($client, outcome, by_caller)
     }};
 }
 
 /// How often a Wait re-reads the record while the LISTEN connection is down.
-const WAIT_POLL_UNLISTENED: Duration = Duration::from_millis(250);
+const WAIT_POLL_UNLISTENED: Duration = Duration::from_secs(1);
 
 async fn read_for_wait(
     client: &Object,
@@ -723,12 +756,8 @@ impl Store for PostgresStore {
             status.available,
             status.waiting,
         );
-        let Ok(client) = self.client(self.query_timeout, false).await else {
-            return;
-        };
-        let guard = CancelOnDrop::new(&client, &self.tls, self.connect_timeout);
-        let outcome = tokio::time::timeout(self.query_timeout, estimate_records(&client)).await;
-        if let Ok((in_progress, completed)) = self.settle(client, outcome, false, guard) {
+        let estimate = async { on_connection!(self, None, |client| estimate_records(&client)) };
+        if let Ok((in_progress, completed)) = estimate.await {
             metrics::records(in_progress, completed);
         }
     }

@@ -26,7 +26,9 @@ macro_rules! notify_waiters {
 /// The LISTEN/NOTIFY channel of record changes.
 pub const CHANGES_CHANNEL: &str = "idemd_changes";
 
-/// Marks an in-progress record as waited on, so its Complete or Release notifies.
+/// Marks an in-progress record as waited on, so its Complete or Release notifies. It leaves the
+/// revision alone on purpose: the flag plays no part in any decision, so it must not make a
+/// concurrent compare-and-set fail.
 pub const MARK_WAITED_ON: &str = "UPDATE idemd_records SET has_waiters = true
     WHERE namespace = $1 AND key = $2 AND state = 1 AND NOT has_waiters";
 
@@ -63,7 +65,8 @@ pub const ACQUIRE_INSERT_OR_GET: &str = concat!(
 );
 
 /// Acquire, second step when the existing record can be taken over (`$8 = false`) or has
-/// expired and is replaced by a fresh one (`$8 = true`). A compare-and-set on the fencing token
+/// expired and is replaced by a fresh one (`$8 = true`; also when its retention ran out between
+/// the two statements, as the `CASE`s re-check). A compare-and-set on the fencing token
 /// and revision seen by the first step: if anyone wrote the row since, nothing matches and the
 /// store decides again. The fencing token is unique across all rows ever, so a reaped and
 /// re-created row cannot be mistaken for the one that was decided on.
@@ -73,14 +76,15 @@ pub const ACQUIRE_GRANT: &str = concat!(
     "UPDATE idemd_records SET
         state = 1, fingerprint = $3, lease_token = $4, released = false,
         fencing_token = nextval('idemd_fencing_token_seq'),
-        attempts = CASE WHEN $8 THEN 1 ELSE LEAST(attempts::bigint + 1, 2147483647)::integer END,
+        attempts = CASE WHEN $8 OR expires_at <= now() THEN 1
+            ELSE LEAST(attempts::bigint + 1, 2147483647)::integer END,
         holder = $5, retention_us = $7, revision = revision + 1,
-        created_at = CASE WHEN $8 THEN now() ELSE created_at END,
+        created_at = CASE WHEN $8 OR expires_at <= now() THEN now() ELSE created_at END,
         lease_expires_at = now() + $6::bigint * interval '1 microsecond',
         completed_at = NULL,
         expires_at = now() + ($6::bigint + $7::bigint) * interval '1 microsecond',
         result_body = NULL, result_code = NULL, result_meta_keys = NULL, result_meta_values = NULL,
-        has_waiters = has_waiters AND NOT $8
+        has_waiters = has_waiters AND NOT ($8 OR expires_at <= now())
     WHERE namespace = $1 AND key = $2 AND fencing_token = $9 AND revision = $10
     RETURNING ",
     record_columns!(),
