@@ -383,9 +383,13 @@ mod tests {
         )
         .expect("valid");
         let both = vec!["a.example".to_string(), "b.example".to_string()];
-        assert!(policy.authenticate(Credentials::Certificate(&both)).is_none());
+        assert!(policy
+            .authenticate(Credentials::Certificate(&both))
+            .is_none());
         let one = vec!["unknown".to_string(), "b.example".to_string()];
-        let caller = policy.authenticate(Credentials::Certificate(&one)).expect("b");
+        let caller = policy
+            .authenticate(Credentials::Certificate(&one))
+            .expect("b");
         assert_eq!(caller.name, "b");
     }
 
