@@ -139,6 +139,15 @@ fn duration(value: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(value).ok()
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A connection to idemd.
 #[derive(Clone)]
 pub struct IdempotencyClient {
@@ -328,12 +337,14 @@ impl IdempotencyClient {
                 }
             })
         };
+        // Stops renewing when the work ends, and also if this future is dropped mid-work.
+        let renewer = AbortOnDrop(renewer);
         let outcome = work(Lease {
             fencing_token: lease.fencing_token,
             token: lease.token.clone(),
         })
         .await;
-        renewer.abort();
+        drop(renewer);
         let mut client = self.inner.clone();
         let release = |client: &mut IdempotencyServiceClient<Channel>| {
             let request = self.request(pb::ReleaseRequest {

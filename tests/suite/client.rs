@@ -224,3 +224,37 @@ async fn client_fails_closed_or_open_when_idemd_is_down() {
         .expect("fail open runs the work");
     assert!(!open.protected && !open.replayed);
 }
+
+/// examples/orders.rs: many duplicates with client timeouts and retries, exactly one order each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_example_creates_exactly_one_order_per_request() {
+    let database = TestDatabase::create().await;
+    let server = crate::processes::IdemdProcess::start(&["--database-url", &database.url]);
+    // target/<profile>/deps/suite-… → target/<profile>/examples/orders
+    let example = std::env::current_exe()
+        .expect("test binary path")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("orders"))
+        .expect("examples directory");
+    let url = database.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(example)
+            .arg(format!("http://{}", server.addr))
+            .arg(url)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("run the orders example (cargo test builds it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("20 orders in the table, 0 violations"),
+        "{stdout}"
+    );
+}
