@@ -274,3 +274,69 @@ async fn frozen_database_gives_unavailable_within_the_query_timeout() {
     server.stop().await;
     drop(database);
 }
+
+/// Connections killed by the database and new connections refused (as during maintenance):
+/// UNAVAILABLE, never INTERNAL, and recovery when connections are allowed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_terminated_connections_give_unavailable() {
+    let database = TestDatabase::create().await;
+    let server = TestServer::on_database(&database, test_settings()).await;
+    let mut client = server.client().await;
+    let done = complete_many(&mut client, 3).await;
+    let name = database
+        .url
+        .rsplit('/')
+        .next()
+        .expect("database name")
+        .to_string();
+    let admin = {
+        let (admin, connection) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls)
+            .await
+            .expect("admin");
+        tokio::spawn(connection);
+        admin
+    };
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .await
+        .expect("refuse new connections");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .expect("terminate backends");
+    for _ in 0..3 {
+        let status = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: done[0].0.clone(),
+            })
+            .await
+            .expect_err("no connection possible");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(reason(&status), "STORE_UNAVAILABLE");
+    }
+    admin
+        .batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"))
+        .await
+        .expect("allow connections");
+    eventually(Duration::from_secs(10), "recovered", || {
+        let mut client = client.clone();
+        let key = done[0].0.clone();
+        async move {
+            client
+                .get(pb::GetRequest {
+                    namespace: NS.into(),
+                    key,
+                })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert_all_there(&mut client, &done).await;
+    server.stop().await;
+}

@@ -29,10 +29,14 @@ pub fn from_db(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// Pool failures are all about reaching the database.
+/// Pool failures are all about reaching the database. A connection that cannot be opened is
+/// UNAVAILABLE whatever the server said (too many connections, database not accepting connections,
+/// permission revoked): the caller can only retry, and the operator reads the cause in the log.
 pub fn from_pool(error: PoolError) -> StoreError {
     match error {
-        PoolError::Backend(error) => from_db(error),
+        PoolError::Backend(error) => {
+            StoreError::Unavailable(format!("cannot connect to the database: {error}"))
+        }
         PoolError::Timeout(kind) => StoreError::Unavailable(format!(
             "no database connection available in time ({kind:?})"
         )),

@@ -1,0 +1,212 @@
+//! idemd-bench: a load generator for idemd, over real gRPC.
+//!
+//!   idemd-bench --target http://127.0.0.1:50051 --workload fresh --clients 64 --duration 10s
+//!
+//! Workloads: `fresh` (Acquire + Complete on new keys; one operation = the pair), `replay` (90 %
+//! Acquires of completed keys, 10 % fresh pairs; one operation = one request). Prints one line:
+//! throughput, latency percentiles, errors, and, with --server-pid, the server's CPU seconds and
+//! peak RSS from /proc.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use idemd::proto::idempotency::v1 as pb;
+use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Fresh,
+    Replay,
+}
+
+#[derive(Debug, Parser)]
+#[command(about = "Load generator for idemd")]
+struct Args {
+    /// idemd's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    #[arg(long, value_enum, default_value = "fresh")]
+    workload: Workload,
+    /// Concurrent clients (each one request at a time).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Completed keys the replay workload reads.
+    #[arg(long, default_value_t = 10_000)]
+    keyspace: usize,
+    /// Bytes in each stored result body.
+    #[arg(long, default_value_t = 128)]
+    result_size: usize,
+    /// Server process to read CPU time and peak RSS of.
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    errors: AtomicU64,
+    run: String,
+}
+
+fn acquire(namespace: &str, key: String) -> pb::AcquireRequest {
+    pb::AcquireRequest {
+        namespace: namespace.into(),
+        key,
+        fingerprint: b"bench".to_vec(),
+        lease_ttl: None,
+        retention: None,
+        holder: "idemd-bench".into(),
+    }
+}
+
+async fn pair(client: &mut IdempotencyServiceClient<Channel>, key: String, body: &[u8]) -> bool {
+    let Ok(response) = client.acquire(acquire("bench", key.clone())).await else {
+        return false;
+    };
+    let Some(lease) = response.into_inner().lease else {
+        return false;
+    };
+    client
+        .complete(pb::CompleteRequest {
+            namespace: "bench".into(),
+            key,
+            lease_token: lease.token,
+            result: Some(pb::Result {
+                body: body.to_vec(),
+                code: 200,
+                metadata: Default::default(),
+            }),
+            retention: None,
+        })
+        .await
+        .is_ok()
+}
+
+/// (CPU seconds user+system, peak RSS in KiB) of a process.
+fn process_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let peak = status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks / 100.0, peak))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        channels.push(
+            Endpoint::from_shared(args.target.clone())?
+                .connect()
+                .await?,
+        );
+    }
+    let body = vec![b'x'; args.result_size];
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        errors: AtomicU64::new(0),
+        run: format!(
+            "{:x}",
+            Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id())
+        ),
+    });
+    let run_id = format!("{}-{}", shared.run, std::process::id());
+
+    // The replay workload reads keys completed beforehand.
+    if args.workload == Workload::Replay {
+        let mut client = IdempotencyServiceClient::new(channels[0].clone());
+        for index in 0..args.keyspace {
+            pair(&mut client, format!("{run_id}-seed-{index}"), &body).await;
+        }
+    }
+
+    let before = args.server_pid.and_then(process_usage);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..args.clients {
+        let mut client = IdempotencyServiceClient::new(channels[worker % channels.len()].clone());
+        let (shared, body, run_id) = (shared.clone(), body.clone(), run_id.clone());
+        let (workload, keyspace) = (args.workload, args.keyspace);
+        tasks.push(tokio::spawn(async move {
+            let mut histogram =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut sequence = 0u64;
+            while !shared.stop.load(Ordering::Relaxed) {
+                sequence += 1;
+                let begun = Instant::now();
+                let ok = match workload {
+                    Workload::Replay if sequence % 10 != 0 => {
+                        let index =
+                            (sequence.wrapping_mul(2654435761) ^ worker as u64) as usize % keyspace;
+                        client
+                            .acquire(acquire("bench", format!("{run_id}-seed-{index}")))
+                            .await
+                            .map(|r| r.into_inner().outcome() == pb::Outcome::Completed)
+                            .unwrap_or(false)
+                    }
+                    _ => pair(&mut client, format!("{run_id}-{worker}-{sequence}"), &body).await,
+                };
+                if ok {
+                    let micros = begun.elapsed().as_micros().min(60_000_000) as u64;
+                    let _ = histogram.record(micros.max(1));
+                } else {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            histogram
+        }));
+    }
+    tokio::time::sleep(args.duration).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        total.add(task.await?)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = args.server_pid.and_then(process_usage);
+    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+    let server = match (before, after) {
+        (Some((cpu0, _)), Some((cpu1, peak))) => {
+            format!(
+                " server_cpu_s={:.1} server_peak_rss_mib={:.1}",
+                cpu1 - cpu0,
+                peak as f64 / 1024.0
+            )
+        }
+        _ => String::new(),
+    };
+    println!(
+        "workload={:?} clients={} ops={} ops_per_s={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} errors={}{}",
+        args.workload,
+        args.clients,
+        total.len(),
+        total.len() as f64 / elapsed,
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        shared.errors.load(Ordering::Relaxed),
+        server
+    );
+    Ok(())
+}
