@@ -2,6 +2,7 @@
 //! test on the shared server, or a throwaway cluster for outage tests).
 
 mod client;
+mod clients;
 mod concurrency;
 mod conformance;
 mod deploy;

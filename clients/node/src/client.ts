@@ -1,0 +1,507 @@
+import { existsSync } from "node:fs";
+import { hostname } from "node:os";
+import { fileURLToPath } from "node:url";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import {
+  FingerprintMismatchError,
+  IdemdError,
+  InProgressError,
+  LeaseLostError,
+  RetryableError,
+  fromServiceError,
+  isUnavailable,
+} from "./errors.js";
+import { fingerprint } from "./fingerprint.js";
+
+// ---------------------------------------------------------------------------------------------
+// Wire types, as @grpc/proto-loader presents them with the options below: camelCase field names,
+// enums as their names, bytes as Buffer, and 64-bit integers as decimal strings (so uint64 fencing
+// tokens never lose precision). The high-level API turns fencing tokens into `bigint`.
+// ---------------------------------------------------------------------------------------------
+
+/** google.protobuf.Duration / Timestamp on the wire (`seconds` is a decimal string when read). */
+export interface Duration {
+  seconds: string | number;
+  nanos: number;
+}
+export type Timestamp = Duration;
+
+export type Outcome = "OUTCOME_UNSPECIFIED" | "OUTCOME_ACQUIRED" | "OUTCOME_IN_PROGRESS" | "OUTCOME_COMPLETED";
+export type RecordState = "RECORD_STATE_UNSPECIFIED" | "RECORD_STATE_IN_PROGRESS" | "RECORD_STATE_COMPLETED";
+export type WaitOutcome = "WAIT_OUTCOME_UNSPECIFIED" | "WAIT_OUTCOME_COMPLETED" | "WAIT_OUTCOME_FREE" | "WAIT_OUTCOME_TIMED_OUT";
+
+/** idempotency.v1.Result as read from idemd. */
+export interface StoredResult {
+  body: Buffer;
+  code: number;
+  metadata: Record<string, string>;
+}
+
+export interface Lease {
+  token: string;
+  /** uint64, as a decimal string. */
+  fencingToken: string;
+  expiresAt: Timestamp | null;
+}
+
+export interface IdemRecord {
+  namespace: string;
+  key: string;
+  state: RecordState;
+  fingerprint: Buffer;
+  result: StoredResult | null;
+  /** uint64, as a decimal string. */
+  fencingToken: string;
+  attempts: number;
+  holder: string;
+  createdAt: Timestamp | null;
+  leaseExpiresAt: Timestamp | null;
+  completedAt: Timestamp | null;
+  expiresAt: Timestamp | null;
+}
+
+export interface AcquireRequest {
+  namespace: string;
+  key: string;
+  fingerprint?: Uint8Array;
+  leaseTtl?: Duration;
+  retention?: Duration;
+  holder?: string;
+}
+export interface AcquireResponse {
+  outcome: Outcome;
+  lease: Lease | null;
+  record: IdemRecord | null;
+  retryAfter: Duration | null;
+}
+export interface ResultMessage {
+  body?: Uint8Array;
+  code?: number;
+  metadata?: Record<string, string>;
+}
+export interface CompleteRequest {
+  namespace: string;
+  key: string;
+  leaseToken: string;
+  result: ResultMessage;
+  retention?: Duration;
+}
+export interface CompleteResponse {
+  record: IdemRecord | null;
+}
+export interface ReleaseRequest {
+  namespace: string;
+  key: string;
+  leaseToken: string;
+}
+export interface RenewRequest {
+  namespace: string;
+  key: string;
+  leaseToken: string;
+  leaseTtl?: Duration;
+}
+export interface RenewResponse {
+  lease: Lease | null;
+}
+export interface GetRequest {
+  namespace: string;
+  key: string;
+}
+export interface GetResponse {
+  record: IdemRecord | null;
+}
+export interface WaitRequest {
+  namespace: string;
+  key: string;
+  timeout?: Duration;
+}
+export interface WaitResponse {
+  outcome: WaitOutcome;
+  record: IdemRecord | null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// High-level API types
+// ---------------------------------------------------------------------------------------------
+
+export type Bytes = Buffer | Uint8Array | string;
+
+/** What `work` may return: raw bytes / a string (UTF-8), or a full result with a status code and metadata. */
+export type ResultInput = Bytes | { body?: Bytes; code?: number; metadata?: Record<string, string> };
+
+export interface WorkContext {
+  namespace: string;
+  key: string;
+  /** Monotonic fencing token of the lease (uint64 as bigint); pass it to downstream systems. 0n when run unprotected (failOpen). */
+  fencingToken: bigint;
+  /** Secret token of the lease; "" when run unprotected (failOpen). */
+  leaseToken: string;
+  /** False only when idemd was unreachable and `failOpen` ran the work anyway. */
+  protected: boolean;
+  /** Aborted (with a LeaseLostError) if a Renew finds that the lease was taken over. */
+  signal: AbortSignal;
+}
+
+export interface IdempotentOptions {
+  /** Lease length asked for at Acquire and each Renew. Default 30000. The lease is renewed every leaseTtlMs/3. */
+  leaseTtlMs?: number;
+  /** How long idemd keeps the completed record. Default: the server's default (24 h unless configured). */
+  retentionMs?: number;
+  /** Shown in Record.holder. Default `${hostname}:${pid}`. */
+  holder?: string;
+  /** Longest single Wait on an in-flight duplicate (each Wait lasts min(retry_after, this)). Default 30000. */
+  waitTimeoutMs?: number;
+  /** Most Wait rounds on an in-flight duplicate before InProgressError. Default 10. */
+  maxWaits?: number;
+  /** Marks a failure of `work` as retryable (the key is released). `RetryableError` is always retryable. */
+  isRetryable?: (err: unknown) => boolean;
+  /** For a non-retryable failure: the result to store (so retries replay it) before rethrowing. Default: release instead. */
+  completeOnError?: (err: unknown) => ResultInput | Promise<ResultInput>;
+  /** When idemd is unreachable, run the work unprotected instead of throwing IdemdUnavailableError. Default false. */
+  failOpen?: boolean;
+}
+
+export interface IdempotentResult {
+  /** The stored (or, unprotected, the produced) result. */
+  result: StoredResult;
+  /** True when the result was stored by an earlier call and `work` did not run. */
+  replayed: boolean;
+  /** False only when `failOpen` ran the work without idemd. */
+  protected: boolean;
+}
+
+export interface ClientOptions {
+  /** Bearer token sent as `authorization: Bearer <token>` on every call. */
+  token?: string;
+  /** Channel credentials. Default: plaintext (`grpc.credentials.createInsecure()`). */
+  credentials?: grpc.ChannelCredentials;
+  /** Extra grpc-js channel options. */
+  channelOptions?: grpc.ChannelOptions;
+  /** Deadline of each Acquire, Complete, Release, Renew and Get. Default 5000 ms. */
+  rpcTimeoutMs?: number;
+  /** Path of idempotency/v1/idempotency.proto. Default: env IDEMD_PROTO_PATH, then `proto/` in the package, then the repository's `proto/`. */
+  protoPath?: string;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const PROTO_LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: false,
+  longs: String,
+  enums: String,
+  bytes: Buffer,
+  defaults: true,
+  oneofs: true,
+};
+
+function defaultProtoPath(): string {
+  if (process.env.IDEMD_PROTO_PATH) return process.env.IDEMD_PROTO_PATH;
+  const rel = "idempotency/v1/idempotency.proto";
+  // This file is dist/src/client.js: the package root is two levels up.
+  const candidates = [
+    fileURLToPath(new URL(`../../proto/${rel}`, import.meta.url)), // a copy shipped inside the package
+    fileURLToPath(new URL(`../../../../proto/${rel}`, import.meta.url)), // the repository's proto/ (clients/node/../../proto)
+  ];
+  return candidates.find((p) => existsSync(p)) ?? candidates[candidates.length - 1]!;
+}
+
+type ServiceCtor = grpc.ServiceClientConstructor;
+const serviceCache = new Map<string, ServiceCtor>();
+
+function loadService(protoPath: string): ServiceCtor {
+  let ctor = serviceCache.get(protoPath);
+  if (!ctor) {
+    const def = protoLoader.loadSync(protoPath, PROTO_LOADER_OPTIONS);
+    const pkg = grpc.loadPackageDefinition(def) as any;
+    ctor = pkg.idempotency.v1.IdempotencyService as ServiceCtor;
+    serviceCache.set(protoPath, ctor);
+  }
+  return ctor;
+}
+
+export function durationFromMs(ms: number): Duration {
+  const whole = Math.max(0, Math.round(ms * 1e6)); // nanoseconds
+  return { seconds: Math.floor(whole / 1e9), nanos: whole % 1e9 };
+}
+
+export function durationToMs(d: Duration | null | undefined): number | undefined {
+  if (!d) return undefined;
+  return Number(d.seconds) * 1000 + d.nanos / 1e6;
+}
+
+function toBuffer(b: Bytes | undefined): Buffer {
+  if (b === undefined) return Buffer.alloc(0);
+  if (typeof b === "string") return Buffer.from(b, "utf8");
+  return Buffer.isBuffer(b) ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength);
+}
+
+/** Normalizes what `work` returned into an idempotency.v1.Result. */
+export function toResult(r: ResultInput): StoredResult {
+  if (typeof r === "string" || r instanceof Uint8Array) return { body: toBuffer(r), code: 0, metadata: {} };
+  if (r === null || typeof r !== "object") {
+    throw new TypeError("work must return a Buffer, Uint8Array, string or { body, code?, metadata? }");
+  }
+  return { body: toBuffer(r.body), code: r.code ?? 0, metadata: { ...(r.metadata ?? {}) } };
+}
+
+function storedResult(r: StoredResult | null | undefined): StoredResult {
+  return { body: r?.body ?? Buffer.alloc(0), code: r?.code ?? 0, metadata: r?.metadata ?? {} };
+}
+
+function defaultHolder(): string {
+  const h = `${hostname()}:${process.pid}`.replace(/[\u0000-\u001f\u007f-\u009f]/g, "");
+  return Buffer.byteLength(h) <= 128 ? h : Buffer.from(h).subarray(0, 128).toString("utf8").replace(/\uFFFD$/, "");
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Client of idemd's idempotency.v1.IdempotencyService. */
+export class IdempotencyClient {
+  private readonly stub: grpc.Client & Record<string, Function>;
+  private readonly token?: string;
+  private readonly rpcTimeoutMs: number;
+
+  constructor(target: string, options: ClientOptions = {}) {
+    const Service = loadService(options.protoPath ?? defaultProtoPath());
+    this.stub = new Service(target, options.credentials ?? grpc.credentials.createInsecure(), options.channelOptions) as any;
+    this.token = options.token;
+    this.rpcTimeoutMs = options.rpcTimeoutMs ?? 5000;
+  }
+
+  /** Closes the channel. */
+  close(): void {
+    this.stub.close();
+  }
+
+  private unary<Req, Res>(method: string, req: Req, timeoutMs: number): Promise<Res> {
+    return new Promise((resolve, reject) => {
+      const md = new grpc.Metadata();
+      if (this.token) md.set("authorization", `Bearer ${this.token}`);
+      this.stub[method]!(req, md, { deadline: new Date(Date.now() + timeoutMs) }, (err: grpc.ServiceError | null, res: Res) =>
+        err ? reject(fromServiceError(err)) : resolve(res),
+      );
+    });
+  }
+
+  // Low-level RPCs: errors are IdemdError (IdemdUnavailableError for UNAVAILABLE / DEADLINE_EXCEEDED).
+
+  acquire(req: AcquireRequest): Promise<AcquireResponse> {
+    return this.unary("Acquire", req, this.rpcTimeoutMs);
+  }
+  complete(req: CompleteRequest): Promise<CompleteResponse> {
+    return this.unary("Complete", req, this.rpcTimeoutMs);
+  }
+  release(req: ReleaseRequest): Promise<{}> {
+    return this.unary("Release", req, this.rpcTimeoutMs);
+  }
+  renew(req: RenewRequest): Promise<RenewResponse> {
+    return this.unary("Renew", req, this.rpcTimeoutMs);
+  }
+  get(req: GetRequest): Promise<GetResponse> {
+    return this.unary("Get", req, this.rpcTimeoutMs);
+  }
+  /** Wait; the call's deadline is the wait timeout plus the RPC timeout. */
+  wait(req: WaitRequest): Promise<WaitResponse> {
+    const t = durationToMs(req.timeout) || 30_000;
+    return this.unary("Wait", req, t + this.rpcTimeoutMs);
+  }
+
+  /**
+   * Runs `work` at most once per (namespace, key):
+   * ACQUIRED → work under a renewed lease, then Complete; IN_PROGRESS → Wait, then replay or re-Acquire;
+   * COMPLETED → replay the stored result without running work.
+   *
+   * `requestOrFingerprint`: a Buffer/Uint8Array is used as the fingerprint as is (at most 64 bytes);
+   * anything else (object, array, string, number…) is fingerprinted with `fingerprint()`; undefined means no fingerprint.
+   */
+  async idempotent(
+    namespace: string,
+    key: string,
+    requestOrFingerprint: unknown,
+    work: (ctx: WorkContext) => ResultInput | Promise<ResultInput>,
+    options: IdempotentOptions = {},
+  ): Promise<IdempotentResult> {
+    const fp =
+      requestOrFingerprint === undefined
+        ? Buffer.alloc(0)
+        : requestOrFingerprint instanceof Uint8Array
+          ? toBuffer(requestOrFingerprint)
+          : fingerprint(requestOrFingerprint);
+    const leaseTtlMs = options.leaseTtlMs ?? 30_000;
+    const waitTimeoutMs = options.waitTimeoutMs ?? 30_000;
+    const maxWaits = options.maxWaits ?? 10;
+    const acquireReq: AcquireRequest = {
+      namespace,
+      key,
+      fingerprint: fp,
+      leaseTtl: durationFromMs(leaseTtlMs),
+      retention: options.retentionMs === undefined ? undefined : durationFromMs(options.retentionMs),
+      holder: options.holder ?? defaultHolder(),
+    };
+
+    for (let waits = 0; ; ) {
+      let acq: AcquireResponse;
+      try {
+        acq = await this.acquire(acquireReq);
+      } catch (err) {
+        return this.onAcquireFailure(err, namespace, key, work, options);
+      }
+
+      switch (acq.outcome) {
+        case "OUTCOME_ACQUIRED":
+          return this.runLeased(namespace, key, acq.lease!, leaseTtlMs, work, options);
+        case "OUTCOME_COMPLETED":
+          return { result: storedResult(acq.record?.result), replayed: true, protected: true };
+        case "OUTCOME_IN_PROGRESS": {
+          if (waits >= maxWaits) {
+            throw new InProgressError(
+              `${namespace}/${key} is still in progress after ${maxWaits} waits`,
+              grpc.status.ABORTED,
+              "IN_PROGRESS",
+            );
+          }
+          waits++;
+          const retryAfter = durationToMs(acq.retryAfter) ?? waitTimeoutMs;
+          const timeoutMs = Math.max(1, Math.min(retryAfter, waitTimeoutMs));
+          let w: WaitResponse;
+          try {
+            w = await this.wait({ namespace, key, timeout: durationFromMs(timeoutMs) });
+          } catch (err) {
+            if (err instanceof IdemdError && err.code === grpc.status.DEADLINE_EXCEEDED) continue; // treat as TIMED_OUT
+            if (err instanceof IdemdError && err.code === grpc.status.RESOURCE_EXHAUSTED) {
+              await sleep(timeoutMs); // too many waiters on the server: poll instead
+              continue;
+            }
+            return this.onAcquireFailure(err, namespace, key, work, options);
+          }
+          if (w.outcome === "WAIT_OUTCOME_COMPLETED") {
+            return { result: storedResult(w.record?.result), replayed: true, protected: true };
+          }
+          continue; // FREE or TIMED_OUT: Acquire again
+        }
+        default:
+          throw new IdemdError(`unexpected Acquire outcome ${acq.outcome}`, grpc.status.INTERNAL, "UNEXPECTED_OUTCOME");
+      }
+    }
+  }
+
+  private async onAcquireFailure(
+    err: unknown,
+    namespace: string,
+    key: string,
+    work: (ctx: WorkContext) => ResultInput | Promise<ResultInput>,
+    options: IdempotentOptions,
+  ): Promise<IdempotentResult> {
+    if (err instanceof FingerprintMismatchError) throw err;
+    if (!isUnavailable(err)) throw err;
+    if (!options.failOpen) throw err; // fail closed: IdemdUnavailableError
+    const ctx: WorkContext = {
+      namespace,
+      key,
+      fencingToken: 0n,
+      leaseToken: "",
+      protected: false,
+      signal: new AbortController().signal,
+    };
+    const result = toResult(await work(ctx));
+    return { result, replayed: false, protected: false };
+  }
+
+  private async runLeased(
+    namespace: string,
+    key: string,
+    lease: Lease,
+    leaseTtlMs: number,
+    work: (ctx: WorkContext) => ResultInput | Promise<ResultInput>,
+    options: IdempotentOptions,
+  ): Promise<IdempotentResult> {
+    const leaseToken = lease.token;
+    const abort = new AbortController();
+    let renewing = false;
+    const timer = setInterval(async () => {
+      if (renewing || abort.signal.aborted) return;
+      renewing = true;
+      try {
+        await this.renew({ namespace, key, leaseToken, leaseTtl: durationFromMs(leaseTtlMs) });
+      } catch (err) {
+        // Transient failures: try again at the next tick. Anything else means the lease is gone.
+        if (!isUnavailable(err) && !(err instanceof IdemdError && err.code === grpc.status.RESOURCE_EXHAUSTED)) {
+          const e = err as IdemdError;
+          abort.abort(new LeaseLostError(`lease on ${namespace}/${key} lost: ${e.message}`, e.code ?? grpc.status.UNKNOWN, e.reason ?? "LEASE_NOT_HELD", { cause: err }));
+          clearInterval(timer);
+        }
+      } finally {
+        renewing = false;
+      }
+    }, Math.max(1, Math.floor(leaseTtlMs / 3)));
+
+    const ctx: WorkContext = {
+      namespace,
+      key,
+      fencingToken: BigInt(lease.fencingToken),
+      leaseToken,
+      protected: true,
+      signal: abort.signal,
+    };
+
+    let produced: ResultInput;
+    try {
+      produced = await work(ctx);
+    } catch (workErr) {
+      clearInterval(timer);
+      const retryable = workErr instanceof RetryableError || (options.isRetryable?.(workErr) ?? false);
+      if (!retryable && options.completeOnError) {
+        let stored = false;
+        try {
+          const res = toResult(await options.completeOnError(workErr));
+          await this.completeWithRetry({ namespace, key, leaseToken, result: res });
+          stored = true;
+        } catch {
+          // Could not store the error result: fall back to releasing.
+        }
+        if (stored) throw workErr;
+      }
+      await this.release({ namespace, key, leaseToken }).catch(() => {
+        /* best effort: the lease expires anyway */
+      });
+      throw workErr;
+    }
+    clearInterval(timer);
+
+    let result: StoredResult;
+    try {
+      result = toResult(produced);
+    } catch (err) {
+      await this.release({ namespace, key, leaseToken }).catch(() => {});
+      throw err;
+    }
+    try {
+      const resp = await this.completeWithRetry({ namespace, key, leaseToken, result });
+      return { result: storedResult(resp.record?.result ?? result), replayed: false, protected: true };
+    } catch (err) {
+      if (err instanceof IdemdError && (err.reason === "LEASE_NOT_HELD" || err.reason === "RECORD_NOT_FOUND")) {
+        throw new LeaseLostError(
+          `lease on ${namespace}/${key} was lost before Complete; the result was not stored: ${err.message}`,
+          err.code,
+          err.reason,
+          { cause: err, errorInfo: err.errorInfo },
+        );
+      }
+      throw err;
+    }
+  }
+
+  /** Complete is safe to retry with the same lease token: retry transient failures a few times. */
+  private async completeWithRetry(req: CompleteRequest): Promise<CompleteResponse> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.complete(req);
+      } catch (err) {
+        if (attempt >= 3 || !isUnavailable(err)) throw err;
+        await sleep(100 * 2 ** attempt);
+      }
+    }
+  }
+}
+

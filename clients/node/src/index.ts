@@ -1,0 +1,40 @@
+export { IdempotencyClient, durationFromMs, durationToMs, toResult } from "./client.js";
+export type {
+  AcquireRequest,
+  AcquireResponse,
+  Bytes,
+  ClientOptions,
+  CompleteRequest,
+  CompleteResponse,
+  Duration,
+  GetRequest,
+  GetResponse,
+  IdemRecord,
+  IdempotentOptions,
+  IdempotentResult,
+  Lease,
+  Outcome,
+  RecordState,
+  ReleaseRequest,
+  RenewRequest,
+  RenewResponse,
+  ResultInput,
+  ResultMessage,
+  StoredResult,
+  Timestamp,
+  WaitOutcome,
+  WaitRequest,
+  WaitResponse,
+  WorkContext,
+} from "./client.js";
+export {
+  FingerprintMismatchError,
+  IdemdError,
+  IdemdUnavailableError,
+  InProgressError,
+  LeaseLostError,
+  RetryableError,
+  isUnavailable,
+} from "./errors.js";
+export { canonicalJson, fingerprint } from "./fingerprint.js";
+export type { ErrorInfo, FieldViolation } from "./status.js";
