@@ -36,7 +36,12 @@ pub struct MemoryStore {
     fencing: AtomicU64,
     /// Local Waits, woken by Complete and Release.
     waiters: Waiters,
+    /// The store's clock: the system's, or a test's.
+    clock: Clock,
 }
+
+/// Where the memory store reads the time.
+pub type Clock = std::sync::Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -51,7 +56,20 @@ impl MemoryStore {
             hasher: RandomState::new(),
             fencing: AtomicU64::new(0),
             waiters: Waiters::default(),
+            clock: std::sync::Arc::new(SystemTime::now),
         }
+    }
+
+    /// A store that reads the time from `clock` (for model tests that move time by hand).
+    pub fn with_clock(clock: Clock) -> Self {
+        Self {
+            clock,
+            ..Self::new()
+        }
+    }
+
+    fn now(&self) -> SystemTime {
+        (self.clock)()
     }
 
     fn shard(&self, namespace: &Namespace, key: &Key) -> MutexGuard<'_, Shard> {
@@ -95,7 +113,7 @@ impl Store for MemoryStore {
         command: AcquireCommand,
         _deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let token = new_token()?;
         let mut shard = self.shard(&command.namespace, &command.key);
         let map_key = (command.namespace.clone(), command.key.clone());
@@ -155,7 +173,7 @@ impl Store for MemoryStore {
         command: CompleteCommand,
         _deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let map_key = (command.namespace, command.key);
         let existing = shard.get_mut(&map_key);
@@ -183,7 +201,7 @@ impl Store for MemoryStore {
         command: ReleaseCommand,
         _deadline: Option<Instant>,
     ) -> Result<(), StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let existing = shard.get_mut(&(command.namespace, command.key));
         match decide_release(existing.as_deref(), &command.lease_token, now) {
@@ -207,7 +225,7 @@ impl Store for MemoryStore {
         command: RenewCommand,
         _deadline: Option<Instant>,
     ) -> Result<Lease, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut shard = self.shard(&command.namespace, &command.key);
         let existing = shard.get_mut(&(command.namespace, command.key));
         match (
@@ -230,7 +248,7 @@ impl Store for MemoryStore {
         command: GetCommand,
         _deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let shard = self.shard(&command.namespace, &command.key);
         shard
             .get(&(command.namespace, command.key))
@@ -251,7 +269,7 @@ impl Store for MemoryStore {
             let notified = registration.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let now = SystemTime::now();
+            let now = self.now();
             let record = self
                 .shard(&command.namespace, &command.key)
                 .get(&(command.namespace.clone(), command.key.clone()))
@@ -291,7 +309,7 @@ impl Store for MemoryStore {
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut budget = u64::from(batch);
         let mut deleted = 0;
         for shard in &self.shards {
@@ -313,7 +331,7 @@ impl Store for MemoryStore {
     }
 
     async fn report_metrics(&self) {
-        let now = SystemTime::now();
+        let now = self.now();
         let (mut in_progress, mut completed) = (0usize, 0usize);
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());

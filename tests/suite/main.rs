@@ -9,6 +9,7 @@ mod deploy;
 mod durability;
 mod grpcurl;
 mod harness;
+mod model;
 mod operations;
 mod processes;
 mod production;
