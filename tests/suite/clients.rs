@@ -27,3 +27,11 @@ fn node_client_tests_pass() {
     npm.args(["test", "--prefix", dir]);
     run_client_suite("Node", npm);
 }
+
+#[test]
+fn python_client_tests_pass() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python");
+    let mut pytest = Command::new("python3");
+    pytest.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir]);
+    run_client_suite("Python", pytest);
+}

@@ -1,0 +1,61 @@
+"""Python client for idemd, the idempotency authority.
+
+    from idemd_client import Client, Result, Retryable
+
+    client = Client("idemd:50051", token=os.environ.get("IDEMD_TOKEN"))
+    outcome = client.idempotent("payments", "order-4711", request, lambda ctx: charge(request))
+    outcome.result.body, outcome.replayed
+"""
+from __future__ import annotations
+
+from .errors import (
+    FingerprintMismatch,
+    IdemdError,
+    IdemdUnavailable,
+    InProgressError,
+    InvalidRequest,
+    LeaseNotHeld,
+    RecordCompleted,
+    RecordNotFound,
+    Retryable,
+)
+from .fingerprint import canonical_json, fingerprint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncLease",
+    "Client",
+    "FingerprintMismatch",
+    "IdemdError",
+    "IdemdUnavailable",
+    "InProgressError",
+    "InvalidRequest",
+    "Lease",
+    "LeaseNotHeld",
+    "Options",
+    "Outcome",
+    "RecordCompleted",
+    "RecordNotFound",
+    "Result",
+    "Retryable",
+    "canonical_json",
+    "fingerprint",
+    "pb",
+]
+
+try:
+    from ._common import Options, Outcome, Result
+    from ._proto import pb
+    from .aio import AsyncClient, AsyncLease
+    from .client import Client, Lease
+except ImportError as _exc:  # generated modules missing: keep `python -m idemd_client.generate` usable
+    if "generated protobuf modules are missing" not in str(_exc):
+        raise
+    _IMPORT_ERROR = _exc
+
+    def __getattr__(name: str):
+        if name in __all__:
+            raise ImportError(str(_IMPORT_ERROR)) from _IMPORT_ERROR
+        raise AttributeError(name)

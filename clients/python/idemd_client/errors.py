@@ -1,0 +1,134 @@
+"""Exceptions raised by idemd_client."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import grpc
+
+__all__ = [
+    "IdemdError",
+    "IdemdUnavailable",
+    "FingerprintMismatch",
+    "LeaseNotHeld",
+    "RecordCompleted",
+    "RecordNotFound",
+    "InvalidRequest",
+    "InProgressError",
+    "Retryable",
+    "error_from_rpc",
+]
+
+
+class IdemdError(Exception):
+    """An error answered by (or on the way to) idemd.
+
+    ``code`` is the gRPC status code, ``reason`` the ``google.rpc.ErrorInfo`` reason (domain
+    "idemd") when the server sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: Optional[grpc.StatusCode] = None,
+        reason: Optional[str] = None,
+        domain: Optional[str] = None,
+        metadata: Optional[Dict[str, str]] = None,
+        field_violations: Optional[List[Tuple[str, str]]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.domain = domain
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations or [])
+
+
+class IdemdUnavailable(IdemdError):
+    """idemd (or its store) could not be reached: UNAVAILABLE, DEADLINE_EXCEEDED, overload, or a
+    connection failure. The helper fails closed with this unless ``fail_open=True``."""
+
+
+class FingerprintMismatch(IdemdError):
+    """The key exists with a different request fingerprint (FINGERPRINT_MISMATCH)."""
+
+
+class LeaseNotHeld(IdemdError):
+    """The lease token is not the key's current lease: taken over, released, or never issued."""
+
+
+class RecordCompleted(IdemdError):
+    """Release or Renew on a record that is already completed (RECORD_COMPLETED)."""
+
+
+class RecordNotFound(IdemdError):
+    """No live record for (namespace, key) (RECORD_NOT_FOUND)."""
+
+
+class InvalidRequest(IdemdError):
+    """A request field broke a rule (INVALID_REQUEST); see ``field_violations``."""
+
+
+class InProgressError(IdemdError):
+    """Another caller still holds the key after ``max_waits`` rounds of waiting."""
+
+
+class Retryable(Exception):
+    """Raise (or subclass) this from the work to mark a failure retryable: the helper releases
+    the key, so the next attempt runs the work again, and re-raises."""
+
+
+_BY_REASON = {
+    "FINGERPRINT_MISMATCH": FingerprintMismatch,
+    "LEASE_NOT_HELD": LeaseNotHeld,
+    "RECORD_COMPLETED": RecordCompleted,
+    "RECORD_NOT_FOUND": RecordNotFound,
+    "INVALID_REQUEST": InvalidRequest,
+    "STORE_UNAVAILABLE": IdemdUnavailable,
+    "DEADLINE_EXCEEDED": IdemdUnavailable,
+    "OVERLOADED": IdemdUnavailable,
+    "CALLER_LIMITED": IdemdUnavailable,
+}
+
+_BY_CODE = {
+    grpc.StatusCode.UNAVAILABLE: IdemdUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: IdemdUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: IdemdUnavailable,
+    grpc.StatusCode.NOT_FOUND: RecordNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+}
+
+
+def error_from_rpc(err: grpc.RpcError, method: str = "") -> IdemdError:
+    """Translate a grpc.RpcError (sync or aio) into the matching IdemdError subclass."""
+    from ._proto import parse_status_details
+
+    code = None
+    details = ""
+    trailing = None
+    try:
+        code = err.code()
+        details = err.details() or ""
+        trailing = err.trailing_metadata()
+    except Exception:  # noqa: BLE001 - not a grpc.Call (should not happen)
+        details = str(err)
+    info = parse_status_details(trailing)
+    cls = None
+    if info.domain in (None, "idemd") and info.reason:
+        cls = _BY_REASON.get(info.reason)
+    if cls is None:
+        cls = _BY_CODE.get(code, IdemdError)
+    name = code.name if code is not None else "UNKNOWN"
+    prefix = f"idemd {method}: " if method else "idemd: "
+    msg = f"{prefix}{name}" + (f" {info.reason}" if info.reason else "") + (f": {details}" if details else "")
+    exc = cls(
+        msg,
+        code=code,
+        reason=info.reason,
+        domain=info.domain,
+        metadata=info.metadata,
+        field_violations=info.field_violations,
+    )
+    exc.__cause__ = err
+    return exc

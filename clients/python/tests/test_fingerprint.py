@@ -1,0 +1,38 @@
+import hashlib
+import json
+import os
+
+import pytest
+
+from idemd_client import canonical_json, fingerprint
+from idemd_client.fingerprint import to_fingerprint
+
+VECTORS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "fingerprint-vectors.json")
+
+
+def _vectors():
+    with open(VECTORS_PATH, encoding="utf-8") as f:
+        data = json.load(f)
+    assert data["algorithm"] == "sha256(rfc8785(json))"
+    assert data["vectors"], "no vectors"
+    return data["vectors"]
+
+
+@pytest.mark.parametrize("vector", _vectors(), ids=lambda v: v["canonical"][:40])
+def test_fingerprint_vector(vector):
+    assert canonical_json(vector["input"]).decode("utf-8") == vector["canonical"]
+    fp = fingerprint(vector["input"])
+    assert fp.hex() == vector["sha256"]
+    assert fp == hashlib.sha256(vector["canonical"].encode("utf-8")).digest()
+    assert to_fingerprint(vector["input"]) == fp
+
+
+def test_to_fingerprint_passes_bytes_and_none():
+    assert to_fingerprint(b"\x01\x02") == b"\x01\x02"
+    assert to_fingerprint(bytearray(b"ab")) == b"ab"
+    assert to_fingerprint(None) == b""
+
+
+def test_integers_beyond_2_53_are_rejected():
+    with pytest.raises(Exception):
+        fingerprint({"n": 2**53})
