@@ -9,6 +9,7 @@ mod deploy;
 mod durability;
 mod grpcurl;
 mod harness;
+mod hostile;
 mod model;
 mod operations;
 mod processes;
