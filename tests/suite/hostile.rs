@@ -4,8 +4,8 @@
 
 use std::io::Write;
 
-use prost::bytes::{Buf, BufMut};
 use idemd::proto::idempotency::v1 as pb;
+use prost::bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code;
 
