@@ -7,6 +7,7 @@ mod concurrency;
 mod conformance;
 mod deploy;
 mod durability;
+mod faults;
 mod grpcurl;
 mod harness;
 mod hostile;
