@@ -141,3 +141,85 @@ async fn one_winner_memory() {
         assert_eq!((acquired, in_progress), (1, CALLERS - 1));
     }
 }
+
+/// Completes sent to PostgreSQL in shared batches keep every rule: a retried Complete with the
+/// same token (even in the same batch) returns the one stored result, a stale token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_completes_keep_the_rules() {
+    let database = TestDatabase::create().await;
+    let store = Arc::new(database.store());
+    let server = TestServer::start(store.clone(), test_settings()).await;
+    let mut client = server.client().await;
+    let mut leases = Vec::new();
+    for index in 0..150 {
+        let key = unique_key(&format!("batch-{index}"));
+        let lease = client
+            .acquire(acquire_request(NS, &key, b""))
+            .await
+            .expect("acquire")
+            .into_inner()
+            .lease
+            .expect("lease");
+        leases.push((key, lease.token));
+    }
+    let complete = |key: &str, token: &str, tag: &str| pb::CompleteRequest {
+        namespace: NS.into(),
+        key: key.into(),
+        lease_token: token.into(),
+        result: Some(sample_result(tag)),
+        retention: None,
+    };
+    let mut calls = JoinSet::new();
+    for (key, token) in &leases {
+        for (token, tag) in [
+            (token.clone(), "first"),
+            (token.clone(), "second"),
+            ("0123456789abcdef0123456789abcdef".to_string(), "forged"),
+        ] {
+            let mut client = client.clone();
+            let request = complete(key, &token, tag);
+            let key = key.clone();
+            calls.spawn(async move { (key, tag, client.complete(request).await) });
+        }
+    }
+    let mut answers: std::collections::HashMap<String, Vec<pb::Record>> = Default::default();
+    while let Some(joined) = calls.join_next().await {
+        let (key, tag, result) = joined.expect("task");
+        match (tag, result) {
+            ("forged", result) => {
+                assert_status(result, tonic::Code::FailedPrecondition, "LEASE_NOT_HELD");
+            }
+            (_, result) => {
+                let record = result
+                    .expect("complete")
+                    .into_inner()
+                    .record
+                    .expect("record");
+                answers.entry(key).or_default().push(record);
+            }
+        }
+    }
+    for (key, records) in &answers {
+        assert_eq!(records.len(), 2);
+        assert_eq!(
+            records[0], records[1],
+            "{key}: both Completes return the one stored record"
+        );
+        let stored = client
+            .get(pb::GetRequest {
+                namespace: NS.into(),
+                key: key.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+            .record
+            .expect("record");
+        assert_eq!(&stored, &records[0]);
+    }
+    assert_eq!(answers.len(), leases.len());
+    assert!(
+        store.shared_complete_batches() > 0,
+        "no batch carried more than one Complete: the test proves nothing about batching"
+    );
+}

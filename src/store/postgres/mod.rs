@@ -56,6 +56,8 @@ pub struct PostgresConfig {
     /// How often a Wait re-reads its record without a notification: a lost notification delays
     /// a Wait by at most this much.
     pub wait_poll: Duration,
+    /// Most Completes sent to PostgreSQL as one statement (1: no batching).
+    pub complete_batch: usize,
 }
 
 impl PostgresConfig {
@@ -67,6 +69,7 @@ impl PostgresConfig {
             query_timeout: Duration::from_secs(5),
             ca_file: None,
             wait_poll: Duration::from_secs(2),
+            complete_batch: 64,
         }
     }
 
@@ -109,6 +112,11 @@ pub struct PostgresStore {
     connect_timeout: Duration,
     query_timeout: Duration,
     wait_poll: Duration,
+    /// Completes go through the batcher when set (see `batch`).
+    completer: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<batch::CompleteJob>>>,
+    complete_batch: usize,
+    /// Batches that carried more than one Complete.
+    shared_batches: Arc<AtomicU64>,
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
     /// of the same key committed mid-statement (and the store decided again).
     insert_races: Arc<AtomicU64>,
@@ -147,6 +155,9 @@ impl PostgresStore {
             connect_timeout: config.connect_timeout,
             query_timeout: config.query_timeout,
             wait_poll: config.wait_poll,
+            completer: Arc::default(),
+            complete_batch: config.complete_batch,
+            shared_batches: Arc::default(),
             insert_races: Arc::default(),
         })
     }
@@ -154,6 +165,11 @@ impl PostgresStore {
     /// The pool, for metrics and shutdown.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// How many Complete batches carried more than one Complete.
+    pub fn shared_complete_batches(&self) -> u64 {
+        self.shared_batches.load(Ordering::Relaxed)
     }
 
     /// Whether the LISTEN connection is up.
@@ -638,6 +654,18 @@ async fn read_for_wait(
 }
 
 impl PostgresStore {
+    /// The batcher's queue, started on first use.
+    fn completer(&self) -> tokio::sync::mpsc::Sender<batch::CompleteJob> {
+        self.completer
+            .get_or_init(|| {
+                let (sender, jobs) = tokio::sync::mpsc::channel(4096);
+                let slots = (self.pool.status().max_size / 4).max(1);
+                tokio::spawn(batch::run(self.clone(), jobs, self.complete_batch, slots));
+                sender
+            })
+            .clone()
+    }
+
     fn start_listener(&self) {
         self.listener_started.call_once(|| {
             tokio::spawn(listener::run(
@@ -649,6 +677,8 @@ impl PostgresStore {
         });
     }
 }
+
+mod batch;
 
 impl Store for PostgresStore {
     async fn wait(
@@ -717,7 +747,27 @@ impl Store for PostgresStore {
         command: CompleteCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        on_connection!(self, deadline, |client| complete_on(&client, &command))
+        if self.complete_batch <= 1 {
+            return on_connection!(self, deadline, |client| complete_on(&client, &command));
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = batch::CompleteJob {
+            command,
+            deadline,
+            reply,
+        };
+        self.completer()
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Internal("the Complete batcher stopped".into()))?;
+        let answer = match deadline {
+            // The batch runs on; only this caller stops waiting for it.
+            Some(deadline) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| StoreError::DeadlineExceeded)?,
+            None => answer.await,
+        };
+        answer.map_err(|_| StoreError::Internal("the Complete batch was lost".into()))?
     }
 
     async fn release(
