@@ -147,7 +147,13 @@ async fn one_winner_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_completes_keep_the_rules() {
     let database = TestDatabase::create().await;
-    let store = Arc::new(database.store());
+    let store = Arc::new(
+        idemd::store::PostgresStore::connect(&idemd::store::postgres::PostgresConfig {
+            complete_batch: 64,
+            ..database.config()
+        })
+        .expect("pool"),
+    );
     let server = TestServer::start(store.clone(), test_settings()).await;
     let mut client = server.client().await;
     let mut leases = Vec::new();

@@ -56,7 +56,8 @@ pub struct PostgresConfig {
     /// How often a Wait re-reads its record without a notification: a lost notification delays
     /// a Wait by at most this much.
     pub wait_poll: Duration,
-    /// Most Completes sent to PostgreSQL as one statement (1: no batching).
+    /// Most Completes sent to PostgreSQL as one statement; 1 (the default) turns batching off.
+    /// Measured on a 2-core box it did not pay (docs/PERFORMANCE.md), so it is opt-in.
     pub complete_batch: usize,
 }
 
@@ -69,7 +70,7 @@ impl PostgresConfig {
             query_timeout: Duration::from_secs(5),
             ca_file: None,
             wait_poll: Duration::from_secs(2),
-            complete_batch: 64,
+            complete_batch: 1,
         }
     }
 
