@@ -274,35 +274,25 @@ impl Store for MemoryStore {
                 .shard(&command.namespace, &command.key)
                 .get(&(command.namespace.clone(), command.key.clone()))
                 .cloned();
-            match decide_wait(record.as_ref(), now) {
-                WaitDecision::Completed => {
-                    if let Some(record) = record {
-                        return Ok(WaitOutcome::Completed { record });
-                    }
+            match (decide_wait(record.as_ref(), now), record) {
+                (WaitDecision::Completed, Some(record)) => {
+                    return Ok(WaitOutcome::Completed { record })
                 }
-                WaitDecision::Free => {
-                    let record = record.filter(|record| record.is_live(now));
-                    return Ok(WaitOutcome::Free { record });
-                }
-                WaitDecision::Held { lease_expires_at } => {
-                    let (Some(record), true) = (record, Instant::now() < until) else {
-                        let record = self
-                            .shard(&command.namespace, &command.key)
-                            .get(&(command.namespace.clone(), command.key.clone()))
-                            .cloned()
-                            .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
+                (WaitDecision::Held { lease_expires_at }, Some(record)) => {
+                    if Instant::now() >= until {
                         return Ok(WaitOutcome::TimedOut { record });
-                    };
+                    }
                     let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
                     let wake = until.min(Instant::now() + lease_left);
+                    // Either way, look again: the next round answers.
                     tokio::select! {
                         _ = &mut notified => {}
-                        _ = tokio::time::sleep_until(wake) => {
-                            if Instant::now() >= until && wake == until {
-                                return Ok(WaitOutcome::TimedOut { record });
-                            }
-                        }
+                        _ = tokio::time::sleep_until(wake) => {}
                     }
+                }
+                (_, record) => {
+                    let record = record.filter(|record| record.is_live(now));
+                    return Ok(WaitOutcome::Free { record });
                 }
             }
         }

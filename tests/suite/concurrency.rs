@@ -105,16 +105,7 @@ async fn one_takeover_of_an_expired_lease(server: &TestServer) {
         let (acquired, in_progress, leases) = stampede(&clients, &key).await;
         assert_eq!((acquired, in_progress), (1, CALLERS - 1), "round {round}");
         assert!(leases[0].fencing_token > first.fencing_token);
-        let record = client
-            .get(pb::GetRequest {
-                namespace: NS.into(),
-                key: key.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .record
-            .expect("record");
+        let record = get_record(&mut client, NS, &key).await;
         assert_eq!(record.attempts, 2);
     }
 }
@@ -211,16 +202,7 @@ async fn batched_completes_keep_the_rules() {
             records[0], records[1],
             "{key}: both Completes return the one stored record"
         );
-        let stored = client
-            .get(pb::GetRequest {
-                namespace: NS.into(),
-                key: key.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .record
-            .expect("record");
+        let stored = get_record(&mut client, NS, key).await;
         assert_eq!(&stored, &records[0]);
     }
     assert_eq!(answers.len(), leases.len());

@@ -68,16 +68,7 @@ async fn complete_many(client: &mut Client, count: usize) -> Vec<(String, pb::Re
 /// Every acknowledged record reads back identical, by Get and by Acquire's replay.
 async fn assert_all_there(client: &mut Client, done: &[(String, pb::Record)]) {
     for (key, acknowledged) in done {
-        let record = client
-            .get(pb::GetRequest {
-                namespace: NS.into(),
-                key: key.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .record
-            .expect("record");
+        let record = get_record(client, NS, key).await;
         assert_eq!(&record, acknowledged, "record {key} changed");
         let replay = client
             .acquire(acquire_request(NS, key, b"fp"))

@@ -342,3 +342,17 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Reads a record that must exist.
+pub async fn get_record(client: &mut Client, namespace: &str, key: &str) -> pb::Record {
+    client
+        .get(pb::GetRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .record
+        .expect("record")
+}

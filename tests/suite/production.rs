@@ -323,16 +323,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     let restarted = IdemdProcess::start(&["--database-url", &database.url]);
     let mut client = connect(restarted.addr).await;
     for key in &keys {
-        let record = client
-            .get(pb::GetRequest {
-                namespace: NS.into(),
-                key: key.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner()
-            .record
-            .expect("record");
+        let record = get_record(&mut client, NS, key).await;
         assert_eq!(record.result, Some(sample_result("drained")));
     }
     // An RPC sent after SIGTERM may be refused by the closing connection (the transport race
@@ -375,16 +366,7 @@ async fn client_deadline_cancels_the_database_statement() {
     )
     .await;
     locker.batch_execute("COMMIT").await.expect("release lock");
-    let record = client
-        .get(pb::GetRequest {
-            namespace: NS.into(),
-            key: key.clone(),
-        })
-        .await
-        .expect("get")
-        .into_inner()
-        .record
-        .expect("record");
+    let record = get_record(&mut client, NS, &key).await;
     assert_eq!(
         record.state(),
         pb::RecordState::InProgress,
