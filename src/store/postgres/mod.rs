@@ -208,12 +208,19 @@ impl PostgresStore {
             create: Some(wait),
             recycle: Some(wait),
         };
-        match self.pool.timeout_get(&timeouts).await {
-            Ok(client) => Ok(client),
-            Err(deadpool_postgres::PoolError::Timeout(_)) if by_caller && wait == budget => {
+        // deadpool applies its timeouts one after another (wait for a slot, then create or
+        // recycle); the command gets one bound for all of it.
+        match tokio::time::timeout(wait, self.pool.timeout_get(&timeouts)).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(deadpool_postgres::PoolError::Timeout(_))) | Err(_)
+                if by_caller && wait == budget =>
+            {
                 Err(StoreError::DeadlineExceeded)
             }
-            Err(error) => Err(from_pool(error)),
+            Ok(Err(error)) => Err(from_pool(error)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no database connection within {wait:?}"
+            ))),
         }
     }
 
@@ -620,14 +627,16 @@ async fn estimate_records(client: &Object) -> Result<(f64, f64), StoreError> {
 /// the deadline allows, cancelling it in PostgreSQL if it runs out (see `PostgresStore::settle`).
 macro_rules! on_connection {
     ($store:expr, $deadline:expr, |$client:ident| $work:expr) => {{
+        // One budget for the whole command: waiting for a connection spends it too.
         let (budget, by_caller) = $store.budget($deadline);
+        let end = tokio::time::Instant::now() + budget;
         #[allow(unused_mut)]
         let mut $client = Guarded::new(
             $store.client(budget, by_caller).await?,
             &$store.tls,
             $store.connect_timeout,
         );
-        let outcome = tokio::time::timeout(budget, $work).await;
+        let outcome = tokio::time::timeout_at(end, $work).await;
         $store.settle($client, outcome, by_caller)
     }};
 }
