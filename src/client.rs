@@ -130,9 +130,16 @@ fn reason(status: &Status) -> String {
         .unwrap_or_default()
 }
 
+/// Whether idemd could not be reached or did not answer: the call may be retried. A connection
+/// that breaks under a call (a replica restarting) reaches us as UNKNOWN "transport error" or
+/// CANCELLED "operation was canceled", with the transport error as the source.
 fn unreachable_status(status: &Status) -> bool {
+    use std::error::Error;
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
         || (status.code() == Code::Unknown && reason(status).is_empty())
+        || status
+            .source()
+            .is_some_and(|source| source.is::<tonic::transport::Error>())
 }
 
 fn duration(value: Duration) -> Option<prost_types::Duration> {
