@@ -11,7 +11,7 @@ use std::{
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
@@ -128,6 +128,11 @@ impl Cluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Where the server listens (TCP).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// Starts (or restarts) the server on the same port and data, waiting until it accepts.
     pub fn start_again(&self) {
         let mut pg_ctl = pg_command("pg_ctl");
@@ -144,12 +149,28 @@ impl Cluster {
                 self.options
             ))
             .args(["-w", "-t", "60", "start"]);
-        run(pg_ctl, "pg_ctl start");
+        let output = pg_ctl.output().expect("pg_ctl start");
+        if !output.status.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "pg_ctl start failed: {}\n{}\nserver.log (last lines, newest first):\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr),
+                tail.join("\n")
+            );
+        }
     }
 
     /// Sends `signal` (e.g. "STOP", "CONT") to the postmaster and all its children: with STOP,
     /// the database hangs like a black-holed network (connections open, no answers).
     pub fn signal_all(&self, signal: &str) {
+        self.signal_all_pids(signal);
+    }
+
+    /// `signal_all`, returning the pids signalled.
+    fn signal_all_pids(&self, signal: &str) -> Vec<String> {
         let pid_file =
             std::fs::read_to_string(self.data().join("postmaster.pid")).expect("postmaster.pid");
         let postmaster = pid_file
@@ -171,6 +192,26 @@ impl Cluster {
         let mut kill = Command::new("kill");
         kill.arg(format!("-{signal}")).args(&pids);
         run(kill, "signal postgres processes");
+        pids
+    }
+
+    /// SIGKILL to the postmaster and every backend, then waits until all are dead: the harshest
+    /// way PostgreSQL can die (no shutdown, no checkpoint, a stale pid file and shared memory).
+    pub fn kill_all(&self) {
+        let pids = self.signal_all_pids("KILL");
+        let started = std::time::Instant::now();
+        // Wait until they are gone from /proc: PostgreSQL refuses to start while the pid in its
+        // lock file still exists, even as a zombie not yet reaped.
+        while pids
+            .iter()
+            .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "postgres processes survived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stops the server the way a crash does: no checkpoint, no goodbye to clients.
@@ -216,10 +257,17 @@ impl IdemdProcess {
     /// Starts `idemd serve` on free ports with `args` and waits until it announces its gRPC and
     /// metrics addresses.
     pub fn start(args: &[&str]) -> Self {
+        Self::spawn("127.0.0.1:0", args, &[])
+    }
+
+    /// Starts `idemd serve` with gRPC on `listen` (so a restarted replica keeps its address),
+    /// extra environment variables `env`, and `args`.
+    pub fn spawn(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_idemd"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,716 @@
+//! Jepsen-style runs: several idemd replicas on a throwaway PostgreSQL cluster, clients in
+//! acquire → work → complete loops with retries and duplicates, one fault scenario per test. Every
+//! call is recorded; the checker (`history.rs`) then judges the whole history: at most one holder
+//! at a time with growing fencing tokens, acknowledged results never lost or changed, no key stuck,
+//! only retryable errors. Each replica must serve again within a bound after every fault.
+//!
+//! With `IDEMD_RELIABILITY_DIR` set, each scenario writes its row of `docs/RELIABILITY.md` there
+//! (`scripts/reliability.sh` runs them all and assembles the report).
+
+mod history;
+mod rig;
+mod workload;
+
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::watch;
+use tonic::Code;
+
+use crate::faults::Fault;
+use history::{check, millis, retryable, Call, History, Op, Reply, Tally};
+use rig::Rig;
+use workload::{Caller, Workload};
+
+/// Load before the first fault and after the last, so every run has a clean phase on each side.
+const CALM: Duration = Duration::from_millis(1200);
+
+struct Scenario {
+    name: &'static str,
+    /// Extra environment for each replica (one entry per replica).
+    replicas: Vec<Vec<(String, String)>>,
+    workload: Workload,
+    /// The faults must make some calls fail (proof they happened).
+    expect_errors: bool,
+}
+
+impl Scenario {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            replicas: vec![Vec::new(); 3],
+            workload: Workload::default(),
+            expect_errors: true,
+        }
+    }
+}
+
+/// Runs the load, lets `faults` inject and heal faults meanwhile, then checks the history.
+async fn run<F, Fut>(scenario: Scenario, faults: F)
+where
+    F: FnOnce(Arc<Rig>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    crate::harness::init_logs();
+    let started = Instant::now();
+    let rig = Rig::start(scenario.replicas.clone()).await;
+    rig.await_serving(Instant::now()).await;
+    let history = Arc::new(History::default());
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = Vec::new();
+    for worker in 0..scenario.workload.workers {
+        let caller = Caller {
+            worker,
+            clients: (0..rig.replicas.len())
+                .map(|index| {
+                    idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient::new(
+                        rig.channel(index),
+                    )
+                })
+                .collect(),
+            history: history.clone(),
+        };
+        workers.push(tokio::spawn(workload::worker(
+            caller,
+            scenario.workload.clone(),
+            stopped.clone(),
+        )));
+    }
+
+    tokio::time::sleep(CALM).await;
+    faults(rig.clone()).await;
+    tokio::time::sleep(CALM).await;
+    let _ = stop.send(true);
+    for worker in workers {
+        worker.await.expect("worker panicked");
+    }
+
+    let stuck = final_phase(&rig, &history).await;
+    let ops = history.ops();
+    let (tally, violations) = check(&ops);
+    let report = Report {
+        name: scenario.name,
+        tally: tally.clone(),
+        faults: rig.fault_records(),
+        violations: violations.len() + stuck.len(),
+        elapsed: started.elapsed(),
+    };
+    report.write();
+    eprintln!("{}", report.row());
+
+    let mut problems: Vec<String> = violations.iter().take(10).map(|v| v.to_string()).collect();
+    problems.extend(stuck.iter().take(10).map(|key| {
+        let sub: Vec<String> = ops
+            .iter()
+            .filter(|op| &op.key == key)
+            .map(|op| format!("  {op:?}"))
+            .collect();
+        format!(
+            "key {key} is stuck: still IN_PROGRESS after every lease expired\n{}",
+            sub.join("\n")
+        )
+    }));
+    assert!(
+        problems.is_empty(),
+        "{}: {} violation(s) in {} operations:\n{}",
+        scenario.name,
+        violations.len() + stuck.len(),
+        ops.len(),
+        problems.join("\n")
+    );
+    assert!(tally.grants > 0, "no lease was ever granted: {tally:?}");
+    assert!(
+        tally.completes_acknowledged > 0,
+        "nothing completed: {tally:?}"
+    );
+    let errors: usize = tally.errors.values().sum();
+    if scenario.expect_errors {
+        assert!(
+            ops.iter()
+                .any(|op| matches!(&op.reply, Reply::Failed { code, .. } if retryable(*code))),
+            "{}: the faults never reached a client (no retryable error): {tally:?}",
+            scenario.name
+        );
+    } else {
+        assert_eq!(
+            tally.errors.get("Unavailable").copied().unwrap_or(0),
+            0,
+            "unavailability without a fault: {tally:?}"
+        );
+    }
+    let _ = errors;
+}
+
+/// After the load: every fault healed, every lease expired. Each key ever touched must now be
+/// acquirable or completed (never stuck), and every acknowledged result readable; these calls go
+/// into the history too, so the checker judges them. Returns the stuck keys.
+async fn final_phase(rig: &Arc<Rig>, history: &Arc<History>) -> Vec<String> {
+    rig.set_network(Fault::Pass);
+    rig.await_serving(Instant::now()).await;
+    let ops = history.ops();
+    let latest_expiry = ops
+        .iter()
+        .filter_map(|op| match op.reply {
+            Reply::Acquired { expires, .. } | Reply::Renewed { expires } => Some(expires),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    crate::harness::wait_past(latest_expiry).await;
+
+    let mut keys: Vec<String> = ops.iter().map(|op| op.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    let caller = Caller {
+        worker: usize::MAX,
+        clients: (0..rig.replicas.len())
+            .map(|index| {
+                idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient::new(
+                    rig.channel(index),
+                )
+            })
+            .collect(),
+        history: history.clone(),
+    };
+    let mut stuck = Vec::new();
+    let ttl = Duration::from_secs(5);
+    for (n, key) in keys.iter().enumerate() {
+        let replica = n % rig.replicas.len();
+        let (reply, response) = retry(|| caller.acquire(replica, key, ttl)).await;
+        match reply {
+            Reply::Acquired { .. } => {
+                let lease = response.and_then(|r| r.lease).expect("lease");
+                let body = format!("{key}|final").into_bytes();
+                retry(|| async {
+                    (
+                        caller.complete(replica, key, &lease, body.clone()).await,
+                        None::<()>,
+                    )
+                })
+                .await;
+            }
+            Reply::InProgress => stuck.push(key.clone()),
+            _ => {}
+        }
+        retry(|| async { (caller.get(replica, key).await, None::<()>) }).await;
+    }
+    stuck
+}
+
+/// Repeats a call while it fails with a retryable error (the system has healed: briefly).
+async fn retry<T, F, Fut>(mut call: F) -> (Reply, Option<T>)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = (Reply, Option<T>)>,
+{
+    let mut left = 100;
+    loop {
+        let (reply, value) = call().await;
+        match reply {
+            Reply::Failed { code, .. } if retryable(code) && left > 0 => {
+                left -= 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            reply => return (reply, value),
+        }
+    }
+}
+
+/// One scenario's line in docs/RELIABILITY.md.
+struct Report {
+    name: &'static str,
+    tally: Tally,
+    faults: Vec<rig::FaultRecord>,
+    violations: usize,
+    elapsed: Duration,
+}
+
+impl Report {
+    fn row(&self) -> String {
+        let errors = if self.tally.errors.is_empty() {
+            "none".to_string()
+        } else {
+            self.tally
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let faults = if self.faults.is_empty() {
+            "none".to_string()
+        } else {
+            self.faults
+                .iter()
+                .map(|fault| match fault.healed {
+                    Some(healed) => format!(
+                        "{} ({} ms)",
+                        fault.what,
+                        millis(healed.duration_since(fault.injected))
+                    ),
+                    None => fault.what.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let recovery = self
+            .faults
+            .iter()
+            .filter_map(|fault| fault.recovery)
+            .max()
+            .map(|d| format!("{} ms", millis(d)))
+            .unwrap_or_else(|| "–".into());
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | **{}** | {} | {:.1} s |",
+            self.name,
+            faults,
+            self.tally.ops,
+            self.tally.keys,
+            self.tally.grants,
+            self.tally.takeovers,
+            self.tally.completes_acknowledged,
+            errors,
+            self.violations,
+            recovery,
+            self.elapsed.as_secs_f64()
+        )
+    }
+
+    fn write(&self) {
+        let Some(dir) = std::env::var_os("IDEMD_RELIABILITY_DIR") else {
+            return;
+        };
+        let slug: String = self
+            .name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::fs::create_dir_all(&dir).expect("report dir");
+        std::fs::write(
+            std::path::Path::new(&dir).join(format!("chaos-{slug}.md")),
+            format!("{}\n", self.row()),
+        )
+        .expect("write report row");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios.
+
+/// How long the database stays down or the network stays broken in each fault.
+const OUTAGE: Duration = Duration::from_millis(1500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_die_holding_leases() {
+    let mut scenario = Scenario::new("clients die holding leases");
+    scenario.workload.abandon = 0.3;
+    scenario.expect_errors = false;
+    run(scenario, |_rig| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted() {
+    run(
+        Scenario::new("PostgreSQL immediate shutdown and restart"),
+        |rig| async move {
+            for _ in 0..2 {
+                let fault = rig.inject("pg_ctl stop -m immediate");
+                rig.blocking(|rig| rig.cluster.crash()).await;
+                tokio::time::sleep(OUTAGE).await;
+                rig.blocking(|rig| rig.cluster.start_again()).await;
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed() {
+    run(
+        Scenario::new("PostgreSQL SIGKILLed and restarted"),
+        |rig| async move {
+            for _ in 0..2 {
+                let fault = rig.inject("SIGKILL to every postgres process");
+                rig.blocking(|rig| rig.cluster.kill_all()).await;
+                tokio::time::sleep(OUTAGE).await;
+                rig.blocking(|rig| rig.cluster.start_again()).await;
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_postgres_cut() {
+    run(
+        Scenario::new("network to PostgreSQL cut"),
+        |rig| async move {
+            for _ in 0..2 {
+                let fault = rig.inject("every connection reset, new ones refused");
+                rig.set_network(Fault::Cut);
+                tokio::time::sleep(OUTAGE).await;
+                rig.set_network(Fault::Pass);
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_postgres_black_holed() {
+    run(
+        Scenario::new("network to PostgreSQL black-holed"),
+        |rig| async move {
+            for _ in 0..2 {
+                let fault = rig.inject("packets vanish (no RST) for 2.5 s");
+                rig.set_network(Fault::BlackHole);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                rig.set_network(Fault::Pass);
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_to_postgres_slow() {
+    let mut scenario = Scenario::new("network to PostgreSQL slow");
+    // 40 ms each way per chunk: slow, not broken; calls may time out but nothing else.
+    scenario.expect_errors = false;
+    run(scenario, |rig| async move {
+        let fault = rig.inject("40 ms added to every chunk, both ways, for 3 s");
+        rig.set_network(Fault::Delay(Duration::from_millis(40)));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rig.set_network(Fault::Pass);
+        rig.heal(fault).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_partitioned_from_postgres() {
+    run(
+        Scenario::new("one replica black-holed from PostgreSQL"),
+        |rig| async move {
+            let fault = rig.inject("replica 0's database traffic black-holed for 3 s");
+            rig.proxies[0].set(Fault::BlackHole);
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            rig.proxies[0].set(Fault::Pass);
+            rig.heal(fault).await;
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_killed_mid_rpc() {
+    run(
+        Scenario::new("replicas SIGKILLed mid-RPC and restarted"),
+        |rig| async move {
+            for index in [0, 2] {
+                let fault = rig.inject(format!("SIGKILL replica {index}"));
+                rig.kill_replica(index).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                rig.start_replica(index).await;
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_terminated_under_load() {
+    run(
+        Scenario::new("replicas SIGTERMed under load and restarted"),
+        |rig| async move {
+            for index in [1, 2] {
+                let fault = rig.inject(format!("SIGTERM replica {index}"));
+                let code = rig.terminate_replica(index).await;
+                assert_eq!(code, Some(0), "replica {index} did not drain cleanly");
+                rig.start_replica(index).await;
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_terminated() {
+    run(
+        Scenario::new("pg_terminate_backend on idemd's connections"),
+        |rig| async move {
+            let (client, connection) =
+                tokio_postgres::connect(&rig.cluster.admin_url(), tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to cluster");
+            tokio::spawn(connection);
+            for _ in 0..2 {
+                let fault = rig.inject("every idemd backend terminated, 10 times in 2 s");
+                let mut terminated = 0i64;
+                for _ in 0..10 {
+                    let row = client
+                        .query_one(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE application_name = 'idemd' AND pid <> pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .expect("terminate backends");
+                    terminated += row.get::<_, i64>(0);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                assert!(terminated > 0, "no idemd backend was found to terminate");
+                rig.heal(fault).await;
+                tokio::time::sleep(CALM).await;
+            }
+        },
+    )
+    .await;
+}
+
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Replica environment that shifts its wall clock by `offset` (libfaketime; monotonic untouched).
+fn skewed(offset: &str) -> Vec<(String, String)> {
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "libfaketime is required for the clock-skew scenario (apt-get install faketime)"
+    );
+    vec![
+        ("LD_PRELOAD".into(), FAKETIME.into()),
+        ("FAKETIME".into(), offset.into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
+}
+
+/// Seconds since midnight in a log line's leading RFC 3339 timestamp.
+fn log_clock(line: &str) -> Option<i64> {
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let mut parts = time.get(..8)?.split(':').map(|p| p.parse::<i64>().ok());
+    Some(parts.next()?? * 3600 + parts.next()?? * 60 + parts.next()??)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_clocks_disagree() {
+    let mut scenario = Scenario::new("replica clocks 40 s behind and 45 s ahead");
+    scenario.replicas = vec![skewed("-40"), Vec::new(), skewed("+45")];
+    scenario.workload.abandon = 0.15;
+    scenario.expect_errors = false;
+    run(scenario, |rig| async move {
+        // The skew is real: each replica stamps its logs with its own clock.
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64
+            % 86_400;
+        for (index, expected) in [(0usize, -40i64), (1, 0), (2, 45)] {
+            let logs = rig.replica_logs(index);
+            let stamp = logs.iter().rev().find_map(|line| log_clock(line));
+            let stamp = stamp.expect("a timestamped log line");
+            let skew = (stamp - now + 43_200).rem_euclid(86_400) - 43_200;
+            assert!(
+                (skew - expected).abs() <= 10,
+                "replica {index} runs {skew} s off, expected {expected} s"
+            );
+        }
+        rig.inject("wall clocks -40 s / 0 / +45 s for the whole run");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_combined() {
+    run(
+        Scenario::new("combined: slow network, replica SIGKILL, PostgreSQL crash"),
+        |rig| async move {
+            let fault = rig.inject(
+                "20 ms network delay + SIGKILL replica 1 + pg_ctl stop -m immediate, together",
+            );
+            rig.set_network(Fault::Delay(Duration::from_millis(20)));
+            rig.kill_replica(1).await;
+            rig.blocking(|rig| rig.cluster.crash()).await;
+            tokio::time::sleep(OUTAGE).await;
+            rig.blocking(|rig| rig.cluster.start_again()).await;
+            rig.start_replica(1).await;
+            rig.set_network(Fault::Pass);
+            rig.heal(fault).await;
+        },
+    )
+    .await;
+}
+
+/// The checker must catch what it claims to catch: a history with two live holders, a changed
+/// result, a grant after an acknowledged Complete and an INTERNAL error is rejected.
+#[test]
+fn checker_rejects_broken_histories() {
+    let t0 = SystemTime::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let op = |worker, call, invoked, returned, reply| Op {
+        worker,
+        replica: 0,
+        key: "k".into(),
+        call,
+        invoked: at(invoked),
+        returned: at(returned),
+        reply,
+    };
+    let body = |s: &str| s.as_bytes().to_vec();
+    let ops = vec![
+        op(
+            1,
+            Call::Acquire,
+            0,
+            5,
+            Reply::Acquired {
+                fence: 1,
+                expires: at(1000),
+            },
+        ),
+        // Granted while worker 1's lease was live, and with a smaller token than it should.
+        op(
+            2,
+            Call::Acquire,
+            10,
+            15,
+            Reply::Acquired {
+                fence: 1,
+                expires: at(1010),
+            },
+        ),
+        op(
+            1,
+            Call::Complete {
+                fence: 1,
+                body: body("a"),
+            },
+            20,
+            25,
+            Reply::Stored { body: body("a") },
+        ),
+        op(
+            3,
+            Call::Get,
+            30,
+            35,
+            Reply::Read {
+                body: Some(body("b")),
+            },
+        ),
+        op(
+            3,
+            Call::Acquire,
+            40,
+            45,
+            Reply::Acquired {
+                fence: 2,
+                expires: at(1040),
+            },
+        ),
+        op(
+            3,
+            Call::Get,
+            50,
+            55,
+            Reply::Failed {
+                code: Code::Internal,
+                reason: "INTERNAL".into(),
+                message: String::new(),
+            },
+        ),
+    ];
+    let (_, violations) = check(&ops);
+    let found: Vec<&str> = violations.iter().map(|v| v.what.as_str()).collect();
+    for expected in [
+        "two holders at once: a grant while the previous lease was live",
+        "fencing token went from 1 to 1 across holders",
+        "a result no Complete ever sent",
+        "the stored result changed",
+        "acquired again after an acknowledged Complete",
+        "unexpected error Internal INTERNAL",
+    ] {
+        assert!(
+            found.contains(&expected),
+            "missed {expected:?}; found {found:?}"
+        );
+    }
+    // And a correct history passes.
+    let ops = vec![
+        op(
+            1,
+            Call::Acquire,
+            0,
+            5,
+            Reply::Acquired {
+                fence: 1,
+                expires: at(1000),
+            },
+        ),
+        op(2, Call::Acquire, 10, 15, Reply::InProgress),
+        op(
+            1,
+            Call::Complete {
+                fence: 1,
+                body: body("a"),
+            },
+            20,
+            25,
+            Reply::Stored { body: body("a") },
+        ),
+        op(
+            2,
+            Call::Acquire,
+            30,
+            35,
+            Reply::Completed { body: body("a") },
+        ),
+        op(
+            3,
+            Call::Get,
+            40,
+            45,
+            Reply::Failed {
+                code: Code::Unavailable,
+                reason: String::new(),
+                message: String::new(),
+            },
+        ),
+        op(
+            3,
+            Call::Get,
+            50,
+            55,
+            Reply::Read {
+                body: Some(body("a")),
+            },
+        ),
+    ];
+    let (tally, violations) = check(&ops);
+    assert!(
+        violations.is_empty(),
+        "{}",
+        violations.iter().map(|v| v.to_string()).collect::<String>()
+    );
+    assert_eq!(
+        (tally.grants, tally.completes_acknowledged, tally.replays),
+        (1, 1, 1)
+    );
+}

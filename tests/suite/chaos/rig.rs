@@ -1,0 +1,274 @@
+//! The system under test: a throwaway PostgreSQL cluster, and several idemd replicas, each
+//! reaching the database through its own fault proxy. Faults are injected through the rig, which
+//! records when each began and ended and how long every replica took to serve again.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use idemd::proto::idempotency::v1 as pb;
+use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::faults::{Fault, FaultProxy};
+use crate::processes::{free_port, Cluster, IdemdProcess};
+
+/// How long a replica may take to serve again after a fault heals before the run fails.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
+
+/// A fault, from injection to heal, and the slowest replica's recovery after it.
+#[derive(Debug, Clone)]
+pub struct FaultRecord {
+    pub what: String,
+    pub injected: Instant,
+    pub healed: Option<Instant>,
+    pub recovery: Option<Duration>,
+}
+
+pub struct Replica {
+    pub listen: SocketAddr,
+    env: Vec<(String, String)>,
+    process: Mutex<Option<IdemdProcess>>,
+}
+
+pub struct Rig {
+    pub cluster: Cluster,
+    pub proxies: Vec<FaultProxy>,
+    pub replicas: Vec<Replica>,
+    pub faults: Mutex<Vec<FaultRecord>>,
+    /// Per replica: when a probe last succeeded.
+    probes: Vec<Arc<Mutex<Option<Instant>>>>,
+}
+
+impl Rig {
+    /// A cluster and one replica per entry of `envs` (extra environment for that replica).
+    pub async fn start(envs: Vec<Vec<(String, String)>>) -> Arc<Self> {
+        let cluster = tokio::task::spawn_blocking(Cluster::start)
+            .await
+            .expect("start cluster");
+        let mut proxies = Vec::new();
+        for _ in &envs {
+            proxies.push(FaultProxy::start(cluster.addr()).await);
+        }
+        let replicas = envs
+            .into_iter()
+            .map(|env| Replica {
+                listen: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                env,
+                process: Mutex::new(None),
+            })
+            .collect::<Vec<_>>();
+        let probes = replicas
+            .iter()
+            .map(|_| Arc::new(Mutex::new(None)))
+            .collect();
+        let rig = Arc::new(Self {
+            cluster,
+            proxies,
+            replicas,
+            faults: Mutex::new(Vec::new()),
+            probes,
+        });
+        for index in 0..rig.replicas.len() {
+            rig.start_replica(index).await;
+        }
+        for index in 0..rig.replicas.len() {
+            let probe = rig.probes[index].clone();
+            let mut client = IdempotencyServiceClient::new(rig.channel(index));
+            tokio::spawn(async move {
+                loop {
+                    let mut request = tonic::Request::new(pb::GetRequest {
+                        namespace: "probe".into(),
+                        key: "probe".into(),
+                    });
+                    request.set_timeout(Duration::from_millis(500));
+                    let asked = Instant::now();
+                    // NOT_FOUND is an answer from the store: the replica serves.
+                    let served = match client.get(request).await {
+                        Ok(_) => true,
+                        Err(status) => status.code() == tonic::Code::NotFound,
+                    };
+                    if served {
+                        *probe.lock().unwrap_or_else(|p| p.into_inner()) = Some(asked);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+        rig
+    }
+
+    fn database_url(&self, index: usize) -> String {
+        format!("postgres://postgres@{}/postgres", self.proxies[index].addr)
+    }
+
+    /// Starts (or restarts) replica `index` on its address, waiting until it announces itself.
+    pub async fn start_replica(self: &Arc<Self>, index: usize) {
+        let rig = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let replica = &rig.replicas[index];
+            let url = rig.database_url(index);
+            let listen = replica.listen.to_string();
+            let env: Vec<(&str, &str)> = replica
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let process = IdemdProcess::spawn(
+                &listen,
+                &[
+                    "--database-url",
+                    &url,
+                    "--pool-size",
+                    "4",
+                    "--db-connect-timeout",
+                    "1s",
+                    "--db-query-timeout",
+                    "1s",
+                    "--shutdown-grace",
+                    "3s",
+                    "--reaper-interval",
+                    "1s",
+                ],
+                &env,
+            );
+            *replica.process.lock().unwrap_or_else(|p| p.into_inner()) = Some(process);
+        })
+        .await
+        .expect("start replica");
+    }
+
+    /// SIGKILL: in-flight RPCs die with the process.
+    pub async fn kill_replica(self: &Arc<Self>, index: usize) {
+        let process = self.replicas[index]
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(process) = process {
+            tokio::task::spawn_blocking(move || process.kill())
+                .await
+                .expect("kill replica");
+        }
+    }
+
+    /// SIGTERM and wait for the drain to finish; returns the exit code.
+    pub async fn terminate_replica(self: &Arc<Self>, index: usize) -> Option<i32> {
+        let process = self.replicas[index]
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut process = process?;
+        tokio::task::spawn_blocking(move || {
+            process.terminate();
+            process.wait_exit(Duration::from_secs(30))
+        })
+        .await
+        .expect("terminate replica")
+    }
+
+    /// First log lines of replica `index`.
+    pub fn replica_logs(&self, index: usize) -> Vec<String> {
+        self.replicas[index]
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(IdemdProcess::logs)
+            .unwrap_or_default()
+    }
+
+    /// A lazily connecting channel to replica `index`, which reconnects after restarts.
+    pub fn channel(&self, index: usize) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.replicas[index].listen))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy()
+    }
+
+    pub fn set_network(&self, fault: Fault) {
+        for proxy in &self.proxies {
+            proxy.set(fault);
+        }
+    }
+
+    /// Runs blocking work (pg_ctl and friends) off the async workers.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Rig) -> T + Send + 'static,
+    ) -> T {
+        let rig = self.clone();
+        tokio::task::spawn_blocking(move || work(&rig))
+            .await
+            .expect("blocking work")
+    }
+
+    /// Notes that a fault begins now.
+    pub fn inject(&self, what: impl Into<String>) -> usize {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.push(FaultRecord {
+            what: what.into(),
+            injected: Instant::now(),
+            healed: None,
+            recovery: None,
+        });
+        faults.len() - 1
+    }
+
+    /// Notes that fault `id` is healed now, and waits until every replica has served a probe
+    /// sent after this moment; records the slowest replica's recovery time.
+    pub async fn heal(&self, id: usize) -> Duration {
+        let healed = Instant::now();
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())[id].healed = Some(healed);
+        let recovery = self.await_serving(healed).await;
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())[id].recovery = Some(recovery);
+        recovery
+    }
+
+    /// Waits until every replica has answered a probe sent at or after `since`.
+    pub async fn await_serving(&self, since: Instant) -> Duration {
+        loop {
+            let served: Vec<Option<Instant>> = self
+                .probes
+                .iter()
+                .map(|probe| *probe.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect();
+            if served.iter().all(|at| at.is_some_and(|at| at >= since)) {
+                return served
+                    .iter()
+                    .flatten()
+                    .map(|at| at.duration_since(since))
+                    .max()
+                    .unwrap_or_default();
+            }
+            assert!(
+                since.elapsed() < RECOVERY_LIMIT,
+                "a replica did not serve again within {RECOVERY_LIMIT:?} after a fault healed: \
+                 last probe answers {served:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn fault_records(&self) -> Vec<FaultRecord> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for replica in &self.replicas {
+            replica
+                .process
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+    }
+}
