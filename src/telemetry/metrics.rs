@@ -31,6 +31,7 @@ pub const STORE_READY: &str = "idemd_store_ready";
 pub const BUILD_INFO: &str = "idemd_build_info";
 pub const AUTH_DENIED: &str = "idemd_auth_denied_total";
 pub const AUTH_RELOADS: &str = "idemd_auth_policy_reloads_total";
+pub const RUNTIME_TASKS: &str = "idemd_runtime_alive_tasks";
 
 /// Latency buckets in seconds: 250 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -72,6 +73,10 @@ fn describe() {
     describe_counter!(
         ACQUIRE_INSERT_RACES,
         "Acquires whose insert raced with a concurrent insert of the same key and decided again."
+    );
+    describe_gauge!(
+        RUNTIME_TASKS,
+        "Tokio tasks alive in the server (connections, RPCs, background work); a leak shows here."
     );
     describe_gauge!(POOL_CONNECTIONS, "Open PostgreSQL connections in the pool.");
     describe_gauge!(POOL_IDLE, "Idle PostgreSQL connections in the pool.");
@@ -225,11 +230,16 @@ pub async fn serve(
 
 fn respond<B>(handle: &PrometheusHandle, request: &Request<B>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/metrics") => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            handle.render(),
-        ),
+        (&Method::GET, "/metrics") => {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                gauge!(RUNTIME_TASKS).set(runtime.metrics().num_alive_tasks() as f64);
+            }
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                handle.render(),
+            )
+        }
         (_, "/metrics") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain; charset=utf-8",

@@ -17,5 +17,6 @@ mod operations;
 mod processes;
 mod production;
 mod security;
+mod soak;
 mod validation;
 mod wait;
