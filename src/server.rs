@@ -189,6 +189,7 @@ pub async fn serve<S: Store>(
     });
 
     let router = tonic::transport::Server::builder()
+        .layer(crate::api::content_type::RequireGrpcLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,5 +1,5 @@
 //! Hostile input over the wire: garbage and malformed protobuf, invalid UTF-8, oversized
-//! messages, truncated HTTP/2, hundreds of idle connections. idemd answers or drops them, never
+//! messages, huge metadata, wrong content types, truncated HTTP/2, thousands of idle connections. idemd answers or drops them, never
 //! crashes, and keeps serving everyone else.
 
 use std::io::Write;
@@ -186,9 +186,9 @@ async fn broken_http2_and_idle_connections_do_not_hurt_others() {
     })
     .await
     .expect("raw connections");
-    // Hundreds of connections that never say anything.
+    // Thousands of connections that never say anything.
     let mut idle = Vec::new();
-    for _ in 0..500 {
+    for _ in 0..2000 {
         idle.push(
             tokio::net::TcpStream::connect(addr)
                 .await
@@ -197,5 +197,80 @@ async fn broken_http2_and_idle_connections_do_not_hurt_others() {
     }
     still_serving(&server).await;
     drop(idle);
+    still_serving(&server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_metadata_and_wrong_content_types_are_refused() {
+    use tonic::codegen::{http, Service};
+    use tower::ServiceExt;
+
+    let server = TestServer::memory().await;
+
+    // 64 KiB of request headers: beyond what the HTTP/2 server accepts.
+    let mut request = tonic::Request::new(pb::GetRequest {
+        namespace: "hostile".into(),
+        key: "k".into(),
+    });
+    for n in 0..512 {
+        let value = "v".repeat(128).parse().expect("header value");
+        request.metadata_mut().insert(
+            format!("x-filler-{n}")
+                .parse::<tonic::metadata::MetadataKey<_>>()
+                .expect("key"),
+            value,
+        );
+    }
+    let refused = server.client().await.get(request).await;
+    assert!(refused.is_err(), "64 KiB of headers accepted: {refused:?}");
+    still_serving(&server).await;
+
+    // Not gRPC: JSON, and no content type at all, on a gRPC method's path.
+    for content_type in [Some("application/json"), Some("text/plain"), None] {
+        let mut builder = http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://{}/idempotency.v1.IdempotencyService/Get",
+                server.addr
+            ))
+            .header("te", "trailers");
+        if let Some(content_type) = content_type {
+            builder = builder.header("content-type", content_type);
+        }
+        let request = builder
+            .body(tonic::body::Body::new(http_body_util::Full::new(
+                prost::bytes::Bytes::from_static(b"{\"namespace\": \"hostile\"}"),
+            )))
+            .expect("request");
+        let mut channel = server.channel().await;
+        let response = channel
+            .ready()
+            .await
+            .expect("channel ready")
+            .call(request)
+            .await
+            .expect("an HTTP answer");
+        let (parts, body) = response.into_parts();
+        let trailers = http_body_util::BodyExt::collect(body)
+            .await
+            .ok()
+            .and_then(|collected| collected.trailers().cloned());
+        let grpc_status = parts
+            .headers
+            .get("grpc-status")
+            .or_else(|| trailers.as_ref().and_then(|t| t.get("grpc-status")))
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
+        eprintln!(
+            "{content_type:?}: HTTP {} grpc-status {grpc_status:?}",
+            parts.status
+        );
+        assert!(
+            parts.status != http::StatusCode::OK
+                || grpc_status.as_deref().is_some_and(|s| s != "0"),
+            "{content_type:?} was served as if it were gRPC: HTTP {}, grpc-status {grpc_status:?}",
+            parts.status
+        );
+    }
     still_serving(&server).await;
 }
