@@ -2,8 +2,9 @@
 //! store, encode the answer — and account for it (one span, metrics). Rules live in `domain`,
 //! storage in `store`.
 
+pub mod content_type;
 mod deadline;
-mod decode;
+pub mod decode;
 mod encode;
 pub mod status;
 
