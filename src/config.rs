@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// batching off (the default: on 2 cores it cost latency and gained no throughput).
     #[arg(long, env = "IDEMD_DB_COMPLETE_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_complete_batch: u16,
+    /// Bytes of completed records each replica keeps in memory, so replays (Acquire of a
+    /// completed key, Get) skip the database; 0 turns the cache off.
+    #[arg(long, env = "IDEMD_REPLAY_CACHE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=16 * 1024 * 1024 * 1024))]
+    pub replay_cache_bytes: u64,
     /// CA certificates (PEM) that verify the database's certificate when the URL says
     /// sslmode=require (the system's roots are trusted too).
     #[arg(long, env = "IDEMD_DB_CA_FILE")]
@@ -250,6 +254,7 @@ impl ServeArgs {
             query_timeout: self.db_query_timeout,
             ca_file: self.db_ca_file.clone(),
             complete_batch: usize::from(self.db_complete_batch),
+            replay_cache_bytes: self.replay_cache_bytes,
             ..PostgresConfig::new(url.clone())
         };
         config

@@ -32,6 +32,7 @@ pub const BUILD_INFO: &str = "idemd_build_info";
 pub const AUTH_DENIED: &str = "idemd_auth_denied_total";
 pub const AUTH_RELOADS: &str = "idemd_auth_policy_reloads_total";
 pub const RUNTIME_TASKS: &str = "idemd_runtime_alive_tasks";
+pub const REPLAY_CACHE_HITS: &str = "idemd_replay_cache_hits_total";
 
 /// Latency buckets in seconds: 250 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -73,6 +74,10 @@ fn describe() {
     describe_counter!(
         ACQUIRE_INSERT_RACES,
         "Acquires whose insert raced with a concurrent insert of the same key and decided again."
+    );
+    describe_counter!(
+        REPLAY_CACHE_HITS,
+        "Replayed Acquires and Gets answered from the replica's cache of completed records."
     );
     describe_gauge!(
         RUNTIME_TASKS,
@@ -134,6 +139,10 @@ pub fn acquire_outcome(outcome: &'static str) {
 
 pub fn store_error(kind: &'static str) {
     counter!(STORE_ERRORS, "kind" => kind).increment(1);
+}
+
+pub fn replay_cache_hit() {
+    counter!(REPLAY_CACHE_HITS).increment(1);
 }
 
 pub fn acquire_insert_race() {

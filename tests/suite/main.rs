@@ -16,6 +16,7 @@ mod model;
 mod operations;
 mod processes;
 mod production;
+mod replay_cache;
 mod security;
 mod soak;
 mod validation;

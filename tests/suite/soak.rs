@@ -131,6 +131,9 @@ async fn soak_under_steady_load_with_periodic_faults() {
             "1s",
             "--metrics-interval",
             "500ms",
+            // A small replay cache, full within the warm-up: memory after it must stay flat.
+            "--replay-cache-bytes",
+            "1048576",
         ])
     })
     .await

@@ -2,6 +2,7 @@
 //! decisions that need a second statement (taking over a lease, explaining a refusal) re-read the
 //! row and apply the domain's decision functions, guarded by compare-and-set.
 
+mod cache;
 mod errors;
 mod listener;
 pub mod migrate;
@@ -17,12 +18,13 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio::time::Instant;
 
+use self::cache::CompletedRecords;
 use self::errors::{from_db, from_pool};
 use self::row::{db_now, micros, record_from_row};
 use super::waiters::Waiters;
@@ -59,6 +61,9 @@ pub struct PostgresConfig {
     /// Most Completes sent to PostgreSQL as one statement; 1 (the default) turns batching off.
     /// Measured on a 2-core box it did not pay (docs/PERFORMANCE.md), so it is opt-in.
     pub complete_batch: usize,
+    /// Bytes of completed records kept in memory so replays skip the database (see `cache`);
+    /// 0 turns the cache off.
+    pub replay_cache_bytes: u64,
 }
 
 impl PostgresConfig {
@@ -71,6 +76,7 @@ impl PostgresConfig {
             ca_file: None,
             wait_poll: Duration::from_secs(2),
             complete_batch: 1,
+            replay_cache_bytes: 16 * 1024 * 1024,
         }
     }
 
@@ -121,6 +127,8 @@ pub struct PostgresStore {
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
     /// of the same key committed mid-statement (and the store decided again).
     insert_races: Arc<AtomicU64>,
+    /// Completed records, so replays skip the database.
+    completed: Arc<CompletedRecords>,
 }
 
 impl PostgresStore {
@@ -160,6 +168,7 @@ impl PostgresStore {
             complete_batch: config.complete_batch,
             shared_batches: Arc::default(),
             insert_races: Arc::default(),
+            completed: Arc::new(CompletedRecords::new(config.replay_cache_bytes)),
         })
     }
 
@@ -353,6 +362,7 @@ async fn acquire_on(
     client: &Object,
     command: &AcquireCommand,
     races: &AtomicU64,
+    completed: &CompletedRecords,
 ) -> Result<AcquireOutcome, StoreError> {
     let token = LeaseToken::generate()
         .map_err(|error| StoreError::Internal(format!("no randomness: {error}")))?;
@@ -371,6 +381,7 @@ async fn acquire_on(
     let fingerprint: &[u8] = command.fingerprint.as_bytes();
     let holder = command.holder.as_str();
     for _ in 0..MAX_DECISION_ROUNDS {
+        let sent = SystemTime::now();
         let rows = client
             .query(
                 &insert,
@@ -403,9 +414,16 @@ async fn acquire_on(
             });
         }
         let now = db_now(row, sql::AFTER_RECORD + 1)?;
+        completed.clock.observe(sent, now);
         let replace = match decide_acquire(Some(&record), &command.fingerprint, now) {
-            AcquireDecision::FingerprintMismatch => return Err(StoreError::FingerprintMismatch),
-            AcquireDecision::Completed => return Ok(AcquireOutcome::Completed { record }),
+            AcquireDecision::FingerprintMismatch => {
+                completed.remember(&record);
+                return Err(StoreError::FingerprintMismatch);
+            }
+            AcquireDecision::Completed => {
+                completed.remember(&record);
+                return Ok(AcquireOutcome::Completed { record });
+            }
             AcquireDecision::InProgress { retry_after } => {
                 return Ok(AcquireOutcome::InProgress {
                     record,
@@ -542,11 +560,19 @@ async fn renew_on(client: &Object, command: &RenewCommand) -> Result<Lease, Stor
     Err(lost_too_many_races("Renew"))
 }
 
-async fn get_on(client: &Object, command: &GetCommand) -> Result<Record, StoreError> {
+async fn get_on(
+    client: &Object,
+    command: &GetCommand,
+    completed: &CompletedRecords,
+) -> Result<Record, StoreError> {
+    let sent = SystemTime::now();
     let (record, now) = fetch(client, command.namespace.as_str(), command.key.as_str()).await?;
-    record
+    completed.clock.observe(sent, now);
+    let record = record
         .filter(|record| record.is_live(now))
-        .ok_or(StoreError::Rejected(LeaseRejection::NotFound))
+        .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
+    completed.remember(&record);
+    Ok(record)
 }
 
 async fn reap_on(client: &mut Object, batch: u32) -> Result<u64, StoreError> {
@@ -745,10 +771,25 @@ impl Store for PostgresStore {
         command: AcquireCommand,
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, StoreError> {
+        // A replay of a record completed and still live: the database would answer the same.
+        if let Some((record, now)) = self.completed.live(&command.namespace, &command.key) {
+            match decide_acquire(Some(&record), &command.fingerprint, now) {
+                AcquireDecision::Completed => {
+                    metrics::replay_cache_hit();
+                    return Ok(AcquireOutcome::Completed { record });
+                }
+                AcquireDecision::FingerprintMismatch => {
+                    metrics::replay_cache_hit();
+                    return Err(StoreError::FingerprintMismatch);
+                }
+                _ => {}
+            }
+        }
         on_connection!(self, deadline, |client| acquire_on(
             &client,
             &command,
-            &self.insert_races
+            &self.insert_races,
+            &self.completed
         ))
     }
 
@@ -758,7 +799,9 @@ impl Store for PostgresStore {
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
         if self.complete_batch <= 1 {
-            return on_connection!(self, deadline, |client| complete_on(&client, &command));
+            let record = on_connection!(self, deadline, |client| complete_on(&client, &command))?;
+            self.completed.remember(&record);
+            return Ok(record);
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = batch::CompleteJob {
@@ -801,7 +844,15 @@ impl Store for PostgresStore {
         command: GetCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        on_connection!(self, deadline, |client| get_on(&client, &command))
+        if let Some((record, _)) = self.completed.live(&command.namespace, &command.key) {
+            metrics::replay_cache_hit();
+            return Ok(record);
+        }
+        on_connection!(self, deadline, |client| get_on(
+            &client,
+            &command,
+            &self.completed
+        ))
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {

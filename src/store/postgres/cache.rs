@@ -1,0 +1,166 @@
+//! Completed records, kept per replica so replays skip the database.
+//!
+//! A completed record never changes until it expires at the end of its retention: nothing in
+//! idemd writes a completed row again, and the reaper deletes only expired rows. So while a cached
+//! record is live, the answer the database would give to a replayed Acquire (COMPLETED, or
+//! FINGERPRINT_MISMATCH) or to a Get is exactly the cached one, decided by the same domain rules.
+//!
+//! Only expiry depends on time, and time is the database's (`now()`). The replica's clock may
+//! disagree with it, so the cache tracks the offset between the two from every database answer
+//! that carries `now()`, measured so that it over-estimates the database's clock (the statement
+//! started after it was sent), and adds a margin. Until it has seen the database's clock once, it
+//! answers nothing. Erring, it treats a record as expired a little early and asks the database.
+
+use std::{
+    sync::atomic::{AtomicBool, AtomicI64, Ordering},
+    time::{Duration, SystemTime},
+};
+
+use quick_cache::{sync::Cache, Weighter};
+
+use crate::domain::{Key, Namespace, Record, RecordState};
+
+/// Added to the estimate of the database's clock: covers the replica's clock being stepped
+/// between two observations.
+const CLOCK_MARGIN: Duration = Duration::from_secs(1);
+
+/// Bytes counted per entry besides its strings and result: the record's fields, the allocations
+/// behind them and the table slot (measured: 16 MiB of weight is about 20 MiB of resident memory).
+const ENTRY_OVERHEAD: u64 = 512;
+
+#[derive(Clone)]
+struct RecordWeight;
+
+impl Weighter<String, Record> for RecordWeight {
+    fn weight(&self, key: &String, record: &Record) -> u64 {
+        let result = record.result.as_ref().map_or(0, |result| {
+            result.body.len()
+                + result
+                    .metadata
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        });
+        (key.len() + record.fingerprint.as_bytes().len() + record.holder.as_str().len() + result)
+            as u64
+            + ENTRY_OVERHEAD
+    }
+}
+
+/// The database's clock as seen from this replica.
+#[derive(Default)]
+pub struct DbClock {
+    /// Database time minus local time, in microseconds, from the latest observation.
+    offset_us: AtomicI64,
+    known: AtomicBool,
+}
+
+impl DbClock {
+    /// `db_now` came back from a statement sent at local time `sent`.
+    pub fn observe(&self, sent: SystemTime, db_now: SystemTime) {
+        let offset = match db_now.duration_since(sent) {
+            Ok(ahead) => i64::try_from(ahead.as_micros()).unwrap_or(i64::MAX),
+            Err(behind) => -i64::try_from(behind.duration().as_micros()).unwrap_or(i64::MAX),
+        };
+        self.offset_us.store(offset, Ordering::Relaxed);
+        self.known.store(true, Ordering::Release);
+    }
+
+    /// A time no earlier than the database's `now()`, if the offset is known.
+    pub fn now_at_least(&self) -> Option<SystemTime> {
+        if !self.known.load(Ordering::Acquire) {
+            return None;
+        }
+        let offset = self.offset_us.load(Ordering::Relaxed);
+        let local = SystemTime::now() + CLOCK_MARGIN;
+        if offset >= 0 {
+            local.checked_add(Duration::from_micros(offset.unsigned_abs()))
+        } else {
+            local.checked_sub(Duration::from_micros(offset.unsigned_abs()))
+        }
+    }
+}
+
+/// A bounded cache of completed records, by (namespace, key).
+pub struct CompletedRecords {
+    records: Option<Cache<String, Record, RecordWeight>>,
+    pub clock: DbClock,
+}
+
+fn cache_key(namespace: &str, key: &str) -> String {
+    // Length-prefixed, so no (namespace, key) pair can collide with another.
+    format!("{}:{namespace}{key}", namespace.len())
+}
+
+impl CompletedRecords {
+    /// A cache holding at most `bytes` of records (0 turns it off).
+    pub fn new(bytes: u64) -> Self {
+        let records = (bytes > 0).then(|| {
+            let estimated_items = usize::try_from(bytes / 1024).unwrap_or(1024).max(16);
+            Cache::with_weighter(estimated_items, bytes, RecordWeight)
+        });
+        Self {
+            records,
+            clock: DbClock::default(),
+        }
+    }
+
+    /// Remembers `record` if it is completed.
+    pub fn remember(&self, record: &Record) {
+        let Some(records) = &self.records else {
+            return;
+        };
+        if record.state == RecordState::Completed {
+            records.insert(
+                cache_key(record.namespace.as_str(), record.key.as_str()),
+                record.clone(),
+            );
+        }
+    }
+
+    /// The completed record of (namespace, key), if cached and certainly still live by the
+    /// database's clock; the time returned is no earlier than the database's now.
+    pub fn live(&self, namespace: &Namespace, key: &Key) -> Option<(Record, SystemTime)> {
+        let records = self.records.as_ref()?;
+        let now = self.clock.now_at_least()?;
+        let cache_key = cache_key(namespace.as_str(), key.as_str());
+        let record = records.get(&cache_key)?;
+        if record.is_live(now) {
+            return Some((record, now));
+        }
+        records.remove(&cache_key);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_clock_is_over_estimated() {
+        let clock = DbClock::default();
+        assert!(
+            clock.now_at_least().is_none(),
+            "unknown before any observation"
+        );
+        let sent = SystemTime::now();
+        // The database runs 10 s behind this replica.
+        clock.observe(sent, sent - Duration::from_secs(10));
+        let estimate = clock.now_at_least().expect("known");
+        let db_now = SystemTime::now() - Duration::from_secs(10);
+        assert!(estimate >= db_now, "{estimate:?} < {db_now:?}");
+        assert!(estimate <= db_now + CLOCK_MARGIN + Duration::from_millis(100));
+        // And 10 s ahead.
+        let sent = SystemTime::now();
+        clock.observe(sent, sent + Duration::from_secs(10));
+        let estimate = clock.now_at_least().expect("known");
+        assert!(estimate >= SystemTime::now() + Duration::from_secs(10));
+    }
+
+    #[test]
+    fn keys_do_not_collide() {
+        assert_ne!(cache_key("ab", "c"), cache_key("a", "bc"));
+        assert_ne!(cache_key("a:", "b"), cache_key("a", ":b"));
+    }
+}

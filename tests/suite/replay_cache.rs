@@ -1,0 +1,156 @@
+//! The replica's cache of completed records: replays are answered without the database (proved
+//! by making the database unreachable), with the same answers it would give, and never past the
+//! record's retention.
+
+use std::{sync::Arc, time::Duration};
+
+use idemd::proto::idempotency::v1 as pb;
+use idemd::store::postgres::PostgresConfig;
+use idemd::store::PostgresStore;
+use tonic::Code;
+
+use crate::faults::{Fault, FaultProxy};
+use crate::harness::*;
+
+const NAMESPACE: &str = "cache";
+
+fn timed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(Duration::from_secs(10));
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_come_from_the_cache_and_respect_retention() {
+    let database = TestDatabase::create().await;
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let name = database
+        .url
+        .rsplit('/')
+        .next()
+        .expect("db name")
+        .to_string();
+    let config = PostgresConfig {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(1),
+        query_timeout: Duration::from_secs(1),
+        ..PostgresConfig::new(format!("postgres://postgres@{}/{name}", proxy.addr))
+    };
+    let server = TestServer::start(
+        Arc::new(PostgresStore::connect(&config).expect("pool")),
+        test_settings(),
+    )
+    .await;
+    let mut client = server.client().await;
+
+    // Two completed keys: one kept for a day, one for 2.5 s.
+    let mut completed = Vec::new();
+    for (key, retention) in [("long", 24 * 3600 * 1000), ("short", 2500)] {
+        let lease = client
+            .acquire(timed(acquire_request(NAMESPACE, key, b"fp")))
+            .await
+            .expect("acquire")
+            .into_inner()
+            .lease
+            .expect("lease");
+        let record = client
+            .complete(timed(pb::CompleteRequest {
+                namespace: NAMESPACE.into(),
+                key: key.into(),
+                lease_token: lease.token,
+                result: Some(sample_result(key)),
+                retention: ms(retention),
+            }))
+            .await
+            .expect("complete")
+            .into_inner()
+            .record
+            .expect("record");
+        // A first replay through the database: it also tells the replica the database's clock.
+        let replay = client
+            .acquire(timed(acquire_request(NAMESPACE, key, b"fp")))
+            .await
+            .expect("replay")
+            .into_inner();
+        assert_eq!(replay.record.as_ref(), Some(&record));
+        completed.push(record);
+    }
+
+    // The database is unreachable; replays and Gets of completed keys are still answered, with
+    // exactly the stored record, and a different fingerprint is still refused.
+    proxy.set(Fault::BlackHole);
+    for record in &completed {
+        let replay = client
+            .acquire(timed(acquire_request(NAMESPACE, &record.key, b"fp")))
+            .await
+            .expect("replay while the database is unreachable")
+            .into_inner();
+        assert_eq!(replay.outcome(), pb::Outcome::Completed);
+        assert_eq!(replay.record.as_ref(), Some(record));
+        let got = client
+            .get(timed(pb::GetRequest {
+                namespace: NAMESPACE.into(),
+                key: record.key.clone(),
+            }))
+            .await
+            .expect("get while the database is unreachable")
+            .into_inner()
+            .record;
+        assert_eq!(got.as_ref(), Some(record));
+        assert_status(
+            client
+                .acquire(timed(acquire_request(NAMESPACE, &record.key, b"other")))
+                .await,
+            Code::FailedPrecondition,
+            "FINGERPRINT_MISMATCH",
+        );
+    }
+    // Anything else needs the database.
+    assert_status(
+        client
+            .acquire(timed(acquire_request(NAMESPACE, "fresh", b"fp")))
+            .await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+
+    // Past its retention (by the database's clock, which the test shares), the short record is
+    // not answered from the cache: with the database unreachable, that is UNAVAILABLE.
+    wait_past(to_system_time(&completed[1].expires_at)).await;
+    assert_status(
+        client
+            .acquire(timed(acquire_request(NAMESPACE, "short", b"fp")))
+            .await,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+    proxy.set(Fault::Pass);
+    let back_by = std::time::Instant::now() + Duration::from_secs(30);
+    let outcome = loop {
+        assert!(
+            std::time::Instant::now() < back_by,
+            "the database did not come back"
+        );
+        match client
+            .acquire(timed(acquire_request(NAMESPACE, "short", b"fp")))
+            .await
+        {
+            Ok(response) => break response.into_inner().outcome(),
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A new record (IN_PROGRESS only if an earlier attempt got through unanswered).
+    assert!(
+        matches!(outcome, pb::Outcome::Acquired | pb::Outcome::InProgress),
+        "an expired record was replayed: {outcome:?}"
+    );
+    // The long one still replays.
+    let replay = client
+        .acquire(timed(acquire_request(NAMESPACE, "long", b"fp")))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replay.record.as_ref(), Some(&completed[0]));
+    server.stop().await;
+}
