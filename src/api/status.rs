@@ -34,9 +34,26 @@ fn with_reason(code: Code, message: impl Into<String>, reason: &str) -> Status {
     Status::with_error_details(code, message, details)
 }
 
-/// INVALID_ARGUMENT naming every broken field and rule.
-pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
-    let message = format!(
+/// Most bytes of violation text (fields and descriptions) one INVALID_ARGUMENT lists. The status
+/// travels in HTTP/2 trailers, which clients cap (16 KiB in hyper and tonic, 8 KiB by default in
+/// gRPC C-core) after percent-encoding the message: unbounded, a request breaking a hundred rules
+/// (a metadata map full of bad keys) got an h2 protocol error instead of its INVALID_ARGUMENT.
+const MAX_VIOLATION_TEXT_BYTES: usize = 1024;
+
+/// INVALID_ARGUMENT naming every broken field and rule (as many as fit; the message counts the
+/// rest).
+pub fn invalid_argument(mut violations: Vec<FieldViolation>) -> Status {
+    let total = violations.len();
+    let mut text = 0;
+    let listed = violations
+        .iter()
+        .position(|violation| {
+            text += violation.field.len() + violation.description.len();
+            text > MAX_VIOLATION_TEXT_BYTES
+        })
+        .map_or(total, |first_left_out| first_left_out.max(1));
+    violations.truncate(listed);
+    let mut message = format!(
         "invalid request: {}",
         violations
             .iter()
@@ -44,6 +61,9 @@ pub fn invalid_argument(violations: Vec<FieldViolation>) -> Status {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    if listed < total {
+        message.push_str(&format!("; and {} more violations", total - listed));
+    }
     let mut details = ErrorDetails::with_error_info(reason::INVALID_REQUEST, ERROR_DOMAIN, []);
     for violation in violations {
         details.add_bad_request_violation(violation.field, violation.description);

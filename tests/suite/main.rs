@@ -9,6 +9,7 @@ mod conformance;
 mod deploy;
 mod durability;
 mod faults;
+mod fuzzing;
 mod grpcurl;
 mod harness;
 mod hostile;
