@@ -174,11 +174,24 @@ pub fn check(ops: &[Op]) -> (Tally, Vec<Violation>) {
 }
 
 fn check_key(key: &str, ops: &[&Op], tally: &mut Tally, violations: &mut Vec<Violation>) {
+    // A violation carries the sub-history around it: every call on the key that overlaps the
+    // involved calls' span, widened by 100 ms on each side.
     let mut violation = |what: String, involved: Vec<&Op>| {
+        let margin = Duration::from_millis(100);
+        let from = involved.iter().map(|op| op.invoked).min();
+        let to = involved.iter().map(|op| op.returned).max();
+        let context = match (from, to) {
+            (Some(from), Some(to)) => ops
+                .iter()
+                .filter(|op| op.returned + margin >= from && op.invoked <= to + margin)
+                .map(|op| (*op).clone())
+                .collect(),
+            _ => Vec::new(),
+        };
         violations.push(Violation {
             key: key.to_string(),
             what,
-            ops: involved.into_iter().cloned().collect(),
+            ops: context,
         });
     };
 
