@@ -184,7 +184,7 @@ pub async fn serve<S: Store>(
     let health_task = listeners.health.map(|listener| {
         let health_only = tonic::transport::Server::builder()
             .add_service(health_service.clone())
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), until_stopped());
+            .serve_with_incoming_shutdown(incoming(listener), until_stopped());
         tokio::spawn(health_only)
     });
 
@@ -202,9 +202,9 @@ pub async fn serve<S: Store>(
             tls::incoming(listeners.grpc, tls.clone()),
             until_stopped(),
         )),
-        None => Box::pin(
-            router.serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), until_stopped()),
-        ),
+        None => {
+            Box::pin(router.serve_with_incoming_shutdown(incoming(listeners.grpc), until_stopped()))
+        }
     };
     // tonic's drain has no deadline of its own.
     let grace = settings.shutdown_grace;
@@ -339,4 +339,12 @@ fn hangup_signals() -> tokio::sync::mpsc::Receiver<()> {
     #[cfg(not(unix))]
     drop(sender);
     receiver
+}
+
+/// Accepted plaintext connections: TCP_NODELAY (a response must not wait for the client's ACK of
+/// the previous one), and TCP keepalive so peers that vanished are noticed.
+fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
 }
