@@ -1,54 +1,119 @@
 #!/usr/bin/env bash
 # idemd vs the "do it yourself" pgbench peer, same database server, same concurrency.
-#   bench/run.sh [seconds-per-run]   (default 10; needs PostgreSQL on 127.0.0.1:5432 and pgbench)
-# Prints one row per run and ends with:  fresh ratio=X.XX replay ratio=Y.YY  (at 64 clients)
+#   bench/run.sh [seconds-per-run] [repeats]   (defaults 10 and 1; needs PostgreSQL on
+#                                               127.0.0.1:5432 and pgbench)
+# Each cell runs `repeats` times; the median is reported. Prints one row per cell, writes them to
+# bench/results.csv and the chart docs/throughput.svg, and ends with:
+#   fresh ratio=X.XX replay ratio=Y.YY   (idemd ÷ peer at 64 clients)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
+repeats=${2:-1}
 admin=${IDEMD_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 db=idemd_bench_$$
 psql "$admin" -qc "CREATE DATABASE $db"
 url=${admin%/*}/$db
 cleanup() {
-  [ -n "${server:-}" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  for pid in ${server:-} ${memory:-}; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
 }
 trap cleanup EXIT
 
 cargo build --release --quiet --bin idemd --bin idemd-bench
+bench=./target/release/idemd-bench
 ./target/release/idemd serve --listen 127.0.0.1:50999 --metrics-listen 127.0.0.1:0 \
   --database-url "$url" --log-level warn &
 server=$!
-for _ in $(seq 1 50); do
-  ./target/release/idemd-bench --target http://127.0.0.1:50999 --duration 100ms --clients 1 >/dev/null 2>&1 && break
-  sleep 0.2
+# The memory store, for the gRPC-ceiling comparison.
+./target/release/idemd serve --listen 127.0.0.1:50998 --metrics-listen 127.0.0.1:0 --log-level warn &
+memory=$!
+for target in 50999 50998; do
+  for _ in $(seq 1 50); do
+    $bench --target http://127.0.0.1:$target --duration 100ms --clients 1 >/dev/null 2>&1 && break
+    sleep 0.2
+  done
 done
 psql "$url" -qf bench/pgbench/schema.sql
 
-echo "box: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(psql "$url" -Atc 'SHOW server_version'), synchronous_commit=$(psql "$url" -Atc 'SHOW synchronous_commit')"
-printf '%-8s %-7s %8s %10s %9s %9s %9s %s\n' system workload clients ops/s p50_ms p99_ms p999_ms extra
-declare -A idemd_tps peer_tps
+echo "box: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), PostgreSQL $(psql "$url" -Atc 'SHOW server_version'), synchronous_commit=$(psql "$url" -Atc 'SHOW synchronous_commit'); ${seconds} s per run, median of ${repeats}"
+csv=bench/results.csv
+echo "system,workload,clients,ops_per_s,p50_ms,p99_ms,p999_ms,server_cpu_s,server_peak_rss_mib,runs" >"$csv"
+printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' system workload clients ops/s p50_ms p99_ms p999_ms "extra (median run; all runs' ops/s)"
+
+median_line() { sort -t' ' -k1,1n | awk '{ lines[NR] = $0 } END { print lines[int((NR + 1) / 2)] }'; }
+field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+declare -A tps
+
+# idemd-bench `repeats` times; prints "<ops/s> <line>" of the median run, and all runs' ops/s.
+run_idemd() {
+  local target=$1 workload=$2 clients=$3 runs="" results=""
+  for _ in $(seq 1 "$repeats"); do
+    local line pid
+    pid=$([ "$target" = 50999 ] && echo "$server" || echo "$memory")
+    line=$($bench --target "http://127.0.0.1:$target" --workload "$workload" --clients "$clients" \
+      --connections $(( clients < 8 ? clients : 8 )) --duration "${seconds}s" --keyspace 2000 \
+      --server-pid "$pid")
+    runs="$runs$(field ops_per_s "$line")/"
+    results+="$(field ops_per_s "$line") $line"$'\n'
+  done
+  printf '%s|%s\n' "$(printf '%s' "$results" | median_line)" "${runs%/}"
+}
+
+report_idemd() {
+  local system=$1 target=$2 workload=$3 clients=$4 out line runs
+  out=$(run_idemd "$target" "$workload" "$clients")
+  line=${out%|*}; runs=${out##*|}
+  tps[$system-$workload-$clients]=$(field ops_per_s "$line")
+  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" \
+    "$(field ops_per_s "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
+    "$(field p999_ms "$line")" "errors=$(field errors "$line") cpu_s=$(field server_cpu_s "$line") peak_rss_mib=$(field server_peak_rss_mib "$line") runs=$runs"
+  echo "$system,$workload,$clients,$(field ops_per_s "$line"),$(field p50_ms "$line"),$(field p99_ms "$line"),$(field p999_ms "$line"),$(field server_cpu_s "$line"),$(field server_peak_rss_mib "$line"),$runs" >>"$csv"
+}
+
+# pgbench `repeats` times: report_pgbench <system> <workload> <clients> <pgbench script args...>
+report_pgbench() {
+  local system=$1 workload=$2 clients=$3 runs="" results="" out
+  shift 3
+  local scripts=("$@")
+  for _ in $(seq 1 "$repeats"); do
+    out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" "${scripts[@]}" "$url" 2>&1)
+    local t l
+    t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1); t=${t%.*}
+    l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+    runs="$runs$t/"
+    results+="$t $l"$'\n'
+  done
+  local median
+  median=$(printf '%s' "$results" | median_line)
+  tps[$system-$workload-$clients]=${median%% *}
+  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" "${median%% *}" "avg=${median##* }" - - "runs=${runs%/}"
+  echo "$system,$workload,$clients,${median%% *},${median##* },,,,,${runs%/}" >>"$csv"
+}
+
+report_peer() {
+  if [ "$1" = replay ]; then   # as idemd-bench: 90/10
+    report_pgbench pgbench "$1" "$2" -f bench/pgbench/replay.sql@9 -f bench/pgbench/fresh.sql@1
+  else
+    report_pgbench pgbench "$1" "$2" -f bench/pgbench/fresh.sql
+  fi
+}
+
 for workload in fresh replay; do
   for clients in 1 16 64; do
-    line=$(./target/release/idemd-bench --target http://127.0.0.1:50999 --workload "$workload" \
-      --clients "$clients" --connections $(( clients < 8 ? clients : 8 )) --duration "${seconds}s" \
-      --keyspace 2000 --server-pid "$server")
-    get() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$line"; }
-    idemd_tps[$workload-$clients]=$(get ops_per_s)
-    printf '%-8s %-7s %8s %10s %9s %9s %9s %s\n' idemd "$workload" "$clients" "$(get ops_per_s)" \
-      "$(get p50_ms)" "$(get p99_ms)" "$(get p999_ms)" "errors=$(get errors) cpu_s=$(get server_cpu_s) peak_rss_mib=$(get server_peak_rss_mib)"
-
-    if [ "$workload" = replay ]; then
-      scripts=(-f bench/pgbench/replay.sql@9 -f bench/pgbench/fresh.sql@1)   # as idemd-bench: 90/10
-    else
-      scripts=(-f bench/pgbench/fresh.sql)
-    fi
-    out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" "${scripts[@]}" "$url" 2>&1)
-    tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1)
-    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
-    peer_tps[$workload-$clients]=${tps%.*}
-    printf '%-8s %-7s %8s %10s %9s %9s %9s %s\n' pgbench "$workload" "$clients" "${tps%.*}" "avg=$lat" - - ""
+    report_idemd idemd 50999 "$workload" "$clients"
+    report_peer "$workload" "$clients"
   done
 done
+# Where the fresh gap comes from: PostgreSQL alone running idemd's own SQL on idemd's table.
+report_pgbench idemd-sql fresh 64 -f bench/pgbench/idemd-fresh.sql
+report_idemd idemd 50999 contended 64
+# The gRPC ceiling: the same server's health Check (no store), against the memory store's pairs.
+for clients in 1 16 64; do
+  report_idemd echo 50998 echo "$clients"
+  report_idemd memory 50998 fresh "$clients"
+done
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
-echo "fresh ratio=$(ratio "${idemd_tps[fresh-64]}" "${peer_tps[fresh-64]}") replay ratio=$(ratio "${idemd_tps[replay-64]}" "${peer_tps[replay-64]}")"
+python3 bench/chart.py "$csv" docs/throughput.svg
+echo "memory store: $(ratio "$(( ${tps[memory-fresh-64]} * 2 ))" "${tps[echo-echo-64]}")x the echo ceiling in RPC/s at 64 clients (a pair is 2 RPCs)"
+echo "fresh ratio=$(ratio "${tps[idemd-fresh-64]}" "${tps[pgbench-fresh-64]}") replay ratio=$(ratio "${tps[idemd-replay-64]}" "${tps[pgbench-replay-64]}")"

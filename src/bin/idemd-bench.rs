@@ -3,7 +3,10 @@
 //!   idemd-bench --target http://127.0.0.1:50051 --workload fresh --clients 64 --duration 10s
 //!
 //! Workloads: `fresh` (Acquire + Complete on new keys; one operation = the pair), `replay` (90 %
-//! Acquires of completed keys, 10 % fresh pairs; one operation = one request). Prints one line:
+//! Acquires of completed keys, 10 % fresh pairs; one operation = one request), `contended` (all
+//! clients on a few hot keys that change every 200 ms: Acquire, then Complete if acquired or
+//! Wait if in progress; one operation = one request seen through), `echo` (the standard health
+//! Check, which never touches a store: the gRPC ceiling of the same server). Prints one line:
 //! throughput, latency percentiles, errors, and, with --server-pid, the server's CPU seconds and
 //! peak RSS from /proc.
 
@@ -25,6 +28,8 @@ use tonic::transport::{Channel, Endpoint};
 enum Workload {
     Fresh,
     Replay,
+    Contended,
+    Echo,
 }
 
 #[derive(Debug, Parser)]
@@ -49,6 +54,9 @@ struct Args {
     /// Bytes in each stored result body.
     #[arg(long, default_value_t = 128)]
     result_size: usize,
+    /// Hot keys at a time in the contended workload.
+    #[arg(long, default_value_t = 8)]
+    hot_keys: u64,
     /// Server process to read CPU time and peak RSS of.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -92,6 +100,47 @@ async fn pair(client: &mut IdempotencyServiceClient<Channel>, key: String, body:
         })
         .await
         .is_ok()
+}
+
+/// One request on a hot key, seen through: do the work if acquired, else wait for whoever has it.
+async fn contended(
+    client: &mut IdempotencyServiceClient<Channel>,
+    key: String,
+    body: &[u8],
+) -> bool {
+    let Ok(response) = client.acquire(acquire("bench", key.clone())).await else {
+        return false;
+    };
+    let response = response.into_inner();
+    match response.outcome() {
+        pb::Outcome::Completed => true,
+        pb::Outcome::Acquired => match response.lease {
+            Some(lease) => client
+                .complete(pb::CompleteRequest {
+                    namespace: "bench".into(),
+                    key,
+                    lease_token: lease.token,
+                    result: Some(pb::Result {
+                        body: body.to_vec(),
+                        code: 200,
+                        metadata: Default::default(),
+                    }),
+                    retention: None,
+                })
+                .await
+                .is_ok(),
+            None => false,
+        },
+        pb::Outcome::InProgress => client
+            .wait(pb::WaitRequest {
+                namespace: "bench".into(),
+                key,
+                timeout: prost_types::Duration::try_from(Duration::from_secs(2)).ok(),
+            })
+            .await
+            .is_ok(),
+        pb::Outcome::Unspecified => false,
+    }
 }
 
 /// (CPU seconds user+system, peak RSS in KiB) of a process.
@@ -146,7 +195,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for worker in 0..args.clients {
         let mut client = IdempotencyServiceClient::new(channels[worker % channels.len()].clone());
         let (shared, body, run_id) = (shared.clone(), body.clone(), run_id.clone());
-        let (workload, keyspace) = (args.workload, args.keyspace);
+        let (workload, keyspace, hot_keys) = (args.workload, args.keyspace, args.hot_keys.max(1));
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            channels[worker % channels.len()].clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -164,6 +216,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .map(|r| r.into_inner().outcome() == pb::Outcome::Completed)
                             .unwrap_or(false)
                     }
+                    Workload::Contended => {
+                        let generation = started.elapsed().as_millis() / 200;
+                        let hot = (sequence.wrapping_mul(2654435761) ^ worker as u64) % hot_keys;
+                        contended(
+                            &mut client,
+                            format!("{run_id}-hot-{generation}-{hot}"),
+                            &body,
+                        )
+                        .await
+                    }
+                    Workload::Echo => health
+                        .check(tonic_health::pb::HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .is_ok(),
                     _ => pair(&mut client, format!("{run_id}-{worker}-{sequence}"), &body).await,
                 };
                 if ok {
