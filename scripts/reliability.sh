@@ -38,8 +38,10 @@ The same tests run in CI on every change (\`cargo test\`; the soak for 60 s ther
 Each scenario: a throwaway PostgreSQL cluster; 3 idemd replicas, each reaching the database through
 a TCP fault proxy of our own; 12 clients in acquire → work → complete loops against random
 replicas, with retries, many duplicates per key (6 hot keys, renewed every 400 ms), 1 s leases,
-and some clients that release (7 %), renew (5 %) or die holding the lease (3 %; 30 % in the first
-scenario). Every call's invocation, response and timing goes into a history. After the load, every
+and some clients that release (7 %), renew (5 %) or die holding the lease (3 %; 30 % in the
+"clients die" scenario). "random faults" is a nemesis: five faults drawn from all of the others
+with a seeded generator (the seed is in its name; `IDEMD_CHAOS_SEED` replays it), each held for a
+random time. Every call's invocation, response and timing goes into a history. After the load, every
 fault is healed, every lease expires, and every key is acquired or read once more (recorded too).
 
 The checker (\`tests/suite/chaos/history.rs\`) then requires, for every key:

@@ -33,8 +33,19 @@ struct Scenario {
     /// Extra environment for each replica (one entry per replica).
     replicas: Vec<Vec<(String, String)>>,
     workload: Workload,
-    /// The faults must make some calls fail (proof they happened).
-    expect_errors: bool,
+    /// What the faults must do to clients.
+    errors: Errors,
+}
+
+/// Whether a scenario's clients must, may, or must not see UNAVAILABLE.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Errors {
+    /// Some call must fail retryably: proof the fault reached the clients.
+    Required,
+    /// No fault makes the database unreachable: no UNAVAILABLE at all.
+    NoUnavailable,
+    /// Either (random faults).
+    Any,
 }
 
 impl Scenario {
@@ -43,7 +54,7 @@ impl Scenario {
             name,
             replicas: vec![Vec::new(); 3],
             workload: Workload::default(),
-            expect_errors: true,
+            errors: Errors::Required,
         }
     }
 }
@@ -127,14 +138,14 @@ where
         "nothing completed: {tally:?}"
     );
     let errors: usize = tally.errors.values().sum();
-    if scenario.expect_errors {
+    if scenario.errors == Errors::Required {
         assert!(
             ops.iter()
                 .any(|op| matches!(&op.reply, Reply::Failed { code, .. } if retryable(*code))),
             "{}: the faults never reached a client (no retryable error): {tally:?}",
             scenario.name
         );
-    } else {
+    } else if scenario.errors == Errors::NoUnavailable {
         assert_eq!(
             tally.errors.get("Unavailable").copied().unwrap_or(0),
             0,
@@ -307,7 +318,7 @@ const OUTAGE: Duration = Duration::from_millis(1500);
 async fn clients_die_holding_leases() {
     let mut scenario = Scenario::new("clients die holding leases");
     scenario.workload.abandon = 0.3;
-    scenario.expect_errors = false;
+    scenario.errors = Errors::NoUnavailable;
     run(scenario, |_rig| async {
         tokio::time::sleep(Duration::from_secs(3)).await;
     })
@@ -390,7 +401,7 @@ async fn network_to_postgres_black_holed() {
 async fn network_to_postgres_slow() {
     let mut scenario = Scenario::new("network to PostgreSQL slow");
     // 40 ms each way per chunk: slow, not broken; calls may time out but nothing else.
-    scenario.expect_errors = false;
+    scenario.errors = Errors::NoUnavailable;
     run(scenario, |rig| async move {
         let fault = rig.inject("40 ms added to every chunk, both ways, for 3 s");
         rig.set_network(Fault::Delay(Duration::from_millis(40)));
@@ -513,7 +524,7 @@ async fn replica_clocks_disagree() {
     let mut scenario = Scenario::new("replica clocks 40 s behind and 45 s ahead");
     scenario.replicas = vec![skewed("-40"), Vec::new(), skewed("+45")];
     scenario.workload.abandon = 0.15;
-    scenario.expect_errors = false;
+    scenario.errors = Errors::NoUnavailable;
     run(scenario, |rig| async move {
         // The skew is real: each replica stamps its logs with its own clock.
         let now = SystemTime::now()
@@ -713,4 +724,101 @@ fn checker_rejects_broken_histories() {
         (tally.grants, tally.completes_acknowledged, tally.replays),
         (1, 1, 1)
     );
+}
+
+/// A nemesis: five faults picked at random (seeded; the seed is in the scenario's name in the
+/// report and in any failure), each held for a random time, some overlapping the recovery of the
+/// previous one. `IDEMD_CHAOS_SEED` replays a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_faults() {
+    let seed = std::env::var("IDEMD_CHAOS_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    let name: &'static str = Box::leak(format!("random faults (seed {seed})").into_boxed_str());
+    let mut scenario = Scenario::new(name);
+    // A draw of only mild faults may cause no error at all; that is not a failure here.
+    scenario.errors = Errors::Any;
+    run(scenario, move |rig| async move {
+        let mut rng = workload::Rng::new(seed);
+        for _ in 0..5 {
+            let hold = Duration::from_millis(300 + rng.below(1200));
+            match rng.below(7) {
+                0 => {
+                    let fault = rig.inject("PostgreSQL crashed");
+                    rig.blocking(|rig| rig.cluster.crash()).await;
+                    tokio::time::sleep(hold).await;
+                    rig.blocking(|rig| rig.cluster.start_again()).await;
+                    rig.heal(fault).await;
+                }
+                1 => {
+                    let fault = rig.inject("PostgreSQL SIGKILLed");
+                    rig.blocking(|rig| rig.cluster.kill_all()).await;
+                    tokio::time::sleep(hold).await;
+                    rig.blocking(|rig| rig.cluster.start_again()).await;
+                    rig.heal(fault).await;
+                }
+                2 | 3 => {
+                    let (what, fault) = match rng.below(3) {
+                        0 => ("network cut", Fault::Cut),
+                        1 => ("network black-holed", Fault::BlackHole),
+                        _ => (
+                            "network slowed 30 ms",
+                            Fault::Delay(Duration::from_millis(30)),
+                        ),
+                    };
+                    let replica = rng.below(rig.replicas.len() as u64 + 1) as usize;
+                    let id = if replica == rig.replicas.len() {
+                        rig.set_network(fault);
+                        rig.inject(format!("{what}, every replica"))
+                    } else {
+                        rig.proxies[replica].set(fault);
+                        rig.inject(format!("{what}, replica {replica}"))
+                    };
+                    tokio::time::sleep(hold).await;
+                    rig.set_network(Fault::Pass);
+                    rig.heal(id).await;
+                }
+                4 => {
+                    let replica = rng.below(rig.replicas.len() as u64) as usize;
+                    let fault = rig.inject(format!("replica {replica} SIGKILLed"));
+                    rig.kill_replica(replica).await;
+                    tokio::time::sleep(hold).await;
+                    rig.start_replica(replica).await;
+                    rig.heal(fault).await;
+                }
+                5 => {
+                    let replica = rng.below(rig.replicas.len() as u64) as usize;
+                    let fault = rig.inject(format!("replica {replica} SIGTERMed"));
+                    rig.terminate_replica(replica).await;
+                    rig.start_replica(replica).await;
+                    rig.heal(fault).await;
+                }
+                _ => {
+                    let fault = rig.inject("idemd's backends terminated");
+                    let (client, connection) =
+                        tokio_postgres::connect(&rig.cluster.admin_url(), tokio_postgres::NoTls)
+                            .await
+                            .expect("connect to cluster");
+                    tokio::spawn(connection);
+                    client
+                        .execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                             WHERE application_name = 'idemd' AND pid <> pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .expect("terminate backends");
+                    rig.heal(fault).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(800))).await;
+        }
+    })
+    .await;
 }
