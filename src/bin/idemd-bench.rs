@@ -87,19 +87,23 @@ async fn pair(client: &mut IdempotencyServiceClient<Channel>, key: String, body:
         return false;
     };
     client
-        .complete(pb::CompleteRequest {
-            namespace: "bench".into(),
-            key,
-            lease_token: lease.token,
-            result: Some(pb::Result {
-                body: body.to_vec(),
-                code: 200,
-                metadata: Default::default(),
-            }),
-            retention: None,
-        })
+        .complete(complete(key, lease.token, body))
         .await
         .is_ok()
+}
+
+fn complete(key: String, lease_token: String, body: &[u8]) -> pb::CompleteRequest {
+    pb::CompleteRequest {
+        namespace: "bench".into(),
+        key,
+        lease_token,
+        result: Some(pb::Result {
+            body: body.to_vec(),
+            code: 200,
+            metadata: Default::default(),
+        }),
+        retention: None,
+    }
 }
 
 /// One request on a hot key, seen through: do the work if acquired, else wait for whoever has it.
@@ -116,17 +120,7 @@ async fn contended(
         pb::Outcome::Completed => true,
         pb::Outcome::Acquired => match response.lease {
             Some(lease) => client
-                .complete(pb::CompleteRequest {
-                    namespace: "bench".into(),
-                    key,
-                    lease_token: lease.token,
-                    result: Some(pb::Result {
-                        body: body.to_vec(),
-                        code: 200,
-                        metadata: Default::default(),
-                    }),
-                    retention: None,
-                })
+                .complete(complete(key, lease.token, body))
                 .await
                 .is_ok(),
             None => false,

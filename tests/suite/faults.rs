@@ -66,6 +66,34 @@ impl FaultProxy {
     }
 }
 
+/// A proxy in front of the shared PostgreSQL, and the URL of `database` through it.
+pub async fn database_behind_proxy(database: &TestDatabase) -> (FaultProxy, String) {
+    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let name = database.url.rsplit('/').next().expect("db name");
+    let url = format!("postgres://postgres@{}/{name}", proxy.addr);
+    (proxy, url)
+}
+
+/// An in-process server on `database`, reaching it through a fault proxy, with short bounds.
+pub async fn server_behind_proxy(
+    database: &TestDatabase,
+    query_timeout: Duration,
+) -> (FaultProxy, TestServer) {
+    let (proxy, url) = database_behind_proxy(database).await;
+    let config = PostgresConfig {
+        pool_size: 4,
+        connect_timeout: Duration::from_secs(1),
+        query_timeout,
+        ..PostgresConfig::new(url)
+    };
+    let server = TestServer::start(
+        Arc::new(PostgresStore::connect(&config).expect("pool")),
+        test_settings(),
+    )
+    .await;
+    (proxy, server)
+}
+
 /// Copies one direction, applying the current fault to every chunk.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
@@ -136,24 +164,7 @@ async fn complete(client: &mut Client, key: &str) -> pb::Record {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_faults_to_postgres_give_unavailable_and_recover() {
     let database = TestDatabase::create().await;
-    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let name = database
-        .url
-        .rsplit('/')
-        .next()
-        .expect("db name")
-        .to_string();
-    let config = PostgresConfig {
-        pool_size: 4,
-        connect_timeout: Duration::from_secs(1),
-        query_timeout: Duration::from_secs(2),
-        ..PostgresConfig::new(format!("postgres://postgres@{}/{name}", proxy.addr))
-    };
-    let server = TestServer::start(
-        Arc::new(PostgresStore::connect(&config).expect("pool")),
-        test_settings(),
-    )
-    .await;
+    let (proxy, server) = server_behind_proxy(&database, Duration::from_secs(2)).await;
     let mut client = server.client().await;
     let mut acknowledged = vec![complete(&mut client, &unique_key("before")).await];
 

@@ -2,14 +2,12 @@
 //! by making the database unreachable), with the same answers it would give, and never past the
 //! record's retention.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use idemd::proto::idempotency::v1 as pb;
-use idemd::store::postgres::PostgresConfig;
-use idemd::store::PostgresStore;
 use tonic::Code;
 
-use crate::faults::{Fault, FaultProxy};
+use crate::faults::{server_behind_proxy, Fault};
 use crate::harness::*;
 
 const NAMESPACE: &str = "cache";
@@ -23,24 +21,7 @@ fn timed<T>(message: T) -> tonic::Request<T> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_come_from_the_cache_and_respect_retention() {
     let database = TestDatabase::create().await;
-    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let name = database
-        .url
-        .rsplit('/')
-        .next()
-        .expect("db name")
-        .to_string();
-    let config = PostgresConfig {
-        pool_size: 4,
-        connect_timeout: Duration::from_secs(1),
-        query_timeout: Duration::from_secs(1),
-        ..PostgresConfig::new(format!("postgres://postgres@{}/{name}", proxy.addr))
-    };
-    let server = TestServer::start(
-        Arc::new(PostgresStore::connect(&config).expect("pool")),
-        test_settings(),
-    )
-    .await;
+    let (proxy, server) = server_behind_proxy(&database, Duration::from_secs(1)).await;
     let mut client = server.client().await;
 
     // Two completed keys: one kept for a day, one for 2.5 s.

@@ -17,7 +17,7 @@ use std::{
 use idemd::proto::idempotency::v1 as pb;
 use tonic::Code;
 
-use crate::faults::{Fault, FaultProxy};
+use crate::faults::{database_behind_proxy, Fault};
 use crate::harness::*;
 use crate::processes::{http_get, IdemdProcess};
 
@@ -111,14 +111,13 @@ fn soak_duration() -> Duration {
 async fn soak_under_steady_load_with_periodic_faults() {
     let duration = soak_duration();
     let database = TestDatabase::create().await;
-    let proxy = FaultProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let (proxy, url) = database_behind_proxy(&database).await;
     let name = database
         .url
         .rsplit('/')
         .next()
         .expect("db name")
         .to_string();
-    let url = format!("postgres://postgres@{}/{name}", proxy.addr);
     let process = tokio::task::spawn_blocking(move || {
         IdemdProcess::start(&[
             "--database-url",

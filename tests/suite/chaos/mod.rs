@@ -75,13 +75,7 @@ where
     for worker in 0..scenario.workload.workers {
         let caller = Caller {
             worker,
-            clients: (0..rig.replicas.len())
-                .map(|index| {
-                    idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient::new(
-                        rig.channel(index),
-                    )
-                })
-                .collect(),
+            clients: rig.clients(),
             history: history.clone(),
         };
         workers.push(tokio::spawn(workload::worker(
@@ -177,13 +171,7 @@ async fn final_phase(rig: &Arc<Rig>, history: &Arc<History>) -> Vec<String> {
     keys.dedup();
     let caller = Caller {
         worker: usize::MAX,
-        clients: (0..rig.replicas.len())
-            .map(|index| {
-                idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient::new(
-                    rig.channel(index),
-                )
-            })
-            .collect(),
+        clients: rig.clients(),
         history: history.clone(),
     };
     let mut stuck = Vec::new();
@@ -468,24 +456,12 @@ async fn backends_terminated() {
     run(
         Scenario::new("pg_terminate_backend on idemd's connections"),
         |rig| async move {
-            let (client, connection) =
-                tokio_postgres::connect(&rig.cluster.admin_url(), tokio_postgres::NoTls)
-                    .await
-                    .expect("connect to cluster");
-            tokio::spawn(connection);
+            let admin = rig.admin().await;
             for _ in 0..2 {
                 let fault = rig.inject("every idemd backend terminated, 10 times in 2 s");
                 let mut terminated = 0i64;
                 for _ in 0..10 {
-                    let row = client
-                        .query_one(
-                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                         WHERE application_name = 'idemd' AND pid <> pg_backend_pid()",
-                            &[],
-                        )
-                        .await
-                        .expect("terminate backends");
-                    terminated += row.get::<_, i64>(0);
+                    terminated += rig::terminate_backends(&admin).await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 assert!(terminated > 0, "no idemd backend was found to terminate");
@@ -801,19 +777,7 @@ async fn random_faults() {
                 }
                 _ => {
                     let fault = rig.inject("idemd's backends terminated");
-                    let (client, connection) =
-                        tokio_postgres::connect(&rig.cluster.admin_url(), tokio_postgres::NoTls)
-                            .await
-                            .expect("connect to cluster");
-                    tokio::spawn(connection);
-                    client
-                        .execute(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                             WHERE application_name = 'idemd' AND pid <> pg_backend_pid()",
-                            &[],
-                        )
-                        .await
-                        .expect("terminate backends");
+                    rig::terminate_backends(&rig.admin().await).await;
                     rig.heal(fault).await;
                 }
             }

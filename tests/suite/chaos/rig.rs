@@ -189,6 +189,13 @@ impl Rig {
             .connect_lazy()
     }
 
+    /// A client per replica, in replica order.
+    pub fn clients(&self) -> Vec<IdempotencyServiceClient<Channel>> {
+        (0..self.replicas.len())
+            .map(|index| IdempotencyServiceClient::new(self.channel(index)))
+            .collect()
+    }
+
     pub fn set_network(&self, fault: Fault) {
         for proxy in &self.proxies {
             proxy.set(fault);
@@ -253,12 +260,35 @@ impl Rig {
         }
     }
 
+    /// A direct connection to the cluster, around the proxies.
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.cluster.admin_url(), tokio_postgres::NoTls)
+                .await
+                .expect("connect to cluster");
+        tokio::spawn(connection);
+        client
+    }
+
     pub fn fault_records(&self) -> Vec<FaultRecord> {
         self.faults
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// `pg_terminate_backend` on every idemd connection; returns how many were terminated.
+pub async fn terminate_backends(admin: &tokio_postgres::Client) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'idemd' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("terminate backends")
+        .get(0)
 }
 
 impl Drop for Rig {
