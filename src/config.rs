@@ -64,10 +64,11 @@ pub struct ServeArgs {
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Most Completes sent to PostgreSQL as one statement when they arrive together; 1 turns
-    /// batching off (the default: on 2 cores it cost latency and gained no throughput).
-    #[arg(long, env = "IDEMD_DB_COMPLETE_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub db_complete_batch: u16,
+    /// Most Acquires (or Completes) sent to PostgreSQL as one statement and one commit when
+    /// they arrive together; 1 turns batching off. A command arriving with nothing queued goes
+    /// at once, alone: batching adds no delay.
+    #[arg(long, env = "IDEMD_DB_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_batch: u16,
     /// Bytes of completed records each replica keeps in memory, so replays (Acquire of a
     /// completed key, Get) skip the database; 0 turns the cache off.
     #[arg(long, env = "IDEMD_REPLAY_CACHE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=16 * 1024 * 1024 * 1024))]
@@ -253,7 +254,7 @@ impl ServeArgs {
             connect_timeout: self.db_connect_timeout,
             query_timeout: self.db_query_timeout,
             ca_file: self.db_ca_file.clone(),
-            complete_batch: usize::from(self.db_complete_batch),
+            max_batch: usize::from(self.db_batch),
             replay_cache_bytes: self.replay_cache_bytes,
             ..PostgresConfig::new(url.clone())
         };

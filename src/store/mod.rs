@@ -18,7 +18,7 @@ pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 
 /// Why a store could not carry out a command.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("the key already has a record with a different fingerprint")]
     FingerprintMismatch,

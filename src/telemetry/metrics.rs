@@ -33,11 +33,15 @@ pub const AUTH_DENIED: &str = "idemd_auth_denied_total";
 pub const AUTH_RELOADS: &str = "idemd_auth_policy_reloads_total";
 pub const RUNTIME_TASKS: &str = "idemd_runtime_alive_tasks";
 pub const REPLAY_CACHE_HITS: &str = "idemd_replay_cache_hits_total";
+pub const DB_BATCH_SIZE: &str = "idemd_db_batch_size";
 
 /// Latency buckets in seconds: 250 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Batch size buckets.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 1000.0];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -46,6 +50,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map_err(|error| error.to_string())?
+                .set_buckets_for_metric(Matcher::Full(DB_BATCH_SIZE.into()), BATCH_BUCKETS)
                 .map_err(|error| error.to_string())?
                 .install_recorder()
                 .map_err(|error| format!("cannot install the metrics recorder: {error}"))?;
@@ -79,6 +85,11 @@ fn describe() {
         REPLAY_CACHE_HITS,
         "Replayed Acquires and Gets answered from the replica's cache of completed records."
     );
+    describe_histogram!(
+        DB_BATCH_SIZE,
+        "Commands per batched PostgreSQL statement, by command (acquire, complete); 1 when a \
+         command that queued behind busy batch slots went alone."
+    );
     describe_gauge!(
         RUNTIME_TASKS,
         "Tokio tasks alive in the server (connections, RPCs, background work); a leak shows here."
@@ -109,6 +120,12 @@ fn describe() {
         "Auth policy and TLS reloads, by kind and result (applied, rejected)."
     );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// One batch of `size` commands went to PostgreSQL.
+pub fn store_batch(command: &'static str, size: usize) {
+    // Batches hold at most 1,000 commands: exact in an f64.
+    histogram!(DB_BATCH_SIZE, "command" => command).record(size as f64);
 }
 
 /// One finished RPC.

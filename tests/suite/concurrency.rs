@@ -133,32 +133,67 @@ async fn one_winner_memory() {
     }
 }
 
-/// Completes sent to PostgreSQL in shared batches keep every rule: a retried Complete with the
-/// same token (even in the same batch) returns the one stored result, a stale token is refused.
+/// Acquires and Completes sent to PostgreSQL in shared batches keep every rule. Acquires: many
+/// keys, each asked for by several callers at once (so one batch often holds the same key twice),
+/// and exactly one caller per key gets the lease. Completes: a retried Complete with the same
+/// token (even in the same batch) returns the one stored result, a stale token is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_completes_keep_the_rules() {
+async fn batched_acquires_and_completes_keep_the_rules() {
     let database = TestDatabase::create().await;
     let store = Arc::new(
         idemd::store::PostgresStore::connect(&idemd::store::postgres::PostgresConfig {
-            complete_batch: 64,
+            max_batch: 64,
+            // One slot per command: the rest queue and go in shared batches.
+            pool_size: 4,
             ..database.config()
         })
         .expect("pool"),
     );
     let server = TestServer::start(store.clone(), test_settings()).await;
     let mut client = server.client().await;
-    let mut leases = Vec::new();
+    let mut acquires = JoinSet::new();
     for index in 0..150 {
         let key = unique_key(&format!("batch-{index}"));
-        let lease = client
-            .acquire(acquire_request(NS, &key, b""))
-            .await
-            .expect("acquire")
-            .into_inner()
-            .lease
-            .expect("lease");
-        leases.push((key, lease.token));
+        for caller in 0..3 {
+            let mut client = client.clone();
+            let mut request = acquire_request(NS, &key, b"");
+            request.holder = format!("caller-{caller}");
+            let key = key.clone();
+            acquires.spawn(async move { (key, client.acquire(request).await) });
+        }
     }
+    let mut granted: std::collections::HashMap<String, Vec<pb::Lease>> = Default::default();
+    while let Some(joined) = acquires.join_next().await {
+        let (key, result) = joined.expect("task");
+        let response = result.expect("every Acquire is answered").into_inner();
+        let leases = granted.entry(key).or_default();
+        match response.outcome() {
+            pb::Outcome::Acquired => leases.push(response.lease.expect("lease")),
+            pb::Outcome::InProgress => {}
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 150);
+    let mut leases = Vec::new();
+    for (key, mut won) in granted {
+        assert_eq!(
+            won.len(),
+            1,
+            "{key}: exactly one of three callers holds the lease"
+        );
+        leases.push((key, won.remove(0).token));
+    }
+    let mut fencing: Vec<u64> = Vec::new();
+    for (key, _) in &leases {
+        fencing.push(get_record(&mut client, NS, key).await.fencing_token);
+    }
+    fencing.sort_unstable();
+    fencing.dedup();
+    assert_eq!(
+        fencing.len(),
+        leases.len(),
+        "no two leases share a fencing token"
+    );
     let complete = |key: &str, token: &str, tag: &str| pb::CompleteRequest {
         namespace: NS.into(),
         key: key.into(),
@@ -207,7 +242,7 @@ async fn batched_completes_keep_the_rules() {
     }
     assert_eq!(answers.len(), leases.len());
     assert!(
-        store.shared_complete_batches() > 0,
+        store.shared_batches().1 > 0,
         "no batch carried more than one Complete: the test proves nothing about batching"
     );
 }

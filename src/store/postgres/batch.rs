@@ -1,158 +1,452 @@
-//! Adaptive batching of Completes: the Completes waiting at the same moment go to PostgreSQL as
-//! one statement and one commit. There is no added delay: a Complete that finds a free batch slot
-//! goes at once, alone; only while every slot is busy do the newcomers queue, and the next batch
-//! takes them all. A Complete the batch statement does not apply (a refusal, or the same key twice
-//! in one batch) takes the ordinary one-by-one path, which decides and explains it.
+//! Adaptive batching: the Acquires (and, separately, the Completes) waiting at the same moment go
+//! to PostgreSQL as one statement and one commit, so under load the database spends far fewer
+//! statements and commits per request than one-statement-per-request SQL.
+//!
+//! There is no added delay. Each kind of command has a few batch slots. A command that finds a
+//! free slot and nobody queued runs at once, alone, on its own task, by the ordinary one-command
+//! path. Only while every slot is busy do newcomers queue; a slot that frees up takes everything
+//! queued (up to the batch size) as the next batch, on a worker task that keeps going while the
+//! queue is not empty. A batch is sorted by (namespace, key), so batches on every replica touch
+//! rows in one global order. Whatever the batch statement does not settle (a key that already
+//! exists, the same key twice in one batch, a refused Complete, a deadlock) goes through the
+//! one-command path on the same connection, which decides and explains it exactly as without
+//! batching.
 
-use std::sync::Arc;
+use std::{
+    collections::VecDeque,
+    future::Future,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+};
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_postgres::types::ToSql;
+use deadpool_postgres::Object;
+use tokio::{sync::oneshot, time::Instant};
+use tokio_postgres::{
+    error::SqlState,
+    types::{ToSql, Type},
+};
 
 use super::errors::from_db;
 use super::row::{micros, record_from_row};
-use super::sql::COMPLETE_BATCH;
-use super::{complete_on, Guarded, PostgresStore};
-use crate::domain::{CompleteCommand, Record};
+use super::sql::{ACQUIRE_BATCH, AFTER_RECORD, COMPLETE_BATCH};
+use super::{acquire_on, complete_on, Guarded, PostgresStore};
+use crate::domain::{AcquireCommand, AcquireOutcome, CompleteCommand, LeaseToken, Record};
 use crate::store::StoreError;
+use crate::telemetry::metrics;
 
-/// One Complete waiting for its batch.
-pub struct CompleteJob {
-    pub command: CompleteCommand,
-    /// The caller's deadline, if it set one.
-    pub deadline: Option<tokio::time::Instant>,
-    pub reply: oneshot::Sender<Result<Record, StoreError>>,
+/// A command that can share a statement with others of its kind.
+pub trait Batched: Send + Sync + Sized + 'static {
+    type Output: Send + 'static;
+    /// The metric label of this kind of command.
+    const NAME: &'static str;
+
+    /// The row the command touches: batches are sorted by it.
+    fn row(&self) -> (&str, &str);
+
+    /// The ordinary one-command path, which settles every case.
+    fn one(
+        &self,
+        store: &PostgresStore,
+        client: &Object,
+    ) -> impl Future<Output = Result<Self::Output, StoreError>> + Send;
+
+    /// One statement for all of `commands` (at least two, sorted by row): `Some` for each command
+    /// it settled, `None` for each left to the one-command path.
+    fn many(
+        commands: &[&Self],
+        client: &Object,
+    ) -> impl Future<Output = Result<Vec<Option<Self::Output>>, StoreError>> + Send;
 }
 
-/// Forms batches from `jobs` and runs at most `slots` of them at once.
-pub async fn run(
-    store: PostgresStore,
-    mut jobs: mpsc::Receiver<CompleteJob>,
+/// One queued command and where its answer goes.
+struct Job<C: Batched> {
+    command: C,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<C::Output, StoreError>>,
+}
+
+struct Queue<C: Batched> {
+    jobs: VecDeque<Job<C>>,
+    free_slots: usize,
+}
+
+/// The batch slots and queue of one kind of command.
+pub struct Batcher<C: Batched> {
+    queue: Mutex<Queue<C>>,
     max_batch: usize,
-    slots: usize,
-) {
-    let slots = Arc::new(Semaphore::new(slots.max(1)));
-    while let Some(first) = jobs.recv().await {
-        // Wait for a free slot first: while all are busy, newcomers queue and join this batch.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+    /// Statements that carried more than one command.
+    shared: AtomicU64,
+}
+
+impl<C: Batched> Batcher<C> {
+    pub fn new(max_batch: usize, slots: usize) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                free_slots: slots.max(1),
+            }),
+            max_batch: max_batch.max(1),
+            shared: AtomicU64::new(0),
+        }
+    }
+
+    /// How many statements carried more than one command.
+    pub fn shared_batches(&self) -> u64 {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<C>> {
+        // The lock guards plain data and no code under it can panic midway; a poisoned lock
+        // still holds a consistent queue.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `command`, alone at once if a slot is free and nobody waits, else in the next batch.
+    pub async fn run(
+        self: &Arc<Self>,
+        store: &PostgresStore,
+        command: C,
+        deadline: Option<Instant>,
+    ) -> Result<C::Output, StoreError> {
+        let queued = {
+            let mut queue = self.lock();
+            if queue.free_slots > 0 && queue.jobs.is_empty() {
+                queue.free_slots -= 1;
+                Err(command)
+            } else {
+                let (reply, answer) = oneshot::channel();
+                queue.jobs.push_back(Job {
+                    command,
+                    deadline,
+                    reply,
+                });
+                let start_worker = queue.free_slots > 0;
+                if start_worker {
+                    queue.free_slots -= 1;
+                }
+                Ok((answer, start_worker))
             }
+        };
+        let command = match queued {
+            Ok((answer, start_worker)) => {
+                return self
+                    .await_batch(store, answer, start_worker, deadline)
+                    .await
+            }
+            Err(command) => command,
+        };
+        // Alone. The guard hands the slot on (to a worker for whatever queued meanwhile) however
+        // this ends, even if the caller gives up and this future is dropped.
+        let _slot = Slot {
+            batcher: self.clone(),
+            store: store.clone(),
+        };
+        on_connection!(store, deadline, |client| command.one(store, &client))
+    }
+
+    async fn await_batch(
+        self: &Arc<Self>,
+        store: &PostgresStore,
+        answer: oneshot::Receiver<Result<C::Output, StoreError>>,
+        start_worker: bool,
+        deadline: Option<Instant>,
+    ) -> Result<C::Output, StoreError> {
+        if start_worker {
+            self.spawn_worker(store);
         }
-        if batch.len() > 1 {
-            store
-                .shared_batches
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = match deadline {
+            // The batch runs on; only this caller stops waiting for it.
+            Some(deadline) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| StoreError::DeadlineExceeded)?,
+            None => answer.await,
+        };
+        answer
+            .map_err(|_| StoreError::Internal("the batch carrying this command was lost".into()))?
+    }
+
+    /// A slot came free: a worker takes the queue, or the slot goes back.
+    fn hand_on(self: &Arc<Self>, store: &PostgresStore) {
+        let mut queue = self.lock();
+        if queue.jobs.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            queue.free_slots += 1;
+        } else {
+            drop(queue);
+            self.spawn_worker(store);
         }
-        let store = store.clone();
+    }
+
+    /// Runs batches with one slot until the queue is empty, then frees the slot.
+    fn spawn_worker(self: &Arc<Self>, store: &PostgresStore) {
+        let (batcher, store) = (self.clone(), store.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            execute(&store, batch).await;
+            loop {
+                let batch = {
+                    let mut queue = batcher.lock();
+                    let mut batch = Vec::new();
+                    while batch.len() < batcher.max_batch {
+                        let Some(job) = queue.jobs.pop_front() else {
+                            break;
+                        };
+                        // Its caller gave up before the batch formed: it never runs.
+                        if !job.reply.is_closed() {
+                            batch.push(job);
+                        }
+                    }
+                    if batch.is_empty() {
+                        queue.free_slots += 1;
+                        return;
+                    }
+                    batch
+                };
+                batcher.execute(&store, batch).await;
+            }
         });
     }
+
+    async fn execute(&self, store: &PostgresStore, mut batch: Vec<Job<C>>) {
+        batch.sort_by(|a, b| a.command.row().cmp(&b.command.row()));
+        if batch.len() > 1 {
+            self.shared.fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::store_batch(C::NAME, batch.len());
+        // Callers' deadlines reach the database: once every caller of the batch has stopped
+        // waiting, the statement is cancelled. (While one still waits, the others' commands may
+        // commit after they gave up, exactly like a command whose answer was lost.)
+        let deadline = if batch.iter().all(|job| job.deadline.is_some()) {
+            batch.iter().filter_map(|job| job.deadline).max()
+        } else {
+            None
+        };
+        let commands: Vec<&C> = batch.iter().map(|job| &job.command).collect();
+        let outcome =
+            async { on_connection!(store, deadline, |client| settle(store, &client, &commands)) }
+                .await;
+        drop(commands);
+        match outcome {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.reply.send(result);
+                }
+            }
+            Err(error) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
 }
 
-async fn execute(store: &PostgresStore, batch: Vec<CompleteJob>) {
-    // Callers' deadlines reach the database: once every caller of the batch has stopped waiting,
-    // the statement is cancelled. (While one still waits, the others' Completes may commit after
-    // they gave up, exactly like a Complete whose answer was lost; a retry returns the record.)
-    let deadline = if batch.iter().all(|job| job.deadline.is_some()) {
-        batch.iter().filter_map(|job| job.deadline).max()
+/// A batch slot held by a command running alone; dropping it hands the slot on.
+struct Slot<C: Batched> {
+    batcher: Arc<Batcher<C>>,
+    store: PostgresStore,
+}
+
+impl<C: Batched> Drop for Slot<C> {
+    fn drop(&mut self) {
+        self.batcher.hand_on(&self.store);
+    }
+}
+
+/// The batch statement, then the one-command path for whatever it left.
+async fn settle<C: Batched>(
+    store: &PostgresStore,
+    client: &Object,
+    commands: &[&C],
+) -> Result<Vec<Result<C::Output, StoreError>>, StoreError> {
+    let shared = if commands.len() > 1 {
+        C::many(commands, client).await?
     } else {
-        None
+        Vec::new()
     };
-    let outcome = async { on_connection!(store, deadline, |client| apply(&client, &batch)) }.await;
-    match outcome {
-        Ok(results) => {
-            for (job, result) in batch.into_iter().zip(results) {
-                let _ = job.reply.send(result);
-            }
-        }
-        Err(error) => {
-            let message = error.to_string();
-            for job in batch {
-                let _ = job.reply.send(Err(match &error {
-                    StoreError::Unavailable(_) => StoreError::Unavailable(message.clone()),
-                    StoreError::DeadlineExceeded => StoreError::DeadlineExceeded,
-                    _ => StoreError::Internal(message.clone()),
-                }));
-            }
-        }
-    }
-}
-
-/// Runs the batch statement, then the one-by-one path for whatever it did not apply.
-async fn apply(
-    client: &Guarded,
-    batch: &[CompleteJob],
-) -> Result<Vec<Result<Record, StoreError>>, StoreError> {
-    let mut namespaces = Vec::with_capacity(batch.len());
-    let mut keys = Vec::with_capacity(batch.len());
-    let mut tokens = Vec::with_capacity(batch.len());
-    let mut bodies = Vec::with_capacity(batch.len());
-    let mut codes = Vec::with_capacity(batch.len());
-    let mut metadata = Vec::with_capacity(batch.len());
-    let mut retentions = Vec::with_capacity(batch.len());
-    let mut positions = Vec::with_capacity(batch.len());
-    for (position, job) in batch.iter().enumerate() {
-        let command = &job.command;
-        namespaces.push(command.namespace.as_str());
-        keys.push(command.key.as_str());
-        tokens.push(command.lease_token.as_bytes().as_slice());
-        bodies.push(command.result.body.as_slice());
-        codes.push(command.result.code);
-        let (names, values): (Vec<&str>, Vec<&str>) = command
-            .result
-            .metadata
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.as_str()))
-            .unzip();
-        metadata.push(
-            serde_json::to_string(&(names, values))
-                .map_err(|error| StoreError::Internal(format!("metadata: {error}")))?,
-        );
-        retentions.push(command.retention.map(micros));
-        positions.push(i32::try_from(position).unwrap_or(i32::MAX));
-    }
-    let statement = client
-        .prepare_cached(COMPLETE_BATCH)
-        .await
-        .map_err(from_db)?;
-    let parameters: [&(dyn ToSql + Sync); 8] = [
-        &namespaces,
-        &keys,
-        &tokens,
-        &bodies,
-        &codes,
-        &metadata,
-        &retentions,
-        &positions,
-    ];
-    let rows = client
-        .query(&statement, &parameters)
-        .await
-        .map_err(from_db)?;
-    let mut results: Vec<Option<Result<Record, StoreError>>> = batch.iter().map(|_| None).collect();
-    for row in &rows {
-        let position: i32 = row.try_get(super::sql::AFTER_RECORD + 2).map_err(from_db)?;
-        if let Some(slot) = usize::try_from(position)
-            .ok()
-            .and_then(|p| results.get_mut(p))
-        {
-            *slot = Some(record_from_row(row));
-        }
-    }
-    let mut settled = Vec::with_capacity(batch.len());
-    for (job, result) in batch.iter().zip(results) {
-        settled.push(match result {
-            Some(result) => result,
-            None => complete_on(client, &job.command).await,
+    let mut shared = shared.into_iter();
+    let mut settled = Vec::with_capacity(commands.len());
+    for command in commands {
+        settled.push(match shared.next().flatten() {
+            Some(output) => Ok(output),
+            None => command.one(store, client).await,
         });
     }
     Ok(settled)
+}
+
+/// How a batch statement is sent.
+enum Plan {
+    /// Prepared once per connection, its plan kept: for statements whose plan cannot depend on
+    /// the table's size (an INSERT from the input arrays).
+    Prepared,
+    /// Planned afresh each time (an unnamed statement, still one round trip): for a join of the
+    /// input with the table. A plan kept from when the table was new and small scans the whole
+    /// table (measured: every batch read every row once the table had grown); planned now, it
+    /// looks each input row up by primary key.
+    Fresh,
+}
+
+/// Runs a batch statement. A deadlock (possible between Complete batches, whose row locks the
+/// planner may take in any order) or serialization failure leaves every command to the
+/// one-command path rather than failing them.
+async fn query_batch(
+    client: &Object,
+    sql: &str,
+    plan: Plan,
+    parameters: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<Option<Vec<tokio_postgres::Row>>, StoreError> {
+    let rows = match plan {
+        Plan::Prepared => {
+            let types: Vec<Type> = parameters.iter().map(|(_, ty)| ty.clone()).collect();
+            let statement = client
+                .prepare_typed_cached(sql, &types)
+                .await
+                .map_err(from_db)?;
+            let values: Vec<&(dyn ToSql + Sync)> =
+                parameters.iter().map(|(value, _)| *value).collect();
+            client.query(&statement, &values).await
+        }
+        Plan::Fresh => client.query_typed(sql, parameters).await,
+    };
+    match rows {
+        Ok(rows) => Ok(Some(rows)),
+        Err(error)
+            if matches!(
+                error.code(),
+                Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(from_db(error)),
+    }
+}
+
+impl Batched for AcquireCommand {
+    type Output = AcquireOutcome;
+    const NAME: &'static str = "acquire";
+
+    fn row(&self) -> (&str, &str) {
+        (self.namespace.as_str(), self.key.as_str())
+    }
+
+    async fn one(
+        &self,
+        store: &PostgresStore,
+        client: &Object,
+    ) -> Result<AcquireOutcome, StoreError> {
+        acquire_on(client, self, &store.insert_races, &store.completed).await
+    }
+
+    async fn many(
+        commands: &[&Self],
+        client: &Object,
+    ) -> Result<Vec<Option<AcquireOutcome>>, StoreError> {
+        let tokens = commands
+            .iter()
+            .map(|_| LeaseToken::generate())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| StoreError::Internal(format!("no randomness: {error}")))?;
+        let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
+        let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
+        let fingerprints: Vec<&[u8]> = commands.iter().map(|c| c.fingerprint.as_bytes()).collect();
+        let token_bytes: Vec<&[u8]> = tokens.iter().map(|t| t.as_bytes().as_slice()).collect();
+        let holders: Vec<&str> = commands.iter().map(|c| c.holder.as_str()).collect();
+        let ttls: Vec<i64> = commands.iter().map(|c| micros(c.lease_ttl)).collect();
+        let retentions: Vec<i64> = commands.iter().map(|c| micros(c.retention)).collect();
+        let parameters: [(&(dyn ToSql + Sync), Type); 7] = [
+            (&namespaces, Type::TEXT_ARRAY),
+            (&keys, Type::TEXT_ARRAY),
+            (&fingerprints, Type::BYTEA_ARRAY),
+            (&token_bytes, Type::BYTEA_ARRAY),
+            (&holders, Type::TEXT_ARRAY),
+            (&ttls, Type::INT8_ARRAY),
+            (&retentions, Type::INT8_ARRAY),
+        ];
+        let mut settled: Vec<Option<AcquireOutcome>> = commands.iter().map(|_| None).collect();
+        let Some(rows) = query_batch(client, ACQUIRE_BATCH, Plan::Prepared, &parameters).await?
+        else {
+            return Ok(settled);
+        };
+        for row in &rows {
+            let record = record_from_row(row)?;
+            // Lease tokens are random and fresh: the token names the input row.
+            let index = tokens.iter().position(|token| *token == record.lease_token);
+            if let Some(slot) = index.and_then(|index| settled.get_mut(index)) {
+                *slot = Some(AcquireOutcome::Acquired {
+                    lease: record.lease(),
+                    record,
+                    taken_over: false,
+                });
+            }
+        }
+        Ok(settled)
+    }
+}
+
+impl Batched for CompleteCommand {
+    type Output = Record;
+    const NAME: &'static str = "complete";
+
+    fn row(&self) -> (&str, &str) {
+        (self.namespace.as_str(), self.key.as_str())
+    }
+
+    async fn one(&self, _store: &PostgresStore, client: &Object) -> Result<Record, StoreError> {
+        complete_on(client, self).await
+    }
+
+    async fn many(commands: &[&Self], client: &Object) -> Result<Vec<Option<Record>>, StoreError> {
+        let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
+        let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
+        let tokens: Vec<&[u8]> = commands
+            .iter()
+            .map(|c| c.lease_token.as_bytes().as_slice())
+            .collect();
+        let bodies: Vec<&[u8]> = commands.iter().map(|c| c.result.body.as_slice()).collect();
+        let codes: Vec<i32> = commands.iter().map(|c| c.result.code).collect();
+        let metadata = commands
+            .iter()
+            .map(|c| {
+                let (names, values): (Vec<&str>, Vec<&str>) = c
+                    .result
+                    .metadata
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str()))
+                    .unzip();
+                serde_json::to_string(&(names, values))
+                    .map_err(|error| StoreError::Internal(format!("metadata: {error}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let retentions: Vec<Option<i64>> =
+            commands.iter().map(|c| c.retention.map(micros)).collect();
+        let positions: Vec<i32> = (0..commands.len())
+            .map(|position| i32::try_from(position).unwrap_or(i32::MAX))
+            .collect();
+        let parameters: [(&(dyn ToSql + Sync), Type); 8] = [
+            (&namespaces, Type::TEXT_ARRAY),
+            (&keys, Type::TEXT_ARRAY),
+            (&tokens, Type::BYTEA_ARRAY),
+            (&bodies, Type::BYTEA_ARRAY),
+            (&codes, Type::INT4_ARRAY),
+            (&metadata, Type::TEXT_ARRAY),
+            (&retentions, Type::INT8_ARRAY),
+            (&positions, Type::INT4_ARRAY),
+        ];
+        let mut settled: Vec<Option<Record>> = commands.iter().map(|_| None).collect();
+        let Some(rows) = query_batch(client, COMPLETE_BATCH, Plan::Fresh, &parameters).await?
+        else {
+            return Ok(settled);
+        };
+        for row in &rows {
+            let position: i32 = row.try_get(AFTER_RECORD + 2).map_err(from_db)?;
+            let slot = usize::try_from(position)
+                .ok()
+                .and_then(|position| settled.get_mut(position));
+            if let Some(slot) = slot {
+                *slot = Some(record_from_row(row)?);
+            }
+        }
+        Ok(settled)
+    }
 }

@@ -58,9 +58,9 @@ pub struct PostgresConfig {
     /// How often a Wait re-reads its record without a notification: a lost notification delays
     /// a Wait by at most this much.
     pub wait_poll: Duration,
-    /// Most Completes sent to PostgreSQL as one statement; 1 (the default) turns batching off.
-    /// Measured on a 2-core box it did not pay (docs/PERFORMANCE.md), so it is opt-in.
-    pub complete_batch: usize,
+    /// Most Acquires (or Completes) sent to PostgreSQL as one statement when they arrive
+    /// together (see `batch`); 1 turns batching off.
+    pub max_batch: usize,
     /// Bytes of completed records kept in memory so replays skip the database (see `cache`);
     /// 0 turns the cache off.
     pub replay_cache_bytes: u64,
@@ -75,7 +75,7 @@ impl PostgresConfig {
             query_timeout: Duration::from_secs(5),
             ca_file: None,
             wait_poll: Duration::from_secs(2),
-            complete_batch: 1,
+            max_batch: 32,
             replay_cache_bytes: 16 * 1024 * 1024,
         }
     }
@@ -119,11 +119,8 @@ pub struct PostgresStore {
     connect_timeout: Duration,
     query_timeout: Duration,
     wait_poll: Duration,
-    /// Completes go through the batcher when set (see `batch`).
-    completer: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<batch::CompleteJob>>>,
-    complete_batch: usize,
-    /// Batches that carried more than one Complete.
-    shared_batches: Arc<AtomicU64>,
+    /// Acquires and Completes go through these when batching is on (see `batch`).
+    batchers: Option<Arc<Batchers>>,
     /// Times an Acquire's insert-or-get statement came back empty because a concurrent insert
     /// of the same key committed mid-statement (and the store decided again).
     insert_races: Arc<AtomicU64>,
@@ -164,9 +161,15 @@ impl PostgresStore {
             connect_timeout: config.connect_timeout,
             query_timeout: config.query_timeout,
             wait_poll: config.wait_poll,
-            completer: Arc::default(),
-            complete_batch: config.complete_batch,
-            shared_batches: Arc::default(),
+            batchers: (config.max_batch > 1).then(|| {
+                // A quarter of the pool each for Acquire and Complete batches: the rest serves
+                // the other commands, and whatever queues meanwhile joins the next batch.
+                let slots = (config.pool_size / 4).max(1);
+                Arc::new(Batchers {
+                    acquires: Arc::new(Batcher::new(config.max_batch, slots)),
+                    completes: Arc::new(Batcher::new(config.max_batch, slots)),
+                })
+            }),
             insert_races: Arc::default(),
             completed: Arc::new(CompletedRecords::new(config.replay_cache_bytes)),
         })
@@ -177,9 +180,14 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// How many Complete batches carried more than one Complete.
-    pub fn shared_complete_batches(&self) -> u64 {
-        self.shared_batches.load(Ordering::Relaxed)
+    /// How many statements carried more than one Acquire, and more than one Complete.
+    pub fn shared_batches(&self) -> (u64, u64) {
+        self.batchers.as_ref().map_or((0, 0), |batchers| {
+            (
+                batchers.acquires.shared_batches(),
+                batchers.completes.shared_batches(),
+            )
+        })
     }
 
     /// Whether the LISTEN connection is up.
@@ -690,18 +698,6 @@ async fn read_for_wait(
 }
 
 impl PostgresStore {
-    /// The batcher's queue, started on first use.
-    fn completer(&self) -> tokio::sync::mpsc::Sender<batch::CompleteJob> {
-        self.completer
-            .get_or_init(|| {
-                let (sender, jobs) = tokio::sync::mpsc::channel(4096);
-                let slots = (self.pool.status().max_size / 4).max(1);
-                tokio::spawn(batch::run(self.clone(), jobs, self.complete_batch, slots));
-                sender
-            })
-            .clone()
-    }
-
     fn start_listener(&self) {
         self.listener_started.call_once(|| {
             tokio::spawn(listener::run(
@@ -715,6 +711,14 @@ impl PostgresStore {
 }
 
 mod batch;
+
+use self::batch::Batcher;
+
+/// The batch slots and queues of the two batched commands.
+struct Batchers {
+    acquires: Arc<Batcher<AcquireCommand>>,
+    completes: Arc<Batcher<CompleteCommand>>,
+}
 
 impl Store for PostgresStore {
     async fn wait(
@@ -785,6 +789,9 @@ impl Store for PostgresStore {
                 _ => {}
             }
         }
+        if let Some(batchers) = &self.batchers {
+            return batchers.acquires.run(self, command, deadline).await;
+        }
         on_connection!(self, deadline, |client| acquire_on(
             &client,
             &command,
@@ -798,29 +805,12 @@ impl Store for PostgresStore {
         command: CompleteCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        if self.complete_batch <= 1 {
-            let record = on_connection!(self, deadline, |client| complete_on(&client, &command))?;
-            self.completed.remember(&record);
-            return Ok(record);
-        }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job = batch::CompleteJob {
-            command,
-            deadline,
-            reply,
+        let record = match &self.batchers {
+            Some(batchers) => batchers.completes.run(self, command, deadline).await?,
+            None => on_connection!(self, deadline, |client| complete_on(&client, &command))?,
         };
-        self.completer()
-            .send(job)
-            .await
-            .map_err(|_| StoreError::Internal("the Complete batcher stopped".into()))?;
-        let answer = match deadline {
-            // The batch runs on; only this caller stops waiting for it.
-            Some(deadline) => tokio::time::timeout_at(deadline, answer)
-                .await
-                .map_err(|_| StoreError::DeadlineExceeded)?,
-            None => answer.await,
-        };
-        answer.map_err(|_| StoreError::Internal("the Complete batch was lost".into()))?
+        self.completed.remember(&record);
+        Ok(record)
     }
 
     async fn release(

@@ -161,6 +161,31 @@ pub const REAP: &str = "DELETE FROM idemd_records
         FOR UPDATE SKIP LOCKED)
     AND expires_at <= now()";
 
+/// Acquire for a batch (see `super::batch`): insert a new in-progress record for every input row
+/// whose key has none, in the order given (the batcher sorts by namespace and key, so concurrent
+/// batches wait for each other's inserts in one global order and cannot deadlock). Arrays:
+/// $1 namespaces, $2 keys, $3 fingerprints, $4 lease tokens, $5 holders, $6 lease_ttl µs,
+/// $7 retention µs. Returns the record columns and the database time of every inserted row; an
+/// input row whose key exists (or repeats an earlier input row) returns nothing, and the store
+/// decides it one by one.
+pub const ACQUIRE_BATCH: &str = concat!(
+    "INSERT INTO idemd_records (namespace, key, state, fingerprint, lease_token, released,
+        fencing_token, attempts, holder, retention_us, revision, created_at,
+        lease_expires_at, expires_at)
+    SELECT i.namespace, i.key, 1, i.fingerprint, i.lease_token, false,
+        nextval('idemd_fencing_token_seq'), 1, i.holder, i.retention_us, 1, now(),
+        now() + i.lease_ttl_us * interval '1 microsecond',
+        now() + (i.lease_ttl_us + i.retention_us) * interval '1 microsecond'
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::int8[],
+                $7::int8[]) WITH ORDINALITY
+        AS i(namespace, key, fingerprint, lease_token, holder, lease_ttl_us, retention_us, position)
+    ORDER BY i.position
+    ON CONFLICT (namespace, key) DO NOTHING
+    RETURNING ",
+    record_columns!(),
+    ", now() AS db_now"
+);
+
 /// Complete for a batch: the same guard as `COMPLETE`, one row per input, in one statement and
 /// one commit. Arrays: $1 namespaces, $2 keys, $3 lease tokens, $4 bodies, $5 codes, $6 metadata
 /// as JSON `[[names…],[values…]]`, $7 retention µs (NULL: keep), $8 positions. Returns the record
