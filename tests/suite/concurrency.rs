@@ -194,12 +194,17 @@ async fn batched_acquires_and_completes_keep_the_rules() {
         leases.len(),
         "no two leases share a fencing token"
     );
+    // Keys ending in an even digit keep the retention given at Acquire; the others set one hour.
+    let one_hour = |key: &str| key.ends_with(['1', '3', '5', '7', '9']);
     let complete = |key: &str, token: &str, tag: &str| pb::CompleteRequest {
         namespace: NS.into(),
         key: key.into(),
         lease_token: token.into(),
         result: Some(sample_result(tag)),
-        retention: None,
+        retention: one_hour(key).then(|| prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
     };
     let mut calls = JoinSet::new();
     for (key, token) in &leases {
@@ -239,6 +244,24 @@ async fn batched_acquires_and_completes_keep_the_rules() {
         );
         let stored = get_record(&mut client, NS, key).await;
         assert_eq!(&stored, &records[0]);
+        let result = stored
+            .result
+            .as_ref()
+            .expect("a completed record has its result");
+        assert!(result.metadata.contains_key("x-tag") && result.code == 201);
+        let (completed, expires) = (
+            stored.completed_at.expect("completed_at"),
+            stored.expires_at.expect("expires_at"),
+        );
+        let kept = expires.seconds - completed.seconds;
+        if one_hour(key) {
+            assert!(
+                (3599..=3601).contains(&kept),
+                "{key}: retention set at Complete, {kept} s"
+            );
+        } else {
+            assert!(kept > 3601, "{key}: retention given at Acquire, {kept} s");
+        }
     }
     assert_eq!(answers.len(), leases.len());
     assert!(

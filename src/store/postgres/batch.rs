@@ -23,10 +23,7 @@ use std::{
 
 use deadpool_postgres::Object;
 use tokio::{sync::oneshot, time::Instant};
-use tokio_postgres::{
-    error::SqlState,
-    types::{ToSql, Type},
-};
+use tokio_postgres::{error::SqlState, types::ToSql};
 
 use super::errors::from_db;
 use super::row::{micros, record_from_row};
@@ -274,40 +271,16 @@ async fn settle<C: Batched>(
     Ok(settled)
 }
 
-/// How a batch statement is sent.
-enum Plan {
-    /// Prepared once per connection, its plan kept: for statements whose plan cannot depend on
-    /// the table's size (an INSERT from the input arrays).
-    Prepared,
-    /// Planned afresh each time (an unnamed statement, still one round trip): for a join of the
-    /// input with the table. A plan kept from when the table was new and small scans the whole
-    /// table (measured: every batch read every row once the table had grown); planned now, it
-    /// looks each input row up by primary key.
-    Fresh,
-}
-
-/// Runs a batch statement. A deadlock (possible between Complete batches, whose row locks the
-/// planner may take in any order) or serialization failure leaves every command to the
-/// one-command path rather than failing them.
+/// Runs a batch statement. Batches take their rows in one global order, so they should not
+/// deadlock; should PostgreSQL still report a deadlock or a serialization failure, every command
+/// goes the one-command path rather than failing.
 async fn query_batch(
     client: &Object,
     sql: &str,
-    plan: Plan,
-    parameters: &[(&(dyn ToSql + Sync), Type)],
+    parameters: &[&(dyn ToSql + Sync)],
 ) -> Result<Option<Vec<tokio_postgres::Row>>, StoreError> {
-    let rows = match plan {
-        Plan::Prepared => {
-            let types: Vec<Type> = parameters.iter().map(|(_, ty)| ty.clone()).collect();
-            let statement = client
-                .prepare_typed_cached(sql, &types)
-                .await
-                .map_err(from_db)?;
-            let values: Vec<&(dyn ToSql + Sync)> =
-                parameters.iter().map(|(value, _)| *value).collect();
-            client.query(&statement, &values).await
-        }
-        Plan::Fresh => client.query_typed(sql, parameters).await,
-    };
+    let statement = client.prepare_cached(sql).await.map_err(from_db)?;
+    let rows = client.query(&statement, parameters).await;
     match rows {
         Ok(rows) => Ok(Some(rows)),
         Err(error)
@@ -354,18 +327,17 @@ impl Batched for AcquireCommand {
         let holders: Vec<&str> = commands.iter().map(|c| c.holder.as_str()).collect();
         let ttls: Vec<i64> = commands.iter().map(|c| micros(c.lease_ttl)).collect();
         let retentions: Vec<i64> = commands.iter().map(|c| micros(c.retention)).collect();
-        let parameters: [(&(dyn ToSql + Sync), Type); 7] = [
-            (&namespaces, Type::TEXT_ARRAY),
-            (&keys, Type::TEXT_ARRAY),
-            (&fingerprints, Type::BYTEA_ARRAY),
-            (&token_bytes, Type::BYTEA_ARRAY),
-            (&holders, Type::TEXT_ARRAY),
-            (&ttls, Type::INT8_ARRAY),
-            (&retentions, Type::INT8_ARRAY),
+        let parameters: [&(dyn ToSql + Sync); 7] = [
+            &namespaces,
+            &keys,
+            &fingerprints,
+            &token_bytes,
+            &holders,
+            &ttls,
+            &retentions,
         ];
         let mut settled: Vec<Option<AcquireOutcome>> = commands.iter().map(|_| None).collect();
-        let Some(rows) = query_batch(client, ACQUIRE_BATCH, Plan::Prepared, &parameters).await?
-        else {
+        let Some(rows) = query_batch(client, ACQUIRE_BATCH, &parameters).await? else {
             return Ok(settled);
         };
         for row in &rows {
@@ -420,22 +392,17 @@ impl Batched for CompleteCommand {
             .collect::<Result<Vec<_>, _>>()?;
         let retentions: Vec<Option<i64>> =
             commands.iter().map(|c| c.retention.map(micros)).collect();
-        let positions: Vec<i32> = (0..commands.len())
-            .map(|position| i32::try_from(position).unwrap_or(i32::MAX))
-            .collect();
-        let parameters: [(&(dyn ToSql + Sync), Type); 8] = [
-            (&namespaces, Type::TEXT_ARRAY),
-            (&keys, Type::TEXT_ARRAY),
-            (&tokens, Type::BYTEA_ARRAY),
-            (&bodies, Type::BYTEA_ARRAY),
-            (&codes, Type::INT4_ARRAY),
-            (&metadata, Type::TEXT_ARRAY),
-            (&retentions, Type::INT8_ARRAY),
-            (&positions, Type::INT4_ARRAY),
+        let parameters: [&(dyn ToSql + Sync); 7] = [
+            &namespaces,
+            &keys,
+            &tokens,
+            &bodies,
+            &codes,
+            &metadata,
+            &retentions,
         ];
         let mut settled: Vec<Option<Record>> = commands.iter().map(|_| None).collect();
-        let Some(rows) = query_batch(client, COMPLETE_BATCH, Plan::Fresh, &parameters).await?
-        else {
+        let Some(rows) = query_batch(client, COMPLETE_BATCH, &parameters).await? else {
             return Ok(settled);
         };
         for row in &rows {

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "record_waiters",
         sql: include_str!("../../../migrations/0002_record_waiters.sql"),
     },
+    Migration {
+        version: 3,
+        name: "complete_batch",
+        sql: include_str!("../../../migrations/0003_complete_batch.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

@@ -186,29 +186,11 @@ pub const ACQUIRE_BATCH: &str = concat!(
     ", now() AS db_now"
 );
 
-/// Complete for a batch: the same guard as `COMPLETE`, one row per input, in one statement and
-/// one commit. Arrays: $1 namespaces, $2 keys, $3 lease tokens, $4 bodies, $5 codes, $6 metadata
-/// as JSON `[[names…],[values…]]`, $7 retention µs (NULL: keep), $8 positions. Returns the record
-/// columns, the database time, the notification, and the input position. An input row that joins
-/// no record (or loses to another input row for the same record) returns nothing.
-pub const COMPLETE_BATCH: &str = "WITH input AS (
-        SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::int4[],
-                             $6::text[], $7::int8[], $8::int4[])
-            AS i(namespace, key, lease_token, body, code, meta, retention_us, position))
-    UPDATE idemd_records r SET
-        state = 2, result_body = i.body, result_code = i.code,
-        result_meta_keys = ARRAY(SELECT jsonb_array_elements_text(i.meta::jsonb -> 0)),
-        result_meta_values = ARRAY(SELECT jsonb_array_elements_text(i.meta::jsonb -> 1)),
-        retention_us = COALESCE(i.retention_us, r.retention_us),
-        completed_at = now(),
-        expires_at = now() + COALESCE(i.retention_us, r.retention_us) * interval '1 microsecond',
-        revision = r.revision + 1
-    FROM input i
-    WHERE r.namespace = i.namespace AND r.key = i.key AND r.lease_token = i.lease_token
-        AND r.state = 1 AND NOT r.released AND r.expires_at > now()
-    RETURNING r.namespace, r.key, r.state, r.fingerprint, r.lease_token, r.released,
-        r.fencing_token, r.attempts, r.holder, r.retention_us, r.revision, r.created_at,
-        r.lease_expires_at, r.completed_at, r.expires_at, r.result_body, r.result_code,
-        r.result_meta_keys, r.result_meta_values, now() AS db_now,
-        CASE WHEN r.has_waiters THEN pg_notify('idemd_changes', r.namespace || '/' || r.key) END,
-        i.position";
+/// Complete for a batch: the same guard as `COMPLETE`, applied row by row by primary key inside
+/// one statement and one commit (the function is migration 0003). Arrays: $1 namespaces, $2 keys,
+/// $3 lease tokens, $4 bodies, $5 codes, $6 metadata as JSON `[[names…],[values…]]`, $7 retention
+/// µs (NULL: keep). Returns the record columns, the database time, whether it notified, and the
+/// input position, for each input row it applied; an input row whose lease is not held (or which
+/// repeats an earlier input row) returns nothing.
+pub const COMPLETE_BATCH: &str = "SELECT * FROM idemd_complete_batch($1::text[], $2::text[], \
+    $3::bytea[], $4::bytea[], $5::int4[], $6::text[], $7::int8[])";
