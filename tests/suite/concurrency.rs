@@ -201,7 +201,7 @@ async fn batched_acquires_and_completes_keep_the_rules() {
         key: key.into(),
         lease_token: token.into(),
         result: Some(sample_result(tag)),
-        retention: one_hour(key).then(|| prost_types::Duration {
+        retention: one_hour(key).then_some(prost_types::Duration {
             seconds: 3600,
             nanos: 0,
         }),
