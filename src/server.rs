@@ -243,7 +243,12 @@ async fn run_background<S: Store>(
 ) {
     let mut readiness = tokio::time::interval(settings.readiness_interval);
     readiness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reaper = tokio::time::interval(settings.reaper_interval);
+    // The first round comes one interval after start, not whenever the loop first gets round to
+    // it: rounds keep to a schedule the operator (and a test) can count on.
+    let mut reaper = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.reaper_interval,
+        settings.reaper_interval,
+    );
     reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauges = tokio::time::interval(settings.metrics_interval);
     gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
