@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// at once, alone: batching adds no delay.
     #[arg(long, env = "IDEMD_DB_BATCH", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_batch: u16,
+    /// Batched statements of each kind (Acquire, Complete) in flight at once. While they are all
+    /// busy, newcomers queue and go together in the next one: fewer slots make bigger batches.
+    #[arg(long, env = "IDEMD_DB_BATCH_SLOTS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_batch_slots: u16,
     /// Bytes of completed records each replica keeps in memory, so replays (Acquire of a
     /// completed key, Get) skip the database; 0 turns the cache off.
     #[arg(long, env = "IDEMD_REPLAY_CACHE_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(0..=16 * 1024 * 1024 * 1024))]
@@ -255,6 +259,7 @@ impl ServeArgs {
             query_timeout: self.db_query_timeout,
             ca_file: self.db_ca_file.clone(),
             max_batch: usize::from(self.db_batch),
+            batch_slots: usize::from(self.db_batch_slots),
             replay_cache_bytes: self.replay_cache_bytes,
             ..PostgresConfig::new(url.clone())
         };

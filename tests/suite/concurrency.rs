@@ -144,6 +144,7 @@ async fn batched_acquires_and_completes_keep_the_rules() {
         idemd::store::PostgresStore::connect(&idemd::store::postgres::PostgresConfig {
             max_batch: 64,
             // One slot per command: the rest queue and go in shared batches.
+            batch_slots: 1,
             pool_size: 4,
             ..database.config()
         })
@@ -196,11 +197,21 @@ async fn batched_acquires_and_completes_keep_the_rules() {
     );
     // Keys ending in an even digit keep the retention given at Acquire; the others set one hour.
     let one_hour = |key: &str| key.ends_with(['1', '3', '5', '7', '9']);
+    // Each result names its key, and the one-hour keys carry one more metadata pair, so a batch
+    // holds results of different sizes: a result stored on the wrong row, or metadata cut at the
+    // wrong place, shows.
+    let result_for = |key: &str, tag: &str| {
+        let mut result = sample_result(&format!("{tag}:{key}"));
+        if one_hour(key) {
+            result.metadata.insert("x-extra".into(), key.into());
+        }
+        result
+    };
     let complete = |key: &str, token: &str, tag: &str| pb::CompleteRequest {
         namespace: NS.into(),
         key: key.into(),
         lease_token: token.into(),
-        result: Some(sample_result(tag)),
+        result: Some(result_for(key, tag)),
         retention: one_hour(key).then_some(prost_types::Duration {
             seconds: 3600,
             nanos: 0,
@@ -248,7 +259,10 @@ async fn batched_acquires_and_completes_keep_the_rules() {
             .result
             .as_ref()
             .expect("a completed record has its result");
-        assert!(result.metadata.contains_key("x-tag") && result.code == 201);
+        assert!(
+            *result == result_for(key, "first") || *result == result_for(key, "second"),
+            "{key}: the stored result is one this key's Completes sent"
+        );
         let (completed, expires) = (
             stored.completed_at.expect("completed_at"),
             stored.expires_at.expect("expires_at"),

@@ -377,28 +377,37 @@ impl Batched for CompleteCommand {
             .collect();
         let bodies: Vec<&[u8]> = commands.iter().map(|c| c.result.body.as_slice()).collect();
         let codes: Vec<i32> = commands.iter().map(|c| c.result.code).collect();
-        let metadata = commands
-            .iter()
-            .map(|c| {
-                let (names, values): (Vec<&str>, Vec<&str>) = c
-                    .result
-                    .metadata
-                    .iter()
-                    .map(|(name, value)| (name.as_str(), value.as_str()))
-                    .unzip();
-                serde_json::to_string(&(names, values))
-                    .map_err(|error| StoreError::Internal(format!("metadata: {error}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Metadata flattened: command i's pairs are meta_names[starts[i] ..][..counts[i]]
+        // (1-based, as SQL arrays are).
+        let (mut meta_names, mut meta_values) = (Vec::new(), Vec::new());
+        let (mut starts, mut counts) = (Vec::new(), Vec::new());
+        for command in commands {
+            let start = i32::try_from(meta_names.len() + 1);
+            let count = i32::try_from(command.result.metadata.len());
+            let (Ok(start), Ok(count)) = (start, count) else {
+                return Err(StoreError::Internal(
+                    "metadata too large for a batch".into(),
+                ));
+            };
+            starts.push(start);
+            counts.push(count);
+            for (name, value) in &command.result.metadata {
+                meta_names.push(name.as_str());
+                meta_values.push(value.as_str());
+            }
+        }
         let retentions: Vec<Option<i64>> =
             commands.iter().map(|c| c.retention.map(micros)).collect();
-        let parameters: [&(dyn ToSql + Sync); 7] = [
+        let parameters: [&(dyn ToSql + Sync); 10] = [
             &namespaces,
             &keys,
             &tokens,
             &bodies,
             &codes,
-            &metadata,
+            &meta_names,
+            &meta_values,
+            &starts,
+            &counts,
             &retentions,
         ];
         let mut settled: Vec<Option<Record>> = commands.iter().map(|_| None).collect();

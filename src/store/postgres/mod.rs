@@ -61,6 +61,8 @@ pub struct PostgresConfig {
     /// Most Acquires (or Completes) sent to PostgreSQL as one statement when they arrive
     /// together (see `batch`); 1 turns batching off.
     pub max_batch: usize,
+    /// Batched statements of each kind in flight at once (see `batch`).
+    pub batch_slots: usize,
     /// Bytes of completed records kept in memory so replays skip the database (see `cache`);
     /// 0 turns the cache off.
     pub replay_cache_bytes: u64,
@@ -76,6 +78,7 @@ impl PostgresConfig {
             ca_file: None,
             wait_poll: Duration::from_secs(2),
             max_batch: 32,
+            batch_slots: 2,
             replay_cache_bytes: 16 * 1024 * 1024,
         }
     }
@@ -162,9 +165,8 @@ impl PostgresStore {
             query_timeout: config.query_timeout,
             wait_poll: config.wait_poll,
             batchers: (config.max_batch > 1).then(|| {
-                // A quarter of the pool each for Acquire and Complete batches: the rest serves
-                // the other commands, and whatever queues meanwhile joins the next batch.
-                let slots = (config.pool_size / 4).max(1);
+                // The pool serves every other command meanwhile.
+                let slots = config.batch_slots.max(1);
                 Arc::new(Batchers {
                     acquires: Arc::new(Batcher::new(config.max_batch, slots)),
                     completes: Arc::new(Batcher::new(config.max_batch, slots)),

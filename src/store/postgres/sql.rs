@@ -186,11 +186,13 @@ pub const ACQUIRE_BATCH: &str = concat!(
     ", now() AS db_now"
 );
 
-/// Complete for a batch: the same guard as `COMPLETE`, applied row by row by primary key inside
+/// Complete for a batch: the same guard as `COMPLETE`, as one set-based UPDATE by primary key in
 /// one statement and one commit (the function is migration 0003). Arrays: $1 namespaces, $2 keys,
-/// $3 lease tokens, $4 bodies, $5 codes, $6 metadata as JSON `[[names…],[values…]]`, $7 retention
-/// µs (NULL: keep). Returns the record columns, the database time, whether it notified, and the
+/// $3 lease tokens, $4 bodies, $5 codes, $6 metadata names and $7 values of all rows flattened,
+/// $8 where each row's metadata start in them (1-based) and $9 how many they are, $10 retention µs
+/// (NULL: keep). Returns the record columns, the database time, whether it notified, and the
 /// input position, for each input row it applied; an input row whose lease is not held (or which
-/// repeats an earlier input row) returns nothing.
+/// repeats an earlier input row's key) returns nothing.
 pub const COMPLETE_BATCH: &str = "SELECT * FROM idemd_complete_batch($1::text[], $2::text[], \
-    $3::bytea[], $4::bytea[], $5::int4[], $6::text[], $7::int8[])";
+    $3::bytea[], $4::bytea[], $5::int4[], $6::text[], $7::text[], $8::int4[], $9::int4[], \
+    $10::int8[])";
