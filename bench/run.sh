@@ -42,7 +42,7 @@ printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' system workload clients ops/s p50_m
 
 median_line() { sort -t' ' -k1,1n | awk '{ lines[NR] = $0 } END { print lines[int((NR + 1) / 2)] }'; }
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2"; }
-declare -A tps
+declare -A tps p50s
 
 # idemd-bench `repeats` times; prints "<ops/s> <line>" of the median run, and all runs' ops/s.
 run_idemd() {
@@ -64,9 +64,10 @@ report_idemd() {
   out=$(run_idemd "$target" "$workload" "$clients")
   line=${out%|*}; runs=${out##*|}
   tps[$system-$workload-$clients]=$(field ops_per_s "$line")
+  p50s[$system-$workload-$clients]=$(field p50_ms "$line")
   printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" \
     "$(field ops_per_s "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
-    "$(field p999_ms "$line")" "errors=$(field errors "$line") cpu_s=$(field server_cpu_s "$line") peak_rss_mib=$(field server_peak_rss_mib "$line") runs=$runs"
+    "$(field p999_ms "$line")" "errors=$(field errors "$line") cpu_s=$(field server_cpu_s "$line") client_cpu_s=$(field client_cpu_s "$line") peak_rss_mib=$(field server_peak_rss_mib "$line") runs=$runs"
   echo "$system,$workload,$clients,$(field ops_per_s "$line"),$(field p50_ms "$line"),$(field p99_ms "$line"),$(field p999_ms "$line"),$(field server_cpu_s "$line"),$(field server_peak_rss_mib "$line"),$runs" >>"$csv"
 }
 
@@ -76,18 +77,28 @@ report_pgbench() {
   shift 3
   local scripts=("$@")
   for _ in $(seq 1 "$repeats"); do
-    out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" "${scripts[@]}" "$url" 2>&1)
-    local t l
+    # Every transaction's latency is logged, for the same percentiles idemd-bench reports.
+    local logs
+    logs=$(mktemp -d)
+    out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" \
+      -l --log-prefix="$logs/tx" "${scripts[@]}" "$url" 2>&1)
+    local t l p
     t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1); t=${t%.*}
     l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
+    p=$(cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 }
+      END { q = "0.5 0.99 0.999"; split(q, qs, " ");
+            for (i = 1; i <= 3; i++) { n = int(NR * qs[i]); if (n < 1) n = 1; printf "%.2f ", v[n] / 1000 } }')
+    rm -rf "$logs"
     runs="$runs$t/"
-    results+="$t $l"$'\n'
+    results+="$t $l $p"$'\n'
   done
-  local median
+  local median avg p50 p99 p999
   median=$(printf '%s' "$results" | median_line)
+  read -r _ avg p50 p99 p999 <<<"$median"
   tps[$system-$workload-$clients]=${median%% *}
-  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" "${median%% *}" "avg=${median##* }" - - "runs=${runs%/}"
-  echo "$system,$workload,$clients,${median%% *},${median##* },,,,,${runs%/}" >>"$csv"
+  p50s[$system-$workload-$clients]=$p50
+  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" "${median%% *}" "$p50" "$p99" "$p999" "avg_ms=$avg runs=${runs%/}"
+  echo "$system,$workload,$clients,${median%% *},$p50,$p99,$p999,,,${runs%/}" >>"$csv"
 }
 
 report_peer() {
@@ -116,4 +127,5 @@ done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 python3 bench/chart.py "$csv" docs/throughput.svg
 echo "memory store: $(ratio "$(( ${tps[memory-fresh-64]} * 2 ))" "${tps[echo-echo-64]}")x the echo ceiling in RPC/s at 64 clients (a pair is 2 RPCs)"
+echo "single client: pair p50 idemd ${p50s[idemd-fresh-1]} ms, peer ${p50s[pgbench-fresh-1]} ms (target: idemd <= peer + 0.3 ms)"
 echo "fresh ratio=$(ratio "${tps[idemd-fresh-64]}" "${tps[pgbench-fresh-64]}") replay ratio=$(ratio "${tps[idemd-replay-64]}" "${tps[pgbench-replay-64]}")"

@@ -7,8 +7,8 @@
 //! clients on a few hot keys that change every 200 ms: Acquire, then Complete if acquired or
 //! Wait if in progress; one operation = one request seen through), `echo` (the standard health
 //! Check, which never touches a store: the gRPC ceiling of the same server). Prints one line:
-//! throughput, latency percentiles, errors, and, with --server-pid, the server's CPU seconds and
-//! peak RSS from /proc.
+//! throughput, latency percentiles, errors, its own CPU seconds, and, with --server-pid, the
+//! server's CPU seconds and peak RSS from /proc.
 
 use std::{
     sync::{
@@ -184,6 +184,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let before = args.server_pid.and_then(process_usage);
+    let own_before = process_usage(std::process::id());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for worker in 0..args.clients {
@@ -246,6 +247,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = args.server_pid.and_then(process_usage);
+    let own = match (own_before, process_usage(std::process::id())) {
+        (Some((cpu0, _)), Some((cpu1, _))) => format!(" client_cpu_s={:.1}", cpu1 - cpu0),
+        _ => String::new(),
+    };
     let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
     let server = match (before, after) {
         (Some((cpu0, _)), Some((cpu1, peak))) => {
@@ -258,7 +263,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => String::new(),
     };
     println!(
-        "workload={:?} clients={} ops={} ops_per_s={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} errors={}{}",
+        "workload={:?} clients={} ops={} ops_per_s={:.0} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} p999_ms={:.2} errors={}{}{}",
         args.workload,
         args.clients,
         total.len(),
@@ -268,7 +273,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(0.99),
         ms(0.999),
         shared.errors.load(Ordering::Relaxed),
-        server
+        server,
+        own
     );
     Ok(())
 }
