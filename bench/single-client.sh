@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Where a single client's Acquire+Complete latency goes: alternating rounds against one idemd on
+# PostgreSQL, each printing the p50 of
+#   idemd_pair  idemd's pair through gRPC (idemd-bench, 1 client)
+#   peer        the "do it yourself" pair (pgbench, bench/pgbench/fresh.sql)
+#   idemd_sql   idemd's own two statements without gRPC (pgbench, bench/pgbench/idemd-fresh.sql)
+#   echo        one gRPC round trip to the same server (the health Check)
+#   bench/single-client.sh [rounds] [idemd serve flags...]   (default 5 rounds; needs PostgreSQL
+#                                                               on 127.0.0.1:5432 and pgbench)
+# Environment for the idemd process only: IDEMD_BENCH_ENV (e.g. TOKIO_WORKER_THREADS=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds=${1:-5}
+shift || true
+admin=${IDEMD_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+db=idemd_single_$$
+psql "$admin" -qc "CREATE DATABASE $db"
+url=${admin%/*}/$db
+logs=$(mktemp -d)
+cleanup() {
+  [ -n "${server:-}" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  rm -rf "$logs"
+  psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --bin idemd --bin idemd-bench
+bench=./target/release/idemd-bench
+# shellcheck disable=SC2086 # IDEMD_BENCH_ENV is a list of assignments
+env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen 127.0.0.1:50996 \
+  --metrics-listen 127.0.0.1:0 --database-url "$url" --log-level error "$@" &
+server=$!
+for _ in $(seq 1 50); do
+  $bench --target http://127.0.0.1:50996 --duration 100ms --clients 1 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+psql "$url" -qf bench/pgbench/schema.sql
+
+bench_p50() { sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p'; }
+pgbench_p50() {
+  pgbench -n -M prepared -c 1 -T 5 -l --log-prefix="$logs/tx" -f "$1" "$url" >/dev/null 2>&1
+  cat "$logs"/tx* | awk '{ print $3 }' | sort -n \
+    | awk '{ v[NR] = $1 } END { n = int(NR / 2); if (n < 1) n = 1; printf "%.2f", v[n] / 1000 }'
+  rm -f "$logs"/tx*
+}
+for _ in $(seq 1 "$rounds"); do
+  pair=$($bench --target http://127.0.0.1:50996 --workload fresh --clients 1 --connections 1 --duration 5s | bench_p50)
+  echo_rtt=$($bench --target http://127.0.0.1:50996 --workload echo --clients 1 --connections 1 --duration 2s | bench_p50)
+  peer=$(pgbench_p50 bench/pgbench/fresh.sql)
+  sql=$(pgbench_p50 bench/pgbench/idemd-fresh.sql)
+  echo "p50_ms idemd_pair=$pair peer=$peer idemd_sql=$sql echo=$echo_rtt"
+done
