@@ -1,9 +1,11 @@
 -- Complete for a batch of leases in one statement and one commit (see src/store/postgres/batch.rs).
 -- One set-based UPDATE joins the input rows to their records by primary key, with the same guard
--- as the one-by-one Complete. The function's own settings rule out sequential scans, hash and
--- merge joins, so the plan is always the nested loop over the primary key, whatever the table's
--- size or statistics were when the plan was cached (a plan made while the table was new and small
--- otherwise goes on scanning every row as it grows).
+-- as the one-by-one Complete. The plan must be the nested loop over the primary key whatever the
+-- table's size or statistics were when it was cached: a plan made while the table was new and
+-- small otherwise goes on scanning every row as the table grows. So the function's own settings
+-- rule out sequential scans, hash and merge joins, and the expiry guard is written as an
+-- expression the expires_at index cannot serve (else a small table's plan scans that index for
+-- every live row); the primary key is then the only way in, from a table of a few rows up.
 -- Metadata arrive flattened: row i's names and values are meta_names[meta_starts[i] ..
 -- meta_starts[i] + meta_counts[i] - 1] (and the same slice of meta_values).
 -- An input row that repeats an earlier one's key is left out. Returns one row per applied input:
@@ -38,7 +40,7 @@ BEGIN
               AS u(namespace, key, token, body, code, meta_start, meta_count, retention, position)
           ORDER BY u.namespace, u.key, u.position) AS i
     WHERE r.namespace = i.namespace AND r.key = i.key AND r.lease_token = i.token
-        AND r.state = 1 AND NOT r.released AND r.expires_at > now()
+        AND r.state = 1 AND NOT r.released AND (r.expires_at + interval '0 seconds') > now()
     RETURNING r.namespace, r.key, r.state, r.fingerprint, r.lease_token, r.released,
         r.fencing_token, r.attempts, r.holder, r.retention_us, r.revision, r.created_at,
         r.lease_expires_at, r.completed_at, r.expires_at, r.result_body, r.result_code,

@@ -7,10 +7,11 @@
 //! path. Only while every slot is busy do newcomers queue; a slot that frees up takes everything
 //! queued (up to the batch size) as the next batch, on a worker task that keeps going while the
 //! queue is not empty. A batch is sorted by (namespace, key), so batches on every replica touch
-//! rows in one global order. Whatever the batch statement does not settle (a key that already
-//! exists, the same key twice in one batch, a refused Complete, a deadlock) goes through the
-//! one-command path on the same connection, which decides and explains it exactly as without
-//! batching.
+//! rows in one global order. The callers whose commands the batch statement settled get their
+//! answers as soon as it commits. Whatever it does not settle (a key that already exists, the same
+//! key twice in one batch, a refused Complete, a deadlock) goes back to its caller, which runs it
+//! by the one-command path on a pooled connection of its own, within its own deadline: it decides
+//! and explains it exactly as without batching, and one slow key holds up nobody else.
 
 use std::{
     collections::VecDeque,
@@ -61,7 +62,15 @@ pub trait Batched: Send + Sync + Sized + 'static {
 struct Job<C: Batched> {
     command: C,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Result<C::Output, StoreError>>,
+    reply: oneshot::Sender<Reply<C>>,
+}
+
+/// What a batch tells a queued caller.
+enum Reply<C: Batched> {
+    /// The batch settled the command (or failed as a whole).
+    Settled(Result<C::Output, StoreError>),
+    /// The batch statement left the command to the one-command path: the caller runs it.
+    Alone(C),
 }
 
 struct Queue<C: Batched> {
@@ -146,7 +155,7 @@ impl<C: Batched> Batcher<C> {
     async fn await_batch(
         self: &Arc<Self>,
         store: &PostgresStore,
-        answer: oneshot::Receiver<Result<C::Output, StoreError>>,
+        answer: oneshot::Receiver<Reply<C>>,
         start_worker: bool,
         deadline: Option<Instant>,
     ) -> Result<C::Output, StoreError> {
@@ -160,8 +169,15 @@ impl<C: Batched> Batcher<C> {
                 .map_err(|_| StoreError::DeadlineExceeded)?,
             None => answer.await,
         };
-        answer
-            .map_err(|_| StoreError::Internal("the batch carrying this command was lost".into()))?
+        let reply = answer
+            .map_err(|_| StoreError::Internal("the batch carrying this command was lost".into()))?;
+        match reply {
+            Reply::Settled(result) => result,
+            // Outside the batch slots: the pool bounds these like any other command.
+            Reply::Alone(command) => {
+                on_connection!(store, deadline, |client| command.one(store, &client))
+            }
+        }
     }
 
     /// A slot came free: a worker takes the queue, or the slot goes back.
@@ -179,6 +195,12 @@ impl<C: Batched> Batcher<C> {
     fn spawn_worker(self: &Arc<Self>, store: &PostgresStore) {
         let (batcher, store) = (self.clone(), store.clone());
         tokio::spawn(async move {
+            // However the worker ends (the queue is empty, or the task is aborted or panics), the
+            // guard hands its slot on: to a new worker if jobs queued meanwhile, else back.
+            let _slot = Slot {
+                batcher: batcher.clone(),
+                store: store.clone(),
+            };
             loop {
                 let batch = {
                     let mut queue = batcher.lock();
@@ -193,7 +215,6 @@ impl<C: Batched> Batcher<C> {
                         }
                     }
                     if batch.is_empty() {
-                        queue.free_slots += 1;
                         return;
                     }
                     batch
@@ -217,27 +238,40 @@ impl<C: Batched> Batcher<C> {
         } else {
             None
         };
+        if let [job] = batch.as_slice() {
+            let outcome =
+                async { on_connection!(store, deadline, |client| job.command.one(store, &client)) }
+                    .await;
+            if let Some(job) = batch.pop() {
+                let _ = job.reply.send(Reply::Settled(outcome));
+            }
+            return;
+        }
         let commands: Vec<&C> = batch.iter().map(|job| &job.command).collect();
         let outcome =
-            async { on_connection!(store, deadline, |client| settle(store, &client, &commands)) }
-                .await;
+            async { on_connection!(store, deadline, |client| C::many(&commands, &client)) }.await;
         drop(commands);
         match outcome {
             Ok(results) => {
-                for (job, result) in batch.into_iter().zip(results) {
-                    let _ = job.reply.send(result);
+                let mut results = results.into_iter();
+                for job in batch {
+                    let reply = match results.next().flatten() {
+                        Some(output) => Reply::Settled(Ok(output)),
+                        None => Reply::Alone(job.command),
+                    };
+                    let _ = job.reply.send(reply);
                 }
             }
             Err(error) => {
                 for job in batch {
-                    let _ = job.reply.send(Err(error.clone()));
+                    let _ = job.reply.send(Reply::Settled(Err(error.clone())));
                 }
             }
         }
     }
 }
 
-/// A batch slot held by a command running alone; dropping it hands the slot on.
+/// A batch slot held by a command running alone or by a worker; dropping it hands the slot on.
 struct Slot<C: Batched> {
     batcher: Arc<Batcher<C>>,
     store: PostgresStore,
@@ -249,31 +283,9 @@ impl<C: Batched> Drop for Slot<C> {
     }
 }
 
-/// The batch statement, then the one-command path for whatever it left.
-async fn settle<C: Batched>(
-    store: &PostgresStore,
-    client: &Object,
-    commands: &[&C],
-) -> Result<Vec<Result<C::Output, StoreError>>, StoreError> {
-    let shared = if commands.len() > 1 {
-        C::many(commands, client).await?
-    } else {
-        Vec::new()
-    };
-    let mut shared = shared.into_iter();
-    let mut settled = Vec::with_capacity(commands.len());
-    for command in commands {
-        settled.push(match shared.next().flatten() {
-            Some(output) => Ok(output),
-            None => command.one(store, client).await,
-        });
-    }
-    Ok(settled)
-}
-
 /// Runs a batch statement. Batches take their rows in one global order, so they should not
 /// deadlock; should PostgreSQL still report a deadlock or a serialization failure, every command
-/// goes the one-command path rather than failing.
+/// goes back to its caller for the one-command path rather than failing.
 async fn query_batch(
     client: &Object,
     sql: &str,
