@@ -238,11 +238,12 @@ impl<C: Batched> Batcher<C> {
         } else {
             None
         };
-        if let [job] = batch.as_slice() {
-            let outcome =
-                async { on_connection!(store, deadline, |client| job.command.one(store, &client)) }
-                    .await;
+        if batch.len() == 1 {
             if let Some(job) = batch.pop() {
+                let outcome = async {
+                    on_connection!(store, deadline, |client| job.command.one(store, &client))
+                }
+                .await;
                 let _ = job.reply.send(Reply::Settled(outcome));
             }
             return;
