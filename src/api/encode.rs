@@ -36,17 +36,17 @@ fn result(result: StoredResult) -> pb::Result {
 pub fn record(record: Record) -> pb::Record {
     let completed = record.state == RecordState::Completed;
     pb::Record {
-        namespace: record.namespace.as_str().to_owned(),
-        key: record.key.as_str().to_owned(),
+        namespace: record.namespace.into_string(),
+        key: record.key.into_string(),
         state: match record.state {
             RecordState::InProgress => pb::RecordState::InProgress,
             RecordState::Completed => pb::RecordState::Completed,
         } as i32,
-        fingerprint: record.fingerprint.as_bytes().to_vec(),
+        fingerprint: record.fingerprint.into_bytes(),
         result: record.result.map(result),
         fencing_token: record.fencing_token,
         attempts: record.attempts,
-        holder: record.holder.as_str().to_owned(),
+        holder: record.holder.into_string(),
         created_at: Some(timestamp(record.created_at)),
         lease_expires_at: (!completed).then(|| timestamp(record.lease_expires_at)),
         completed_at: record.completed_at.map(timestamp),

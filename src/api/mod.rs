@@ -34,6 +34,7 @@ pub struct IdempotencyApi<S> {
     waiters: Arc<Semaphore>,
     /// The access policy; `None` when auth is off (every caller may do everything).
     auth: Option<Arc<AuthState>>,
+    metrics: metrics::RpcMetrics,
 }
 
 impl<S> IdempotencyApi<S> {
@@ -50,13 +51,15 @@ impl<S> IdempotencyApi<S> {
             admission: Arc::new(Semaphore::new(max_concurrent_rpcs.max(1))),
             waiters: Arc::new(Semaphore::new(max_waiters.max(1))),
             auth,
+            metrics: metrics::RpcMetrics::new(&Rpc::ALL.map(Rpc::name)),
         }
     }
 }
 
 /// What one RPC carries through its life: its span, start time, deadline and credentials.
-struct Call {
+struct Call<'a> {
     rpc: Rpc,
+    metrics: &'a metrics::RpcMetrics,
     span: Span,
     started: Instant,
     deadline: Option<Instant>,
@@ -75,8 +78,8 @@ fn bearer_token<T>(request: &Request<T>) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
-impl Call {
-    fn begin<T>(rpc: Rpc, request: &Request<T>) -> Self {
+impl<'a> Call<'a> {
+    fn begin<T>(rpc: Rpc, request: &Request<T>, metrics: &'a metrics::RpcMetrics) -> Self {
         let started = Instant::now();
         let span = tracing::info_span!(
             "rpc",
@@ -89,6 +92,7 @@ impl Call {
         );
         Self {
             rpc,
+            metrics,
             span,
             started,
             deadline: deadline::from_metadata(request.metadata(), started),
@@ -149,7 +153,7 @@ impl Call {
         self.span.record("code", label);
         self.span
             .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
-        metrics::rpc_finished(self.rpc.name(), code, elapsed);
+        self.metrics.finished(self.rpc.name(), code, elapsed);
         let _entered = self.span.enter();
         match code {
             Code::Ok => tracing::debug!("rpc finished"),
@@ -210,7 +214,7 @@ impl Scope {
 
 /// A call whose future was dropped (tonic gave up at the client's deadline, or the client went
 /// away) is still counted and logged, as CANCELLED.
-impl Drop for Call {
+impl Drop for Call<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.account(Code::Cancelled);
@@ -235,13 +239,13 @@ impl<S: Store> IdempotencyApi<S> {
     /// Admits, runs and accounts for one RPC.
     async fn serve<T, Fut>(
         &self,
-        call: Call,
+        call: Call<'_>,
         work: impl FnOnce(Scope) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let _in_flight = metrics::InFlight::start();
+        let _in_flight = self.metrics.in_flight();
         let result = self.admit_and_run(&call, work).await;
         call.finish(&result);
         result.map(Response::new)
@@ -250,7 +254,7 @@ impl<S: Store> IdempotencyApi<S> {
     /// Authentication, the caller's own limits, then the server's, then the work.
     async fn admit_and_run<T, Fut>(
         &self,
-        call: &Call,
+        call: &Call<'_>,
         work: impl FnOnce(Scope) -> Fut,
     ) -> Result<T, Status>
     where
@@ -296,7 +300,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::AcquireRequest>,
     ) -> Result<Response<pb::AcquireResponse>, Status> {
-        let call = Call::begin(Rpc::Acquire, &request);
+        let call = Call::begin(Rpc::Acquire, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command = decode::acquire(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
@@ -306,13 +310,13 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
                 Ok(outcome) => {
                     let label = acquire_outcome_label(&outcome);
                     call.outcome(label);
-                    metrics::acquire_outcome(label);
+                    self.metrics.acquire_outcome(label);
                     Ok(encode::acquire(outcome))
                 }
                 Err(error) => {
                     if matches!(error, StoreError::FingerprintMismatch) {
                         call.outcome("fingerprint_mismatch");
-                        metrics::acquire_outcome("fingerprint_mismatch");
+                        self.metrics.acquire_outcome("fingerprint_mismatch");
                     }
                     Err(status::from_store(error))
                 }
@@ -325,7 +329,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let call = Call::begin(Rpc::Complete, &request);
+        let call = Call::begin(Rpc::Complete, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command = decode::complete(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
@@ -348,7 +352,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let call = Call::begin(Rpc::Release, &request);
+        let call = Call::begin(Rpc::Release, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command =
                 decode::release(request.into_inner()).map_err(status::invalid_argument)?;
@@ -368,7 +372,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
-        let call = Call::begin(Rpc::Renew, &request);
+        let call = Call::begin(Rpc::Renew, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command = decode::renew(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
@@ -391,7 +395,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::WaitRequest>,
     ) -> Result<Response<pb::WaitResponse>, Status> {
-        let call = Call::begin(Rpc::Wait, &request);
+        let call = Call::begin(Rpc::Wait, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command = decode::wait(request.into_inner(), &self.limits)
                 .map_err(status::invalid_argument)?;
@@ -416,7 +420,7 @@ impl<S: Store> IdempotencyService for IdempotencyApi<S> {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let call = Call::begin(Rpc::Get, &request);
+        let call = Call::begin(Rpc::Get, &request, &self.metrics);
         self.serve(call, |call| async move {
             let command = decode::get(request.into_inner()).map_err(status::invalid_argument)?;
             call.target(&command.namespace, &command.key);

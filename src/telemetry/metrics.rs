@@ -10,7 +10,8 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -128,30 +129,88 @@ pub fn store_batch(command: &'static str, size: usize) {
     histogram!(DB_BATCH_SIZE, "command" => command).record(size as f64);
 }
 
-/// One finished RPC.
-pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
-    counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code)).increment(1);
-    histogram!(RPC_DURATION, "method" => method).record(elapsed.as_secs_f64());
+/// The outcomes `idemd_acquire_outcomes_total` counts.
+pub const ACQUIRE_OUTCOME_LABELS: [&str; 5] = [
+    "acquired",
+    "takeover",
+    "in_progress",
+    "completed",
+    "fingerprint_mismatch",
+];
+
+/// Handles of the metrics every RPC records, registered once. A `counter!` with labels hashes
+/// its name and labels and looks them up in the registry under a lock each time; these are paid
+/// for at start-up instead. Build it after [`install`], or it records into the void.
+pub struct RpcMetrics {
+    in_flight: Gauge,
+    /// Per method (in the order given to `new`): its latency histogram and its `OK` counter.
+    methods: Vec<(&'static str, Histogram, Counter)>,
+    outcomes: [Counter; 5],
 }
 
-/// Counts an RPC in flight for as long as the guard lives.
-pub struct InFlight(());
+impl RpcMetrics {
+    pub fn new(methods: &[&'static str]) -> Self {
+        Self {
+            in_flight: gauge!(RPC_IN_FLIGHT),
+            methods: methods
+                .iter()
+                .map(|&method| {
+                    (
+                        method,
+                        histogram!(RPC_DURATION, "method" => method),
+                        counter!(RPC_REQUESTS, "method" => method, "code" => "OK"),
+                    )
+                })
+                .collect(),
+            outcomes: ACQUIRE_OUTCOME_LABELS
+                .map(|outcome| counter!(ACQUIRE_OUTCOMES, "outcome" => outcome)),
+        }
+    }
 
-impl InFlight {
-    pub fn start() -> Self {
-        gauge!(RPC_IN_FLIGHT).increment(1.0);
-        Self(())
+    /// Counts an RPC in flight for as long as the guard lives.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.increment(1.0);
+        InFlight(&self.in_flight)
+    }
+
+    /// One finished RPC. Codes other than OK are rare and looked up by name.
+    pub fn finished(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        match self.methods.iter().find(|(name, ..)| *name == method) {
+            Some((_, duration, ok)) => {
+                duration.record(elapsed.as_secs_f64());
+                if code == tonic::Code::Ok {
+                    ok.increment(1);
+                } else {
+                    counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code))
+                        .increment(1);
+                }
+            }
+            None => {
+                histogram!(RPC_DURATION, "method" => method).record(elapsed.as_secs_f64());
+                counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code)).increment(1);
+            }
+        }
+    }
+
+    /// One Acquire decision, by a label of [`ACQUIRE_OUTCOME_LABELS`].
+    pub fn acquire_outcome(&self, outcome: &'static str) {
+        match ACQUIRE_OUTCOME_LABELS
+            .iter()
+            .position(|label| *label == outcome)
+        {
+            Some(index) => self.outcomes[index].increment(1),
+            None => counter!(ACQUIRE_OUTCOMES, "outcome" => outcome).increment(1),
+        }
     }
 }
 
-impl Drop for InFlight {
+/// An RPC in flight, counted by `idemd_rpc_in_flight` until dropped.
+pub struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        gauge!(RPC_IN_FLIGHT).decrement(1.0);
+        self.0.decrement(1.0);
     }
-}
-
-pub fn acquire_outcome(outcome: &'static str) {
-    counter!(ACQUIRE_OUTCOMES, "outcome" => outcome).increment(1);
 }
 
 pub fn store_error(kind: &'static str) {
