@@ -8,6 +8,11 @@ use idemd::server::{Listeners, ServerSettings};
 use idemd::store::{postgres, MemoryStore, PostgresStore};
 use tokio::net::TcpListener;
 
+/// jemalloc instead of glibc's malloc: an RPC makes a few dozen small allocations on several
+/// threads, and glibc's spent about 10 % of the server's CPU on them (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (command, log) = match cli.command {
