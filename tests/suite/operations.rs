@@ -297,6 +297,71 @@ async fn reaper_deletes_only_expired_records_in_batches_postgres() {
     assert_eq!(remaining, 3);
 }
 
+/// With no index on `expires_at`, the reaper sweeps the table by block ranges: expired rows far
+/// past the first range, and more of them in one range than a batch holds, are all found, over
+/// calls that each do bounded work, and no live row is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaper_sweeps_the_whole_table_by_block_ranges_postgres() {
+    let database = TestDatabase::create().await;
+    let client = database.connect().await;
+    // Rows of about 600 bytes: 40,000 live ones fill roughly 3,000 blocks of 8 KiB, well past one
+    // step (1,024 blocks). Expired rows: 5 at the start, 2,500 at the end of the table.
+    let insert = |from: i32, to: i32, expired: bool| {
+        format!(
+            "INSERT INTO idemd_records (namespace, key, state, fingerprint, lease_token, released,
+                fencing_token, attempts, holder, retention_us, revision, created_at,
+                lease_expires_at, completed_at, expires_at, result_body, result_code)
+             SELECT 'sweep', 'k' || i, 2, '', '\\x00', false, i, 1, '', 1000000, 2, now(), now(),
+                now(), now() + interval '{}', convert_to(repeat('x', 500), 'UTF8'), 200
+             FROM generate_series({from}, {to}) AS i",
+            if expired { "-1 hour" } else { "1 hour" }
+        )
+    };
+    for (from, to, expired) in [(1, 5, true), (6, 40_005, false), (40_006, 42_505, true)] {
+        client
+            .batch_execute(&insert(from, to, expired))
+            .await
+            .expect("insert rows");
+    }
+    let blocks: i64 = client
+        .query_one(
+            "SELECT pg_relation_size('idemd_records') / current_setting('block_size')::bigint",
+            &[],
+        )
+        .await
+        .expect("table size")
+        .get(0);
+    assert!(
+        blocks > 2 * 1024,
+        "the table must span several steps: {blocks} blocks"
+    );
+
+    let store = database.store();
+    let mut deleted = Vec::new();
+    loop {
+        let batch = store.reap_expired(1000).await.expect("reap");
+        if batch == 0 || deleted.len() > 10 {
+            break;
+        }
+        deleted.push(batch);
+    }
+    assert!(deleted.iter().all(|&batch| batch <= 1000), "{deleted:?}");
+    assert_eq!(deleted.iter().sum::<u64>(), 2_505, "{deleted:?}");
+    let (live, expired): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE expires_at > now()),
+                        count(*) FILTER (WHERE expires_at <= now())
+                 FROM idemd_records",
+                &[],
+            )
+            .await
+            .expect("count");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((live, expired), (40_000, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reaper_deletes_only_expired_records_in_batches_memory() {
     let store = Arc::new(MemoryStore::new());

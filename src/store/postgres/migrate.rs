@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "complete_batch",
         sql: include_str!("../../../migrations/0003_complete_batch.sql"),
     },
+    Migration {
+        version: 4,
+        name: "drop_expires_at_index",
+        sql: include_str!("../../../migrations/0004_drop_expires_at_index.sql"),
+    },
 ];
 
 /// The schema version this binary needs.
