@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 repeats=${2:-1}
 admin=${IDEMD_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+# pgbench and psql go through libpq, whose default sslmode=prefer is TLS on a server with ssl=on;
+# idemd's prefer is plaintext. Plaintext for both sides unless the caller says otherwise.
+export PGSSLMODE=${PGSSLMODE:-disable}
 db=idemd_bench_$$
 psql "$admin" -qc "CREATE DATABASE $db"
 url=${admin%/*}/$db
