@@ -175,19 +175,15 @@ impl RpcMetrics {
 
     /// One finished RPC. Codes other than OK are rare and looked up by name.
     pub fn finished(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
-        match self.methods.iter().find(|(name, ..)| *name == method) {
-            Some((_, duration, ok)) => {
-                duration.record(elapsed.as_secs_f64());
-                if code == tonic::Code::Ok {
-                    ok.increment(1);
-                } else {
-                    counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code))
-                        .increment(1);
-                }
-            }
-            None => {
-                histogram!(RPC_DURATION, "method" => method).record(elapsed.as_secs_f64());
-                counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code)).increment(1);
+        let cached = self.methods.iter().find(|(name, ..)| *name == method);
+        match cached {
+            Some((_, duration, _)) => duration.record(elapsed.as_secs_f64()),
+            None => histogram!(RPC_DURATION, "method" => method).record(elapsed.as_secs_f64()),
+        }
+        match cached {
+            Some((.., ok)) if code == tonic::Code::Ok => ok.increment(1),
+            _ => {
+                counter!(RPC_REQUESTS, "method" => method, "code" => code_label(code)).increment(1)
             }
         }
     }
