@@ -5,12 +5,18 @@
 #   peer        the "do it yourself" pair (pgbench, bench/pgbench/fresh.sql)
 #   idemd_sql   idemd's own two statements without gRPC (pgbench, bench/pgbench/idemd-fresh.sql)
 #   echo        one gRPC round trip to the same server (the health Check)
+#   peer_relayed the peer through a TCP relay that only copies bytes (socat, if installed): what
+#               one hop between the client and PostgreSQL costs on this box before any work is
+#               done in it. idemd's topology has the same hop, so this is the floor under its pair.
 #   bench/single-client.sh [rounds] [idemd serve flags...]   (default 5 rounds; needs PostgreSQL
 #                                                               on 127.0.0.1:5432 and pgbench)
+# Each column is measured for SLICE seconds (default 5) per round, the columns in turn; the last
+# line gives each column's median over the rounds. Many short rounds (SLICE=1) cancel the drift.
 # Environment for the idemd process only: IDEMD_BENCH_ENV (e.g. TOKIO_WORKER_THREADS=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-5}
+slice=${SLICE:-5}
 shift || true
 admin=${IDEMD_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 # pgbench and psql go through libpq, whose default sslmode=prefer is TLS on a server with ssl=on;
@@ -22,10 +28,19 @@ url=${admin%/*}/$db
 logs=$(mktemp -d)
 cleanup() {
   [ -n "${server:-}" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null || true
+  [ -n "${relay:-}" ] && kill "$relay" 2>/dev/null && wait "$relay" 2>/dev/null || true
   rm -rf "$logs"
   psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
 }
 trap cleanup EXIT
+relay_port=50995
+if command -v socat >/dev/null; then
+  host_port=${admin#*@}; host_port=${host_port%%/*}
+  socat "TCP-LISTEN:$relay_port,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$host_port,nodelay" &
+  relay=$!
+else
+  echo "socat not found: peer_relayed is skipped" >&2
+fi
 
 cargo build --release --quiet --bin idemd --bin idemd-bench
 bench=./target/release/idemd-bench
@@ -41,15 +56,31 @@ psql "$url" -qf bench/pgbench/schema.sql
 
 bench_p50() { sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p'; }
 pgbench_p50() {
-  pgbench -n -M prepared -c 1 -T 5 -l --log-prefix="$logs/tx" -f "$1" "$url" >/dev/null 2>&1
+  pgbench -n -M prepared -c 1 -T "$slice" -l --log-prefix="$logs/tx" -f "$1" "${2:-$url}" \
+    >/dev/null 2>&1
   cat "$logs"/tx* | awk '{ print $3 }' | sort -n \
     | awk '{ v[NR] = $1 } END { n = int(NR / 2); if (n < 1) n = 1; printf "%.2f", v[n] / 1000 }'
   rm -f "$logs"/tx*
 }
 for _ in $(seq 1 "$rounds"); do
-  pair=$($bench --target http://127.0.0.1:50996 --workload fresh --clients 1 --connections 1 --duration 5s | bench_p50)
-  echo_rtt=$($bench --target http://127.0.0.1:50996 --workload echo --clients 1 --connections 1 --duration 2s | bench_p50)
+  pair=$($bench --target http://127.0.0.1:50996 --workload fresh --clients 1 --connections 1 \
+    --duration "${slice}s" | bench_p50)
+  echo_rtt=$($bench --target http://127.0.0.1:50996 --workload echo --clients 1 --connections 1 \
+    --duration "${slice}s" | bench_p50)
   peer=$(pgbench_p50 bench/pgbench/fresh.sql)
   sql=$(pgbench_p50 bench/pgbench/idemd-fresh.sql)
-  echo "p50_ms idemd_pair=$pair peer=$peer idemd_sql=$sql echo=$echo_rtt"
+  relayed=n/a
+  if [ -n "${relay:-}" ]; then
+    relayed=$(pgbench_p50 bench/pgbench/fresh.sql "${url/$host_port/127.0.0.1:$relay_port}")
+  fi
+  echo "p50_ms idemd_pair=$pair peer=$peer idemd_sql=$sql echo=$echo_rtt peer_relayed=$relayed"
+done | tee "$logs/rounds"
+# The box's speed drifts from minute to minute; short slices taken in turn and their medians
+# compare the columns under the same conditions.
+line=median_p50_ms
+for name in idemd_pair peer idemd_sql echo peer_relayed; do
+  median=$(sed -n "s/.* $name=\([0-9.]*\).*/\1/p" "$logs/rounds" | sort -n \
+    | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "n/a") }')
+  line="$line $name=$median"
 done
+echo "$line"
