@@ -18,14 +18,16 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release --quiet --bin idemd --bin idemd-bench
-./target/release/idemd serve --listen 127.0.0.1:50997 --metrics-listen 127.0.0.1:0 \
+# Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
+./target/release/idemd serve --listen 127.0.0.1:20997 --metrics-listen 127.0.0.1:0 \
   --database-url "$url" --log-level warn &
 server=$!
 for _ in $(seq 1 50); do
-  ./target/release/idemd-bench --target http://127.0.0.1:50997 --duration 100ms --clients 1 >/dev/null 2>&1 && break
+  ./target/release/idemd-bench --target http://127.0.0.1:20997 --duration 100ms --clients 1 >/dev/null 2>&1 && break
   sleep 0.2
 done
-./target/release/idemd-bench --target http://127.0.0.1:50997 --workload "$workload" --clients 64 \
+kill -0 "$server" 2>/dev/null || { echo "idemd did not start (see above)" >&2; exit 1; }
+./target/release/idemd-bench --target http://127.0.0.1:20997 --workload "$workload" --clients 64 \
   --connections 8 --duration "$((seconds + 10))s" >"$out/bench.txt" &
 bench=$!
 sleep 1
@@ -48,9 +50,9 @@ join "$out/before" "$out/after" | awk -v ticks="$(getconf CLK_TCK)" \
 echo
 echo "idemd's samples by library (self time):"
 perf report -q -i "$out/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null \
-  | grep -v '^$' | sed 's/ *$//' | head -8
+  | grep -v '^$' | sed 's/ *$//' | head -8 || true # head closing the pipe early is fine
 echo
 echo "idemd's hottest functions (self time, share of idemd's samples):"
 perf report -q -i "$out/perf.data" --no-children --sort dso,symbol --stdio -g none 2>/dev/null \
-  | grep -v '^$' | sed 's/ *$//' | cut -c1-160 | head -25
+  | grep -v '^$' | sed 's/ *$//' | cut -c1-160 | head -25 || true
 echo "(perf data: $out/perf.data)"

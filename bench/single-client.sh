@@ -33,7 +33,8 @@ cleanup() {
   psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
 }
 trap cleanup EXIT
-relay_port=50995
+# Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
+relay_port=20995
 if command -v socat >/dev/null; then
   host_port=${admin#*@}; host_port=${host_port%%/*}
   socat "TCP-LISTEN:$relay_port,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$host_port,nodelay" &
@@ -45,13 +46,14 @@ fi
 cargo build --release --quiet --bin idemd --bin idemd-bench
 bench=./target/release/idemd-bench
 # shellcheck disable=SC2086 # IDEMD_BENCH_ENV is a list of assignments
-env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen 127.0.0.1:50996 \
+env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen 127.0.0.1:20996 \
   --metrics-listen 127.0.0.1:0 --database-url "$url" --log-level error "$@" &
 server=$!
 for _ in $(seq 1 50); do
-  $bench --target http://127.0.0.1:50996 --duration 100ms --clients 1 >/dev/null 2>&1 && break
+  $bench --target http://127.0.0.1:20996 --duration 100ms --clients 1 >/dev/null 2>&1 && break
   sleep 0.2
 done
+kill -0 "$server" 2>/dev/null || { echo "idemd did not start (see above)" >&2; exit 1; }
 psql "$url" -qf bench/pgbench/schema.sql
 
 bench_p50() { sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p'; }
@@ -63,9 +65,9 @@ pgbench_p50() {
   rm -f "$logs"/tx*
 }
 for _ in $(seq 1 "$rounds"); do
-  pair=$($bench --target http://127.0.0.1:50996 --workload fresh --clients 1 --connections 1 \
+  pair=$($bench --target http://127.0.0.1:20996 --workload fresh --clients 1 --connections 1 \
     --duration "${slice}s" | bench_p50)
-  echo_rtt=$($bench --target http://127.0.0.1:50996 --workload echo --clients 1 --connections 1 \
+  echo_rtt=$($bench --target http://127.0.0.1:20996 --workload echo --clients 1 --connections 1 \
     --duration "${slice}s" | bench_p50)
   peer=$(pgbench_p50 bench/pgbench/fresh.sql)
   sql=$(pgbench_p50 bench/pgbench/idemd-fresh.sql)
