@@ -19,15 +19,16 @@ trap cleanup EXIT
 
 cargo build --release --quiet --bin idemd --bin idemd-bench
 # Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
-./target/release/idemd serve --listen 127.0.0.1:20997 --metrics-listen 127.0.0.1:0 \
+port=20997
+./target/release/idemd serve --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \
   --database-url "$url" --log-level warn &
 server=$!
 for _ in $(seq 1 50); do
-  ./target/release/idemd-bench --target http://127.0.0.1:20997 --duration 100ms --clients 1 >/dev/null 2>&1 && break
+  ./target/release/idemd-bench --target http://127.0.0.1:$port --duration 100ms --clients 1 >/dev/null 2>&1 && break
   sleep 0.2
 done
 kill -0 "$server" 2>/dev/null || { echo "idemd did not start (see above)" >&2; exit 1; }
-./target/release/idemd-bench --target http://127.0.0.1:20997 --workload "$workload" --clients 64 \
+./target/release/idemd-bench --target http://127.0.0.1:$port --workload "$workload" --clients 64 \
   --connections 8 --duration "$((seconds + 10))s" >"$out/bench.txt" &
 bench=$!
 sleep 1

@@ -25,13 +25,14 @@ trap cleanup EXIT
 cargo build --release --quiet --bin idemd --bin idemd-bench
 bench=./target/release/idemd-bench
 # Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
-./target/release/idemd serve --listen 127.0.0.1:20999 --metrics-listen 127.0.0.1:0 \
+idemd_port=20999 memory_port=20998
+./target/release/idemd serve --listen 127.0.0.1:$idemd_port --metrics-listen 127.0.0.1:0 \
   --database-url "$url" --log-level warn &
 server=$!
 # The memory store, for the gRPC-ceiling comparison.
-./target/release/idemd serve --listen 127.0.0.1:20998 --metrics-listen 127.0.0.1:0 --log-level warn &
+./target/release/idemd serve --listen 127.0.0.1:$memory_port --metrics-listen 127.0.0.1:0 --log-level warn &
 memory=$!
-for target in 20999 20998; do
+for target in "$idemd_port" "$memory_port"; do
   for _ in $(seq 1 50); do
     $bench --target http://127.0.0.1:$target --duration 100ms --clients 1 >/dev/null 2>&1 && break
     sleep 0.2
@@ -56,7 +57,7 @@ run_idemd() {
   local target=$1 workload=$2 clients=$3 runs="" results=""
   for _ in $(seq 1 "$repeats"); do
     local line pid
-    pid=$([ "$target" = 20999 ] && echo "$server" || echo "$memory")
+    pid=$([ "$target" = "$idemd_port" ] && echo "$server" || echo "$memory")
     line=$($bench --target "http://127.0.0.1:$target" --workload "$workload" --clients "$clients" \
       --connections $(( clients < 8 ? clients : 8 )) --duration "${seconds}s" --keyspace 2000 \
       --server-pid "$pid")
@@ -118,17 +119,17 @@ report_peer() {
 
 for workload in fresh replay; do
   for clients in 1 16 64; do
-    report_idemd idemd 20999 "$workload" "$clients"
+    report_idemd idemd "$idemd_port" "$workload" "$clients"
     report_peer "$workload" "$clients"
   done
 done
 # Where the fresh gap comes from: PostgreSQL alone running idemd's own SQL on idemd's table.
 report_pgbench idemd-sql fresh 64 -f bench/pgbench/idemd-fresh.sql
-report_idemd idemd 20999 contended 64
+report_idemd idemd "$idemd_port" contended 64
 # The gRPC ceiling: the same server's health Check (no store), against the memory store's pairs.
 for clients in 1 16 64; do
-  report_idemd echo 20998 echo "$clients"
-  report_idemd memory 20998 fresh "$clients"
+  report_idemd echo "$memory_port" echo "$clients"
+  report_idemd memory "$memory_port" fresh "$clients"
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }

@@ -35,6 +35,7 @@ cleanup() {
 trap cleanup EXIT
 # Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
 relay_port=20995
+target=http://127.0.0.1:20996
 if command -v socat >/dev/null; then
   host_port=${admin#*@}; host_port=${host_port%%/*}
   socat "TCP-LISTEN:$relay_port,bind=127.0.0.1,reuseaddr,fork,nodelay" "TCP:$host_port,nodelay" &
@@ -46,28 +47,31 @@ fi
 cargo build --release --quiet --bin idemd --bin idemd-bench
 bench=./target/release/idemd-bench
 # shellcheck disable=SC2086 # IDEMD_BENCH_ENV is a list of assignments
-env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen 127.0.0.1:20996 \
+env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen "${target#http://}" \
   --metrics-listen 127.0.0.1:0 --database-url "$url" --log-level error "$@" &
 server=$!
 for _ in $(seq 1 50); do
-  $bench --target http://127.0.0.1:20996 --duration 100ms --clients 1 >/dev/null 2>&1 && break
+  $bench --target "$target" --duration 100ms --clients 1 >/dev/null 2>&1 && break
   sleep 0.2
 done
 kill -0 "$server" 2>/dev/null || { echo "idemd did not start (see above)" >&2; exit 1; }
 psql "$url" -qf bench/pgbench/schema.sql
 
+# The median of the numbers on standard input, one per line ("n/a" if there are none).
+median() {
+  sort -n | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "n/a") }'
+}
 bench_p50() { sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p'; }
 pgbench_p50() {
   pgbench -n -M prepared -c 1 -T "$slice" -l --log-prefix="$logs/tx" -f "$1" "${2:-$url}" \
     >/dev/null 2>&1
-  cat "$logs"/tx* | awk '{ print $3 }' | sort -n \
-    | awk '{ v[NR] = $1 } END { n = int(NR / 2); if (n < 1) n = 1; printf "%.2f", v[n] / 1000 }'
+  cat "$logs"/tx* | awk '{ printf "%.2f\n", $3 / 1000 }' | median
   rm -f "$logs"/tx*
 }
 for _ in $(seq 1 "$rounds"); do
-  pair=$($bench --target http://127.0.0.1:20996 --workload fresh --clients 1 --connections 1 \
+  pair=$($bench --target "$target" --workload fresh --clients 1 --connections 1 \
     --duration "${slice}s" | bench_p50)
-  echo_rtt=$($bench --target http://127.0.0.1:20996 --workload echo --clients 1 --connections 1 \
+  echo_rtt=$($bench --target "$target" --workload echo --clients 1 --connections 1 \
     --duration "${slice}s" | bench_p50)
   peer=$(pgbench_p50 bench/pgbench/fresh.sql)
   sql=$(pgbench_p50 bench/pgbench/idemd-fresh.sql)
@@ -81,8 +85,6 @@ done | tee "$logs/rounds"
 # compare the columns under the same conditions.
 line=median_p50_ms
 for name in idemd_pair peer idemd_sql echo peer_relayed; do
-  median=$(sed -n "s/.* $name=\([0-9.]*\).*/\1/p" "$logs/rounds" | sort -n \
-    | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "n/a") }')
-  line="$line $name=$median"
+  line="$line $name=$(sed -n "s/.* $name=\([0-9.]*\).*/\1/p" "$logs/rounds" | median)"
 done
 echo "$line"
