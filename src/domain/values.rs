@@ -77,21 +77,26 @@ impl fmt::Display for Namespace {
     }
 }
 
-/// An idempotency key: 1–255 bytes of UTF-8 without control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(String);
+/// Free text with a byte bound and no control characters: the one rule keys and holders share
+/// (a key must also not be empty).
+struct BoundedText {
+    /// Whether the empty string is refused.
+    required: bool,
+    max_bytes: usize,
+}
 
-impl Key {
-    pub const MAX_BYTES: usize = 255;
-
-    pub fn parse(value: String) -> Result<Self, String> {
-        if value.is_empty() {
-            return Err("is required (1-255 bytes of UTF-8 without control characters)".into());
+impl BoundedText {
+    fn parse(&self, value: String) -> Result<String, String> {
+        if self.required && value.is_empty() {
+            return Err(format!(
+                "is required (1-{} bytes of UTF-8 without control characters)",
+                self.max_bytes
+            ));
         }
-        if value.len() > Self::MAX_BYTES {
+        if value.len() > self.max_bytes {
             return Err(format!(
                 "must be at most {} bytes, got {}",
-                Self::MAX_BYTES,
+                self.max_bytes,
                 value.len()
             ));
         }
@@ -100,7 +105,23 @@ impl Key {
                 "must not contain control characters (U+0000-U+001F, U+007F-U+009F)".into(),
             );
         }
-        Ok(Self(value))
+        Ok(value)
+    }
+}
+
+/// An idempotency key: 1–255 bytes of UTF-8 without control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    pub const MAX_BYTES: usize = 255;
+    const RULE: BoundedText = BoundedText {
+        required: true,
+        max_bytes: Self::MAX_BYTES,
+    };
+
+    pub fn parse(value: String) -> Result<Self, String> {
+        Self::RULE.parse(value).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -145,21 +166,13 @@ pub struct Holder(String);
 
 impl Holder {
     pub const MAX_BYTES: usize = 128;
+    const RULE: BoundedText = BoundedText {
+        required: false,
+        max_bytes: Self::MAX_BYTES,
+    };
 
     pub fn parse(value: String) -> Result<Self, String> {
-        if value.len() > Self::MAX_BYTES {
-            return Err(format!(
-                "must be at most {} bytes, got {}",
-                Self::MAX_BYTES,
-                value.len()
-            ));
-        }
-        if value.chars().any(is_forbidden_control) {
-            return Err(
-                "must not contain control characters (U+0000-U+001F, U+007F-U+009F)".into(),
-            );
-        }
-        Ok(Self(value))
+        Self::RULE.parse(value).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -423,6 +436,16 @@ mod tests {
         assert!(Key::parse("a\u{0085}b".into()).is_err());
         assert!(Key::parse("a\u{007f}".into()).is_err());
         assert!(Key::parse(String::new()).is_err());
+    }
+
+    #[test]
+    fn holder_rules() {
+        assert_eq!(Holder::parse(String::new()), Ok(Holder::default()));
+        assert!(Holder::parse("worker-7/ü".into()).is_ok());
+        assert!(Holder::parse("h".repeat(128)).is_ok());
+        assert!(Holder::parse("h".repeat(129)).is_err());
+        assert!(Holder::parse("h\n".into()).is_err());
+        assert!(Holder::parse("h\u{009f}".into()).is_err());
     }
 
     #[test]
