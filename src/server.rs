@@ -12,6 +12,7 @@ use tonic_health::{server::HealthReporter, ServingStatus};
 
 use crate::api::IdempotencyApi;
 use crate::auth::AuthState;
+use crate::defaults;
 use crate::domain::Limits;
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::Store;
@@ -54,20 +55,21 @@ pub struct ServerSettings {
 }
 
 impl Default for ServerSettings {
+    /// What `idemd serve` runs with when no flag is given.
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            reaper_interval: Duration::from_secs(10),
-            reaper_batch: 1000,
-            readiness_interval: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(10),
-            max_concurrent_rpcs: 1024,
-            max_waiters: 10_000,
-            max_message_bytes: 4 * 1024 * 1024,
-            metrics_interval: Duration::from_secs(15),
+            reaper_interval: defaults::REAPER_INTERVAL.value,
+            reaper_batch: defaults::REAPER_BATCH,
+            readiness_interval: defaults::READINESS_INTERVAL,
+            shutdown_grace: defaults::SHUTDOWN_GRACE.value,
+            max_concurrent_rpcs: defaults::MAX_CONCURRENT_RPCS as usize,
+            max_waiters: defaults::MAX_WAITERS as usize,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES as usize,
+            metrics_interval: defaults::METRICS_INTERVAL.value,
             auth: None,
             tls: None,
-            reload_interval: Duration::from_secs(5),
+            reload_interval: defaults::RELOAD_INTERVAL.value,
         }
     }
 }

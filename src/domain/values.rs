@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
+use crate::defaults;
+
 /// One broken rule of a request: which field, and what the caller must fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -391,23 +393,24 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// What `idemd serve` allows when no flag is given.
     fn default() -> Self {
         Self {
             lease_ttl: DurationPolicy {
-                default: Duration::from_secs(30),
-                min: Duration::from_secs(1),
-                max: Duration::from_secs(3600),
+                default: defaults::DEFAULT_LEASE_TTL.value,
+                min: defaults::MIN_LEASE_TTL.value,
+                max: defaults::MAX_LEASE_TTL.value,
             },
             retention: DurationPolicy {
-                default: Duration::from_secs(24 * 3600),
-                min: Duration::from_secs(1),
-                max: Duration::from_secs(30 * 24 * 3600),
+                default: defaults::DEFAULT_RETENTION.value,
+                min: defaults::MIN_RETENTION.value,
+                max: defaults::MAX_RETENTION.value,
             },
-            max_result_body_bytes: 1024 * 1024,
+            max_result_body_bytes: defaults::MAX_RESULT_BYTES as usize,
             wait_timeout: DurationPolicy {
-                default: Duration::from_secs(30),
-                min: Duration::from_millis(1),
-                max: Duration::from_secs(300),
+                default: defaults::DEFAULT_WAIT_TIMEOUT.value,
+                min: defaults::MIN_WAIT_TIMEOUT,
+                max: defaults::MAX_WAIT_TIMEOUT.value,
             },
         }
     }
