@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Most records the memory store holds (live, or expired and not yet reaped). When it is
+    /// full, an Acquire of a new key first reaps expired records; if that frees none, it is
+    /// refused with RESOURCE_EXHAUSTED (STORE_FULL), while calls on keys it holds keep working.
+    /// Unused with --database-url.
+    #[arg(long, env = "IDEMD_MAX_RECORDS", default_value_t = defaults::MAX_RECORDS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_records: u64,
     /// Most Acquires (or Completes) sent to PostgreSQL as one statement and one commit when
     /// they arrive together; 1 turns batching off. A command arriving with nothing queued goes
     /// at once, alone: batching adds no delay.

@@ -77,6 +77,11 @@ pub const MAX_MESSAGE_BYTES: u32 = 4 * 1024 * 1024;
 pub const METRICS_INTERVAL: DurationDefault = DurationDefault::new("15s");
 pub const RELOAD_INTERVAL: DurationDefault = DurationDefault::new("5s");
 
+// The memory store.
+/// Most records the memory store holds: about 1 KiB each with small results, so the default
+/// bounds it near 1 GiB.
+pub const MAX_RECORDS: u64 = 1_000_000;
+
 // The PostgreSQL store (`store::postgres::PostgresConfig`).
 pub const POOL_SIZE: u16 = 16;
 pub const DB_CONNECT_TIMEOUT: DurationDefault = DurationDefault::new("3s");

@@ -140,7 +140,8 @@ async fn serve(
                  between replicas; use PostgreSQL for anything but trying idemd out"
             );
             tracing::info!(addr = %local_addr, store = "memory", tls, "serving gRPC on {local_addr}");
-            idemd::server::serve(listeners, Arc::new(MemoryStore::new()), settings, shutdown).await
+            let store = MemoryStore::bounded(args.max_records);
+            idemd::server::serve(listeners, Arc::new(store), settings, shutdown).await
         }
         Some(config) => {
             if !args.no_migrate {
