@@ -14,7 +14,6 @@ use crate::api::IdempotencyApi;
 use crate::auth::AuthState;
 use crate::defaults;
 use crate::domain::Limits;
-use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::Store;
 use crate::telemetry::metrics;
 use crate::tls::{self, TlsState};
@@ -195,10 +194,7 @@ pub async fn serve<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            IdempotencyServiceServer::new(api)
-                .max_decoding_message_size(settings.max_message_bytes),
-        );
+        .add_service(api.into_service(settings.max_message_bytes));
     let server: Serving = match &settings.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(listeners.grpc, tls.clone()),
