@@ -1,14 +1,23 @@
 //! The gRPC server: the idempotency service, standard health, reflection (v1 and v1alpha), the
 //! reaper, and a shutdown that is injected by the caller and bounded by a grace period.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use std::pin::Pin;
+use futures_util::Stream;
 use tokio::net::TcpListener;
-
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 use crate::api::IdempotencyApi;
 use crate::auth::AuthState;
@@ -116,7 +125,14 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics_handle = metrics::install().map_err(ServeError::Metrics)?;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // One shutdown signal, fanned out to every listener, the health Watch streams and the
+    // background loop.
+    let (stop, stopped) = watch::channel(false);
+    let health = HealthReporter::new();
+    let health_service = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(health.clone()),
+        stopped: stopped.clone(),
+    });
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
@@ -142,8 +158,6 @@ pub async fn serve<S: Store>(
         settings.auth.clone(),
     );
 
-    // One shutdown signal, fanned out to every listener and the background loop.
-    let (stop, stopped) = watch::channel(false);
     let background = tokio::spawn(run_background(
         store,
         health.clone(),
@@ -230,6 +244,58 @@ pub async fn serve<S: Store>(
         let _ = tokio::time::timeout(grace, task).await;
     }
     outcome
+}
+
+/// gRPC health whose Watch streams end, with UNAVAILABLE, once shutdown begins (after the
+/// NOT_SERVING that shutdown sets first): an open Watch would otherwise hold its connection, and
+/// so the drain, for the whole grace period.
+struct DrainingHealth {
+    inner: HealthService,
+    stopped: watch::Receiver<bool>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut statuses = self.inner.watch(request).await?.into_inner();
+        let mut stopped = self.stopped.clone();
+        // A closed channel means the server is gone: stopped as well.
+        let mut stop = Box::pin(async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        });
+        let mut ended = false;
+        let stream = futures_util::stream::poll_fn(move |cx: &mut Context<'_>| {
+            if ended {
+                return Poll::Ready(None);
+            }
+            // Statuses first, so the watcher gets the NOT_SERVING set before the stop.
+            if let Poll::Ready(status) = Pin::new(&mut statuses).poll_next(cx) {
+                return Poll::Ready(status);
+            }
+            match stop.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    ended = true;
+                    Poll::Ready(Some(Err(Status::unavailable("idemd is shutting down"))))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        Ok(Response::new(Box::pin(stream) as WatchStream))
+    }
 }
 
 /// Keeps readiness in step with the store, and reaps expired records.
