@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod defaults;
 pub mod domain;
 pub mod server;
 pub mod store;

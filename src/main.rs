@@ -45,10 +45,14 @@ fn main() -> ExitCode {
     };
     let outcome = match command {
         Command::Serve(args) => {
-            // Settings are checked before anything starts: a bad one is one line and exit code 2.
-            let checked = args
-                .server_settings()
-                .and_then(|settings| Ok((settings, args.postgres_config()?)));
+            // Flags, then the files they name, are checked before anything starts: a bad one is
+            // one line and exit code 2.
+            let checked = (|| {
+                let mut settings = args.server_settings()?;
+                let postgres_config = args.postgres_config()?;
+                args.read_files(&mut settings, postgres_config.as_ref())?;
+                Ok::<_, String>((settings, postgres_config))
+            })();
             match checked {
                 Ok((settings, postgres_config)) => {
                     runtime.block_on(serve(*args, settings, postgres_config))
@@ -136,7 +140,8 @@ async fn serve(
                  between replicas; use PostgreSQL for anything but trying idemd out"
             );
             tracing::info!(addr = %local_addr, store = "memory", tls, "serving gRPC on {local_addr}");
-            idemd::server::serve(listeners, Arc::new(MemoryStore::new()), settings, shutdown).await
+            let store = MemoryStore::bounded(args.max_records);
+            idemd::server::serve(listeners, Arc::new(store), settings, shutdown).await
         }
         Some(config) => {
             if !args.no_migrate {

@@ -1,19 +1,28 @@
 //! The gRPC server: the idempotency service, standard health, reflection (v1 and v1alpha), the
 //! reaper, and a shutdown that is injected by the caller and bounded by a grace period.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use std::pin::Pin;
+use futures_util::Stream;
 use tokio::net::TcpListener;
-
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::{server::HealthReporter, ServingStatus};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 use crate::api::IdempotencyApi;
 use crate::auth::AuthState;
+use crate::defaults;
 use crate::domain::Limits;
-use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::Store;
 use crate::telemetry::metrics;
 use crate::tls::{self, TlsState};
@@ -54,20 +63,21 @@ pub struct ServerSettings {
 }
 
 impl Default for ServerSettings {
+    /// What `idemd serve` runs with when no flag is given.
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            reaper_interval: Duration::from_secs(10),
-            reaper_batch: 1000,
-            readiness_interval: Duration::from_secs(2),
-            shutdown_grace: Duration::from_secs(10),
-            max_concurrent_rpcs: 1024,
-            max_waiters: 10_000,
-            max_message_bytes: 4 * 1024 * 1024,
-            metrics_interval: Duration::from_secs(15),
+            reaper_interval: defaults::REAPER_INTERVAL.value,
+            reaper_batch: defaults::REAPER_BATCH,
+            readiness_interval: defaults::READINESS_INTERVAL,
+            shutdown_grace: defaults::SHUTDOWN_GRACE.value,
+            max_concurrent_rpcs: defaults::MAX_CONCURRENT_RPCS as usize,
+            max_waiters: defaults::MAX_WAITERS as usize,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES as usize,
+            metrics_interval: defaults::METRICS_INTERVAL.value,
             auth: None,
             tls: None,
-            reload_interval: Duration::from_secs(5),
+            reload_interval: defaults::RELOAD_INTERVAL.value,
         }
     }
 }
@@ -115,7 +125,14 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let metrics_handle = metrics::install().map_err(ServeError::Metrics)?;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // One shutdown signal, fanned out to every listener, the health Watch streams and the
+    // background loop.
+    let (stop, stopped) = watch::channel(false);
+    let health = HealthReporter::new();
+    let health_service = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(health.clone()),
+        stopped: stopped.clone(),
+    });
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
@@ -141,8 +158,6 @@ pub async fn serve<S: Store>(
         settings.auth.clone(),
     );
 
-    // One shutdown signal, fanned out to every listener and the background loop.
-    let (stop, stopped) = watch::channel(false);
     let background = tokio::spawn(run_background(
         store,
         health.clone(),
@@ -193,10 +208,7 @@ pub async fn serve<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            IdempotencyServiceServer::new(api)
-                .max_decoding_message_size(settings.max_message_bytes),
-        );
+        .add_service(api.into_service(settings.max_message_bytes));
     let server: Serving = match &settings.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(listeners.grpc, tls.clone()),
@@ -232,6 +244,58 @@ pub async fn serve<S: Store>(
         let _ = tokio::time::timeout(grace, task).await;
     }
     outcome
+}
+
+/// gRPC health whose Watch streams end, with UNAVAILABLE, once shutdown begins (after the
+/// NOT_SERVING that shutdown sets first): an open Watch would otherwise hold its connection, and
+/// so the drain, for the whole grace period.
+struct DrainingHealth {
+    inner: HealthService,
+    stopped: watch::Receiver<bool>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut statuses = self.inner.watch(request).await?.into_inner();
+        let mut stopped = self.stopped.clone();
+        // A closed channel means the server is gone: stopped as well.
+        let mut stop = Box::pin(async move {
+            let _ = stopped.wait_for(|stopped| *stopped).await;
+        });
+        let mut ended = false;
+        let stream = futures_util::stream::poll_fn(move |cx: &mut Context<'_>| {
+            if ended {
+                return Poll::Ready(None);
+            }
+            // Statuses first, so the watcher gets the NOT_SERVING set before the stop.
+            if let Poll::Ready(status) = Pin::new(&mut statuses).poll_next(cx) {
+                return Poll::Ready(status);
+            }
+            match stop.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    ended = true;
+                    Poll::Ready(Some(Err(Status::unavailable("idemd is shutting down"))))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        Ok(Response::new(Box::pin(stream) as WatchStream))
+    }
 }
 
 /// Keeps readiness in step with the store, and reaps expired records.

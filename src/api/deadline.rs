@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
+use tonic::codegen::http::HeaderMap;
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -30,8 +30,8 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// When idemd must have answered, if the caller set a deadline: a little before the caller's
 /// own (5 %, at most 20 ms), so the store's DEADLINE_EXCEEDED — with its database work cancelled —
 /// wins the race against tonic abandoning the call.
-pub fn from_metadata(metadata: &MetadataMap, received: Instant) -> Option<Instant> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+pub fn from_headers(headers: &HeaderMap, received: Instant) -> Option<Instant> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(value)?;
     let margin = (timeout / 20).min(Duration::from_millis(20));
     received.checked_add(timeout - margin)

@@ -26,6 +26,7 @@ pub mod reason {
     pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
     pub const CALLER_LIMITED: &str = "CALLER_LIMITED";
     pub const TOO_MANY_WAITERS: &str = "TOO_MANY_WAITERS";
+    pub const STORE_FULL: &str = "STORE_FULL";
     pub const INTERNAL: &str = "INTERNAL";
 }
 
@@ -89,6 +90,17 @@ pub fn from_store(error: StoreError) -> Status {
                 }
             };
             with_reason(code, error.to_string(), reason)
+        }
+        StoreError::Full(max_records) => {
+            metrics::store_error("full");
+            tracing::debug!(max_records, "store full: refusing a new key");
+            with_reason(
+                Code::ResourceExhausted,
+                format!(
+                    "the idempotency store is full ({max_records} records, none expired): new keys are refused until records expire; existing keys still work"
+                ),
+                reason::STORE_FULL,
+            )
         }
         StoreError::DeadlineExceeded => {
             metrics::store_error("deadline");

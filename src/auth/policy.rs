@@ -56,7 +56,8 @@ impl Rpc {
         }
     }
 
-    fn parse(name: &str) -> Option<Self> {
+    /// The RPC of a method name (`Acquire`), as in policy files and gRPC paths.
+    pub fn parse(name: &str) -> Option<Self> {
         Rpc::ALL.into_iter().find(|rpc| rpc.name() == name)
     }
 }

@@ -3,6 +3,8 @@
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
+use crate::defaults;
+
 /// One broken rule of a request: which field, and what the caller must fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {
@@ -77,21 +79,26 @@ impl fmt::Display for Namespace {
     }
 }
 
-/// An idempotency key: 1–255 bytes of UTF-8 without control characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(String);
+/// Free text with a byte bound and no control characters: the one rule keys and holders share
+/// (a key must also not be empty).
+struct BoundedText {
+    /// Whether the empty string is refused.
+    required: bool,
+    max_bytes: usize,
+}
 
-impl Key {
-    pub const MAX_BYTES: usize = 255;
-
-    pub fn parse(value: String) -> Result<Self, String> {
-        if value.is_empty() {
-            return Err("is required (1-255 bytes of UTF-8 without control characters)".into());
+impl BoundedText {
+    fn parse(&self, value: String) -> Result<String, String> {
+        if self.required && value.is_empty() {
+            return Err(format!(
+                "is required (1-{} bytes of UTF-8 without control characters)",
+                self.max_bytes
+            ));
         }
-        if value.len() > Self::MAX_BYTES {
+        if value.len() > self.max_bytes {
             return Err(format!(
                 "must be at most {} bytes, got {}",
-                Self::MAX_BYTES,
+                self.max_bytes,
                 value.len()
             ));
         }
@@ -100,7 +107,23 @@ impl Key {
                 "must not contain control characters (U+0000-U+001F, U+007F-U+009F)".into(),
             );
         }
-        Ok(Self(value))
+        Ok(value)
+    }
+}
+
+/// An idempotency key: 1–255 bytes of UTF-8 without control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    pub const MAX_BYTES: usize = 255;
+    const RULE: BoundedText = BoundedText {
+        required: true,
+        max_bytes: Self::MAX_BYTES,
+    };
+
+    pub fn parse(value: String) -> Result<Self, String> {
+        Self::RULE.parse(value).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -145,21 +168,13 @@ pub struct Holder(String);
 
 impl Holder {
     pub const MAX_BYTES: usize = 128;
+    const RULE: BoundedText = BoundedText {
+        required: false,
+        max_bytes: Self::MAX_BYTES,
+    };
 
     pub fn parse(value: String) -> Result<Self, String> {
-        if value.len() > Self::MAX_BYTES {
-            return Err(format!(
-                "must be at most {} bytes, got {}",
-                Self::MAX_BYTES,
-                value.len()
-            ));
-        }
-        if value.chars().any(is_forbidden_control) {
-            return Err(
-                "must not contain control characters (U+0000-U+001F, U+007F-U+009F)".into(),
-            );
-        }
-        Ok(Self(value))
+        Self::RULE.parse(value).map(Self)
     }
 
     pub fn as_str(&self) -> &str {
@@ -378,23 +393,24 @@ pub struct Limits {
 }
 
 impl Default for Limits {
+    /// What `idemd serve` allows when no flag is given.
     fn default() -> Self {
         Self {
             lease_ttl: DurationPolicy {
-                default: Duration::from_secs(30),
-                min: Duration::from_secs(1),
-                max: Duration::from_secs(3600),
+                default: defaults::DEFAULT_LEASE_TTL.value,
+                min: defaults::MIN_LEASE_TTL.value,
+                max: defaults::MAX_LEASE_TTL.value,
             },
             retention: DurationPolicy {
-                default: Duration::from_secs(24 * 3600),
-                min: Duration::from_secs(1),
-                max: Duration::from_secs(30 * 24 * 3600),
+                default: defaults::DEFAULT_RETENTION.value,
+                min: defaults::MIN_RETENTION.value,
+                max: defaults::MAX_RETENTION.value,
             },
-            max_result_body_bytes: 1024 * 1024,
+            max_result_body_bytes: defaults::MAX_RESULT_BYTES as usize,
             wait_timeout: DurationPolicy {
-                default: Duration::from_secs(30),
-                min: Duration::from_millis(1),
-                max: Duration::from_secs(300),
+                default: defaults::DEFAULT_WAIT_TIMEOUT.value,
+                min: defaults::MIN_WAIT_TIMEOUT,
+                max: defaults::MAX_WAIT_TIMEOUT.value,
             },
         }
     }
@@ -423,6 +439,16 @@ mod tests {
         assert!(Key::parse("a\u{0085}b".into()).is_err());
         assert!(Key::parse("a\u{007f}".into()).is_err());
         assert!(Key::parse(String::new()).is_err());
+    }
+
+    #[test]
+    fn holder_rules() {
+        assert_eq!(Holder::parse(String::new()), Ok(Holder::default()));
+        assert!(Holder::parse("worker-7/ü".into()).is_ok());
+        assert!(Holder::parse("h".repeat(128)).is_ok());
+        assert!(Holder::parse("h".repeat(129)).is_err());
+        assert!(Holder::parse("h\n".into()).is_err());
+        assert!(Holder::parse("h\u{009f}".into()).is_err());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The embedded in-memory store: the same semantics as PostgreSQL, for trying idemd and for local
-//! development. Records are neither durable nor shared between replicas.
+//! development. Records are neither durable nor shared between replicas. It holds at most
+//! `max_records` (`--max-records`): when full, a new key first sweeps expired records out, and is
+//! refused with `StoreError::Full` if that frees nothing.
 
 use std::{
     collections::HashMap,
@@ -15,6 +17,7 @@ use tokio::time::Instant;
 
 use super::waiters::Waiters;
 use super::{wait_until, Store, StoreError};
+use crate::defaults;
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, decide_wait, unfinished_expiry,
     AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand,
@@ -38,6 +41,18 @@ pub struct MemoryStore {
     waiters: Waiters,
     /// The store's clock: the system's, or a test's.
     clock: Clock,
+    /// Most records held, live or expired-but-not-yet-reaped.
+    max_records: u64,
+    /// Records held. Changed only under the lock of the shard whose map changes, so it never
+    /// lags a map by more than the calls in progress.
+    records: AtomicU64,
+    /// No record expires before this (nanoseconds since the Unix epoch): a lower bound, lowered
+    /// (under the shard's lock) by every write that sets an expiry, and made exact again by each
+    /// sweep. While it lies ahead, a full store refuses a new key without sweeping: a sweep visits
+    /// every record, too dear to pay on each refused call.
+    earliest_expiry: AtomicU64,
+    /// One sweep at a time: a sweep in progress holds `earliest_expiry` above its true value.
+    sweeping: Mutex<()>,
 }
 
 /// Where the memory store reads the time.
@@ -57,6 +72,18 @@ impl MemoryStore {
             fencing: AtomicU64::new(0),
             waiters: Waiters::default(),
             clock: std::sync::Arc::new(SystemTime::now),
+            max_records: defaults::MAX_RECORDS,
+            records: AtomicU64::new(0),
+            earliest_expiry: AtomicU64::new(u64::MAX),
+            sweeping: Mutex::new(()),
+        }
+    }
+
+    /// A store that holds at most `max_records` records (at least one).
+    pub fn bounded(max_records: u64) -> Self {
+        Self {
+            max_records: max_records.max(1),
+            ..Self::new()
         }
     }
 
@@ -81,6 +108,57 @@ impl MemoryStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Counts one more record, unless the store is full.
+    fn reserve_record(&self) -> bool {
+        self.records
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held < self.max_records).then_some(held + 1)
+            })
+            .is_ok()
+    }
+
+    /// Keeps `earliest_expiry` a lower bound; call under the lock of the record's shard.
+    fn note_expiry(&self, expires_at: SystemTime) {
+        let nanos = epoch_nanos(expires_at);
+        // Most expiries lie after the bound: a load alone does not contend as fetch_min would.
+        if nanos < self.earliest_expiry.load(Ordering::Relaxed) {
+            self.earliest_expiry.fetch_min(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// Deletes every expired record, to make room in a full store; returns how many. Does
+    /// nothing when no record can have expired yet, or while another sweep runs (it is making the
+    /// room). Takes each shard's lock in turn: call it holding none.
+    fn sweep_expired(&self, now: SystemTime) -> u64 {
+        let Ok(_one_at_a_time) = self.sweeping.try_lock() else {
+            return 0;
+        };
+        if self.earliest_expiry.load(Ordering::Relaxed) > epoch_nanos(now) {
+            return 0;
+        }
+        // Recomputed from the survivors; a write to a shard already swept lowers it again.
+        self.earliest_expiry.store(u64::MAX, Ordering::Relaxed);
+        let mut deleted = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let before = shard.len();
+            let mut earliest = u64::MAX;
+            shard.retain(|_, record| {
+                let live = record.is_live(now);
+                if live {
+                    earliest = earliest.min(epoch_nanos(record.expires_at));
+                }
+                live
+            });
+            let removed = (before - shard.len()) as u64;
+            self.records.fetch_sub(removed, Ordering::Relaxed);
+            self.earliest_expiry.fetch_min(earliest, Ordering::Relaxed);
+            deleted += removed;
+        }
+        metrics::reaped(deleted);
+        deleted
+    }
+
     fn next_fencing_token(&self) -> u64 {
         self.fencing.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -103,6 +181,14 @@ impl MemoryStore {
     }
 }
 
+/// A time as nanoseconds since the Unix epoch (0 before it, saturating far after it).
+fn epoch_nanos(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
+}
+
 fn new_token() -> Result<LeaseToken, StoreError> {
     LeaseToken::generate().map_err(|error| StoreError::Internal(format!("no randomness: {error}")))
 }
@@ -115,57 +201,71 @@ impl Store for MemoryStore {
     ) -> Result<AcquireOutcome, StoreError> {
         let now = self.now();
         let token = new_token()?;
-        let mut shard = self.shard(&command.namespace, &command.key);
-        let map_key = (command.namespace.clone(), command.key.clone());
-        let existing = shard.get(&map_key);
-        let lease_expires_at = now + command.lease_ttl;
-        let decision = decide_acquire(existing, &command.fingerprint, now);
-        let (attempts, created_at) = match (decision, existing) {
-            (AcquireDecision::Create, _) | (_, None) => (1, now),
-            (AcquireDecision::TakeOver, Some(record)) => {
-                (record.attempts.saturating_add(1), record.created_at)
+        let mut swept = false;
+        loop {
+            let mut shard = self.shard(&command.namespace, &command.key);
+            let map_key = (command.namespace.clone(), command.key.clone());
+            let existing = shard.get(&map_key);
+            let lease_expires_at = now + command.lease_ttl;
+            let decision = decide_acquire(existing, &command.fingerprint, now);
+            let (attempts, created_at) = match (decision, existing) {
+                (AcquireDecision::Create, _) | (_, None) => (1, now),
+                (AcquireDecision::TakeOver, Some(record)) => {
+                    (record.attempts.saturating_add(1), record.created_at)
+                }
+                (AcquireDecision::InProgress { retry_after }, Some(record)) => {
+                    return Ok(AcquireOutcome::InProgress {
+                        record: record.clone(),
+                        retry_after,
+                    })
+                }
+                (AcquireDecision::Completed, Some(record)) => {
+                    return Ok(AcquireOutcome::Completed {
+                        record: record.clone(),
+                    })
+                }
+                (AcquireDecision::FingerprintMismatch, Some(_)) => {
+                    return Err(StoreError::FingerprintMismatch)
+                }
+            };
+            // A new key needs room; a key already held (even expired) is replaced in place.
+            if existing.is_none() && !self.reserve_record() {
+                drop(shard);
+                if swept {
+                    return Err(StoreError::Full(self.max_records));
+                }
+                self.sweep_expired(now);
+                swept = true;
+                continue;
             }
-            (AcquireDecision::InProgress { retry_after }, Some(record)) => {
-                return Ok(AcquireOutcome::InProgress {
-                    record: record.clone(),
-                    retry_after,
-                })
-            }
-            (AcquireDecision::Completed, Some(record)) => {
-                return Ok(AcquireOutcome::Completed {
-                    record: record.clone(),
-                })
-            }
-            (AcquireDecision::FingerprintMismatch, Some(_)) => {
-                return Err(StoreError::FingerprintMismatch)
-            }
-        };
-        let taken_over = decision == AcquireDecision::TakeOver;
-        let revision = existing.map_or(0, |record| record.revision) + 1;
-        let record = Record {
-            namespace: command.namespace,
-            key: command.key,
-            state: RecordState::InProgress,
-            fingerprint: command.fingerprint,
-            lease_token: token,
-            released: false,
-            fencing_token: self.next_fencing_token(),
-            attempts,
-            holder: command.holder,
-            retention: command.retention,
-            created_at,
-            lease_expires_at,
-            completed_at: None,
-            expires_at: unfinished_expiry(lease_expires_at, command.retention),
-            result: None,
-            revision,
-        };
-        shard.insert(map_key, record.clone());
-        Ok(AcquireOutcome::Acquired {
-            lease: record.lease(),
-            record,
-            taken_over,
-        })
+            let taken_over = decision == AcquireDecision::TakeOver;
+            let revision = existing.map_or(0, |record| record.revision) + 1;
+            let record = Record {
+                namespace: command.namespace,
+                key: command.key,
+                state: RecordState::InProgress,
+                fingerprint: command.fingerprint,
+                lease_token: token,
+                released: false,
+                fencing_token: self.next_fencing_token(),
+                attempts,
+                holder: command.holder,
+                retention: command.retention,
+                created_at,
+                lease_expires_at,
+                completed_at: None,
+                expires_at: unfinished_expiry(lease_expires_at, command.retention),
+                result: None,
+                revision,
+            };
+            self.note_expiry(record.expires_at);
+            shard.insert(map_key, record.clone());
+            return Ok(AcquireOutcome::Acquired {
+                lease: record.lease(),
+                record,
+                taken_over,
+            });
+        }
     }
 
     async fn complete(
@@ -189,6 +289,7 @@ impl Store for MemoryStore {
                     record.completed_at = Some(now);
                     record.expires_at = now + retention;
                     record.revision += 1;
+                    self.note_expiry(record.expires_at);
                     self.waiters.wake(&record.namespace, &record.key);
                 }
                 Ok(record.clone())
@@ -213,6 +314,7 @@ impl Store for MemoryStore {
                     record.lease_expires_at = now;
                     record.expires_at = unfinished_expiry(now, record.retention);
                     record.revision += 1;
+                    self.note_expiry(record.expires_at);
                     self.waiters.wake(&record.namespace, &record.key);
                 }
                 Ok(())
@@ -238,6 +340,7 @@ impl Store for MemoryStore {
                 record.lease_expires_at = now + command.lease_ttl;
                 record.expires_at = unfinished_expiry(record.lease_expires_at, record.retention);
                 record.revision += 1;
+                self.note_expiry(record.expires_at);
                 Ok(record.lease())
             }
         }
@@ -307,15 +410,18 @@ impl Store for MemoryStore {
                 break;
             }
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let before = shard.len();
             shard.retain(|_, record| {
                 if budget > 0 && !record.is_live(now) {
                     budget -= 1;
-                    deleted += 1;
                     false
                 } else {
                     true
                 }
             });
+            let removed = (before - shard.len()) as u64;
+            self.records.fetch_sub(removed, Ordering::Relaxed);
+            deleted += removed;
         }
         Ok(deleted)
     }
@@ -337,5 +443,72 @@ impl Store for MemoryStore {
 
     async fn check_ready(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::{Fingerprint, Holder};
+
+    fn acquire(key: &str, lease_ttl: Duration, retention: Duration) -> AcquireCommand {
+        AcquireCommand {
+            namespace: Namespace::parse("bounded".into()).expect("namespace"),
+            key: Key::parse(key.into()).expect("key"),
+            fingerprint: Fingerprint::default(),
+            lease_ttl,
+            retention,
+            holder: Holder::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_store_sweeps_expired_records_before_refusing_a_new_key() {
+        let start = SystemTime::now();
+        let now = Arc::new(Mutex::new(start));
+        let clock_now = now.clone();
+        let store = MemoryStore {
+            max_records: 2,
+            ..MemoryStore::with_clock(Arc::new(move || {
+                *clock_now.lock().unwrap_or_else(|p| p.into_inner())
+            }))
+        };
+        let second = Duration::from_secs(1);
+        let hour = Duration::from_secs(3600);
+        store
+            .acquire(acquire("brief", second, second), None)
+            .await
+            .expect("brief");
+        store
+            .acquire(acquire("long", hour, hour), None)
+            .await
+            .expect("long");
+        let full = store.acquire(acquire("new", hour, hour), None).await;
+        assert!(matches!(full, Err(StoreError::Full(2))), "{full:?}");
+        // A key it holds is not a new record.
+        let again = store.acquire(acquire("long", hour, hour), None).await;
+        assert!(matches!(again, Ok(AcquireOutcome::InProgress { .. })));
+        // `brief` expires 1 s after its lease: then it makes room.
+        *now.lock().unwrap_or_else(|p| p.into_inner()) = start + 3 * second;
+        let made_room = store.acquire(acquire("new", hour, hour), None).await;
+        assert!(matches!(made_room, Ok(AcquireOutcome::Acquired { .. })));
+        assert_eq!(store.len(), 2);
+        let full = store.acquire(acquire("newer", hour, hour), None).await;
+        assert!(matches!(full, Err(StoreError::Full(2))), "{full:?}");
+        // The background reaper keeps the count too.
+        *now.lock().unwrap_or_else(|p| p.into_inner()) = start + 2 * hour + 3 * second;
+        assert_eq!(store.reap_expired(10).await.expect("reap"), 2);
+        store
+            .acquire(acquire("a", hour, hour), None)
+            .await
+            .expect("a");
+        store
+            .acquire(acquire("b", hour, hour), None)
+            .await
+            .expect("b");
+        assert!(store.len() == 2);
     }
 }

@@ -27,6 +27,10 @@ pub enum StoreError {
     /// The database cannot be reached or did not answer in time; the caller may retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store holds as many records as it may and none has expired: a new key cannot be
+    /// stored (existing keys still can). Only the memory store is bounded.
+    #[error("the store is full: it holds its maximum of {0} records and none has expired")]
+    Full(u64),
     /// The caller's deadline passed before the store answered; the work was cancelled.
     #[error("the call's deadline passed before the store answered")]
     DeadlineExceeded,

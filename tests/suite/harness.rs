@@ -13,7 +13,9 @@ use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServic
 use idemd::server::{ServeError, ServerSettings};
 use idemd::store::postgres::{migrate, PostgresConfig};
 use idemd::store::{MemoryStore, PostgresStore, Store};
+use prost::bytes::{Buf, BufMut};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
@@ -355,4 +357,62 @@ pub async fn get_record(client: &mut Client, namespace: &str, key: &str) -> pb::
         .into_inner()
         .record
         .expect("record")
+}
+
+/// Sends and receives raw bytes as the gRPC message.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+/// Calls `method` of the idempotency service with raw bytes (and the request's metadata) as the
+/// message.
+pub async fn raw_call(
+    server: &TestServer,
+    method: &str,
+    request: impl tonic::IntoRequest<Vec<u8>>,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = format!("/idempotency.v1.IdempotencyService/{method}")
+        .parse()
+        .expect("path");
+    grpc.unary(request.into_request(), path, RawCodec)
+        .await
+        .map(|response| response.into_inner())
 }

@@ -6,6 +6,7 @@ use idemd::proto::idempotency::v1 as pb;
 use idemd::store::{MemoryStore, Store};
 use prost::Message;
 use tokio_stream::StreamExt;
+use tonic::Code;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -371,4 +372,114 @@ async fn reaper_deletes_only_expired_records_in_batches_memory() {
     assert_eq!(store.reap_expired(10).await.expect("reap"), 3);
     assert_eq!(store.reap_expired(10).await.expect("reap"), 0);
     assert_eq!(store.len(), 3);
+}
+
+/// The memory store holds at most `--max-records`. Full, it refuses a new key with
+/// RESOURCE_EXHAUSTED (STORE_FULL), while the keys it holds keep working; a record that has
+/// expired is swept out to make room, without waiting for the reaper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_store_is_bounded_and_sweeps_expired_records_to_make_room() {
+    use crate::processes::IdemdProcess;
+
+    let server = IdemdProcess::start(&[
+        "--max-records",
+        "3",
+        "--min-lease-ttl",
+        "10ms",
+        "--min-retention",
+        "10ms",
+        "--reaper-interval",
+        "1h",
+    ]);
+    let mut client = pb::idempotency_service_client::IdempotencyServiceClient::connect(format!(
+        "http://{}",
+        server.addr
+    ))
+    .await
+    .expect("connect");
+    let ns = "bounded";
+    let (done, held, brief) = (unique_key("done"), unique_key("held"), unique_key("brief"));
+    let acquire = |key: &str| acquire_request(ns, key, b"");
+    let lease = |response: tonic::Response<pb::AcquireResponse>| {
+        let response = response.into_inner();
+        assert_eq!(response.outcome(), pb::Outcome::Acquired);
+        response.lease.expect("lease")
+    };
+    // Three records: `done` completed, `held` in progress, `brief` gone soon after its lease.
+    let done_lease = lease(client.acquire(acquire(&done)).await.expect("acquire"));
+    client
+        .complete(pb::CompleteRequest {
+            namespace: ns.into(),
+            key: done.clone(),
+            lease_token: done_lease.token,
+            result: Some(sample_result("done")),
+            retention: None,
+        })
+        .await
+        .expect("complete");
+    let held_lease = lease(client.acquire(acquire(&held)).await.expect("acquire"));
+    let mut short = acquire(&brief);
+    short.lease_ttl = ms(1000);
+    short.retention = ms(10);
+    let brief_expires_at = client
+        .acquire(short)
+        .await
+        .expect("acquire")
+        .into_inner()
+        .record
+        .expect("record")
+        .expires_at;
+
+    // Full: a new key is refused...
+    let refused = client.acquire(acquire(&unique_key("new"))).await;
+    assert_status(refused, Code::ResourceExhausted, "STORE_FULL");
+    // ...while the keys it holds keep working: a replay, a Get, a Renew, a Release, a takeover.
+    let replay = client
+        .acquire(acquire(&done))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(replay.outcome(), pb::Outcome::Completed);
+    assert_eq!(
+        replay.record.expect("record").result,
+        Some(sample_result("done"))
+    );
+    get_record(&mut client, ns, &held).await;
+    client
+        .renew(pb::RenewRequest {
+            namespace: ns.into(),
+            key: held.clone(),
+            lease_token: held_lease.token.clone(),
+            lease_ttl: None,
+        })
+        .await
+        .expect("renew");
+    client
+        .release(pb::ReleaseRequest {
+            namespace: ns.into(),
+            key: held.clone(),
+            lease_token: held_lease.token,
+        })
+        .await
+        .expect("release");
+    lease(client.acquire(acquire(&held)).await.expect("takeover"));
+
+    // Once `brief` has expired, a new key sweeps it out and takes its place.
+    wait_past(to_system_time(&brief_expires_at)).await;
+    lease(
+        client
+            .acquire(acquire(&unique_key("new")))
+            .await
+            .expect("room made"),
+    );
+    let gone = client
+        .get(pb::GetRequest {
+            namespace: ns.into(),
+            key: brief,
+        })
+        .await;
+    assert_status(gone, Code::NotFound, "RECORD_NOT_FOUND");
+    // And full again.
+    let refused = client.acquire(acquire(&unique_key("new"))).await;
+    assert_status(refused, Code::ResourceExhausted, "STORE_FULL");
 }

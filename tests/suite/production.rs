@@ -4,8 +4,13 @@ use std::{sync::Arc, time::Duration};
 
 use idemd::proto::idempotency::v1 as pb;
 use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use idemd::server::{ServerSettings, SERVICE_NAME};
+use idemd::store::MemoryStore;
 use tokio::task::JoinSet;
 use tonic::Code;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
 
 use crate::harness::*;
 use crate::processes::{http_get, IdemdProcess};
@@ -338,6 +343,55 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
             .await;
         assert_status(found, Code::NotFound, "RECORD_NOT_FOUND");
     }
+}
+
+/// An open health Watch (a load balancer or sidecar following readiness) does not hold shutdown
+/// for the grace period: the watcher is told NOT_SERVING, its stream ends with UNAVAILABLE, and
+/// the server stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_does_not_hold_shutdown() {
+    let grace = Duration::from_secs(30);
+    let settings = ServerSettings {
+        shutdown_grace: grace,
+        ..test_settings()
+    };
+    let server = TestServer::start(Arc::new(MemoryStore::new()), settings).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    // Ready first, so the NOT_SERVING that follows is shutdown's.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(update) = watch.message().await.expect("update") {
+            if update.status() == ServingStatus::Serving {
+                return;
+            }
+        }
+        panic!("the Watch ended before readiness");
+    })
+    .await
+    .expect("SERVING within 10 s");
+    tokio::time::timeout(Duration::from_secs(5), server.stop())
+        .await
+        .unwrap_or_else(|_| panic!("the server did not stop within 5 s of its {grace:?} grace"));
+    let mut statuses = Vec::new();
+    let end = loop {
+        match watch.message().await {
+            Ok(Some(update)) => statuses.push(update.status()),
+            Ok(None) => break Code::Ok,
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(
+        statuses.last(),
+        Some(&ServingStatus::NotServing),
+        "{statuses:?}"
+    );
+    assert_eq!(end, Code::Unavailable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,6 +195,59 @@ async fn every_rpc(
     }
 }
 
+/// Who the caller is is settled from the headers before the message is read: a caller without
+/// known credentials gets UNAUTHENTICATED for a malformed or oversized message, not the decoding
+/// error that would show its message was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_callers_are_refused_before_their_message_is_decoded() {
+    let secured = secured("", None).await;
+    let server = &secured.server;
+    let garbage = vec![0xff; 64];
+    for token in [None, Some("forged-token")] {
+        for method in ["Acquire", "Complete", "Release", "Renew", "Get", "Wait"] {
+            let request = match token {
+                Some(token) => with_token(garbage.clone(), token),
+                None => tonic::Request::new(garbage.clone()),
+            };
+            let refused = raw_call(server, method, request).await;
+            assert_status(refused, Code::Unauthenticated, "UNAUTHENTICATED");
+        }
+    }
+    // Over --max-message-bytes (4 MiB).
+    let huge = pb::CompleteRequest {
+        namespace: "payments".into(),
+        key: "k".into(),
+        lease_token: "0".repeat(32),
+        result: Some(pb::Result {
+            body: vec![0; 5 * 1024 * 1024],
+            ..Default::default()
+        }),
+        retention: None,
+    };
+    let mut client = server.client().await;
+    let refused = client.complete(huge.clone()).await;
+    assert_status(refused, Code::Unauthenticated, "UNAUTHENTICATED");
+    // A known caller's message is read: the same bytes fail to decode, the same size is too big.
+    let undecodable = raw_call(server, "Acquire", with_token(garbage, PAYMENTS_TOKEN))
+        .await
+        .expect_err("garbage");
+    assert!(
+        matches!(undecodable.code(), Code::Internal | Code::InvalidArgument),
+        "{undecodable:?}"
+    );
+    let too_big = client
+        .complete(with_token(huge, PAYMENTS_TOKEN))
+        .await
+        .expect_err("too big");
+    assert!(
+        matches!(
+            too_big.code(),
+            Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument
+        ),
+        "{too_big:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_are_confined_to_their_namespaces_and_rpcs() {
     let secured = secured("", None).await;

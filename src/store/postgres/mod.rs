@@ -72,14 +72,14 @@ impl PostgresConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
-            pool_size: 16,
-            connect_timeout: Duration::from_secs(3),
-            query_timeout: Duration::from_secs(5),
+            pool_size: usize::from(crate::defaults::POOL_SIZE),
+            connect_timeout: crate::defaults::DB_CONNECT_TIMEOUT.value,
+            query_timeout: crate::defaults::DB_QUERY_TIMEOUT.value,
             ca_file: None,
-            wait_poll: Duration::from_secs(2),
-            max_batch: 32,
-            batch_slots: 2,
-            replay_cache_bytes: 16 * 1024 * 1024,
+            wait_poll: crate::defaults::DB_WAIT_POLL,
+            max_batch: usize::from(crate::defaults::DB_BATCH),
+            batch_slots: usize::from(crate::defaults::DB_BATCH_SLOTS),
+            replay_cache_bytes: crate::defaults::REPLAY_CACHE_BYTES,
         }
     }
 
