@@ -15,14 +15,14 @@ use std::{
 
 use tokio::time::Instant;
 
-use super::waiters::Waiters;
-use super::{wait_until, Store, StoreError};
+use super::waiters::{self, Waiters};
+use super::{Store, StoreError};
 use crate::defaults;
 use crate::domain::{
-    decide_acquire, decide_complete, decide_release, decide_renew, decide_wait, unfinished_expiry,
+    decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
     AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand,
     Key, Lease, LeaseRejection, LeaseToken, Namespace, Record, RecordState, ReleaseCommand,
-    ReleaseDecision, RenewCommand, RenewDecision, WaitCommand, WaitDecision, WaitOutcome,
+    ReleaseDecision, RenewCommand, RenewDecision, WaitCommand, WaitOutcome,
 };
 use crate::telemetry::metrics;
 
@@ -365,40 +365,17 @@ impl Store for MemoryStore {
         command: WaitCommand,
         deadline: Option<Instant>,
     ) -> Result<WaitOutcome, StoreError> {
-        let until = wait_until(command.timeout, deadline);
-        let registration = self.waiters.register(&command.namespace, &command.key);
-        loop {
-            // Listen before looking, so a change in between is not missed.
-            let notified = registration.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+        let command = &command;
+        let read = |_first_look| async move {
             let now = self.now();
             let record = self
                 .shard(&command.namespace, &command.key)
                 .get(&(command.namespace.clone(), command.key.clone()))
                 .cloned();
-            match (decide_wait(record.as_ref(), now), record) {
-                (WaitDecision::Completed, Some(record)) => {
-                    return Ok(WaitOutcome::Completed { record })
-                }
-                (WaitDecision::Held { lease_expires_at }, Some(record)) => {
-                    if Instant::now() >= until {
-                        return Ok(WaitOutcome::TimedOut { record });
-                    }
-                    let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
-                    let wake = until.min(Instant::now() + lease_left);
-                    // Either way, look again: the next round answers.
-                    tokio::select! {
-                        _ = &mut notified => {}
-                        _ = tokio::time::sleep_until(wake) => {}
-                    }
-                }
-                (_, record) => {
-                    let record = record.filter(|record| record.is_live(now));
-                    return Ok(WaitOutcome::Free { record });
-                }
-            }
-        }
+            Ok::<_, StoreError>((record, now))
+        };
+        // No polling: every change of a record here wakes its Waits.
+        waiters::wait(&self.waiters, command, deadline, read, || None).await
     }
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {

@@ -1,5 +1,6 @@
 //! Where records live. One `Store` trait, two engines (`memory`, `postgres`), one conformance
-//! suite (`tests/conformance.rs`) that both must pass.
+//! suite (`tests/suite/conformance.rs`) that both must pass; the Wait loop both run is in
+//! `waiters`.
 
 use std::future::Future;
 
@@ -110,14 +111,4 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ok when the store can serve requests (reachable, schema current).
     fn check_ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
-}
-
-/// When a Wait must give up: its own timeout or, a little before it, the caller's deadline —
-/// early enough that the TIMED_OUT answer reaches the caller before it stops listening.
-pub fn wait_until(timeout: std::time::Duration, deadline: Option<Instant>) -> Instant {
-    let own = Instant::now() + timeout;
-    let margin = std::time::Duration::from_millis(20);
-    deadline.map_or(own, |deadline| {
-        deadline.checked_sub(margin).unwrap_or(deadline).min(own)
-    })
 }

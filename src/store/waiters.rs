@@ -1,15 +1,81 @@
-//! Wakes local Waits when a key they wait on changes: one `Notify` per key being waited on,
-//! created by the first waiter and gone with the last. Shared by both stores; the PostgreSQL store
-//! feeds it from LISTEN/NOTIFY so a Complete on one replica wakes waiters on every replica.
+//! Waits, shared by both stores: the loop a Wait runs (`wait`), and how a local Wait is woken when
+//! its key changes (one `Notify` per key being waited on, created by the first waiter and gone
+//! with the last). The PostgreSQL store feeds the wake-ups from LISTEN/NOTIFY so a Complete on one
+//! replica wakes waiters on every replica.
 
 use std::{
     collections::HashMap,
+    future::Future,
     sync::{Arc, Mutex, Weak},
+    time::{Duration, SystemTime},
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 
-use crate::domain::{Key, Namespace};
+use super::StoreError;
+use crate::domain::{decide_wait, Key, Namespace, Record, WaitCommand, WaitDecision, WaitOutcome};
+
+/// A Wait, as both stores run it: looks at the record with `read` (which returns it, live or not,
+/// with the store's time; its argument says whether this is the Wait's first look) and answers
+/// when `decide_wait` says it is completed or free, or when the Wait's timeout (or a little before
+/// it, the caller's deadline) has passed. Meanwhile it sleeps until the key changes, its lease may
+/// have expired, or `poll` (if it says so) has passed, and looks again. Reading is bounded by the
+/// caller's deadline, not by the Wait's own timeout: a Wait always answers with the record's
+/// state.
+pub async fn wait<Read>(
+    waiters: &Waiters,
+    command: &WaitCommand,
+    deadline: Option<Instant>,
+    read: impl Fn(bool) -> Read,
+    poll: impl Fn() -> Option<Duration>,
+) -> Result<WaitOutcome, StoreError>
+where
+    Read: Future<Output = Result<(Option<Record>, SystemTime), StoreError>>,
+{
+    let until = wait_until(command.timeout, deadline);
+    let registration = waiters.register(&command.namespace, &command.key);
+    let mut first_look = true;
+    loop {
+        // Listen before looking, so a change in between is not missed.
+        let notified = registration.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (record, now) = read(first_look).await?;
+        first_look = false;
+        match (decide_wait(record.as_ref(), now), record) {
+            (WaitDecision::Completed, Some(record)) => {
+                return Ok(WaitOutcome::Completed { record })
+            }
+            (WaitDecision::Held { lease_expires_at }, Some(record)) => {
+                if Instant::now() >= until {
+                    return Ok(WaitOutcome::TimedOut { record });
+                }
+                let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
+                let look_again = poll().map_or(lease_left, |poll| lease_left.min(poll));
+                let wake = until.min(Instant::now() + look_again);
+                // Either way, look again: the next round answers.
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+            }
+            (_, record) => {
+                let record = record.filter(|record| record.is_live(now));
+                return Ok(WaitOutcome::Free { record });
+            }
+        }
+    }
+}
+
+/// When a Wait must give up: its own timeout or, a little before it, the caller's deadline —
+/// early enough that the TIMED_OUT answer reaches the caller before it stops listening.
+fn wait_until(timeout: Duration, deadline: Option<Instant>) -> Instant {
+    let own = Instant::now() + timeout;
+    let margin = Duration::from_millis(20);
+    deadline.map_or(own, |deadline| {
+        deadline.checked_sub(margin).unwrap_or(deadline).min(own)
+    })
+}
 
 type WaitKey = (Namespace, Key);
 

@@ -24,71 +24,74 @@ use std::{
 
 use deadpool_postgres::Object;
 use tokio::{sync::oneshot, time::Instant};
-use tokio_postgres::{error::SqlState, types::ToSql};
 
-use super::errors::from_db;
-use super::row::{micros, record_from_row};
-use super::sql::{ACQUIRE_BATCH, AFTER_RECORD, COMPLETE_BATCH};
-use super::{acquire_on, complete_on, Guarded, PostgresStore};
-use crate::domain::{AcquireCommand, AcquireOutcome, CompleteCommand, LeaseToken, Record};
+use super::connection::Connections;
 use crate::store::StoreError;
 use crate::telemetry::metrics;
 
-/// A command that can share a statement with others of its kind.
-pub trait Batched: Send + Sync + Sized + 'static {
+/// A kind of command that can share a statement with others of its kind (its statements are in
+/// `commands`).
+pub trait Batched: Send + Sync + 'static {
+    type Command: Send + Sync + 'static;
     type Output: Send + 'static;
     /// The metric label of this kind of command.
     const NAME: &'static str;
 
     /// The row the command touches: batches are sorted by it.
-    fn row(&self) -> (&str, &str);
+    fn row(command: &Self::Command) -> (&str, &str);
 
     /// The ordinary one-command path, which settles every case.
     fn one(
         &self,
-        store: &PostgresStore,
+        command: &Self::Command,
         client: &Object,
     ) -> impl Future<Output = Result<Self::Output, StoreError>> + Send;
 
     /// One statement for all of `commands` (at least two, sorted by row): `Some` for each command
     /// it settled, `None` for each left to the one-command path.
     fn many(
-        commands: &[&Self],
+        &self,
+        commands: &[&Self::Command],
         client: &Object,
     ) -> impl Future<Output = Result<Vec<Option<Self::Output>>, StoreError>> + Send;
 }
 
 /// One queued command and where its answer goes.
-struct Job<C: Batched> {
-    command: C,
+struct Job<K: Batched> {
+    command: K::Command,
     deadline: Option<Instant>,
-    reply: oneshot::Sender<Reply<C>>,
+    reply: oneshot::Sender<Reply<K>>,
 }
 
 /// What a batch tells a queued caller.
-enum Reply<C: Batched> {
+enum Reply<K: Batched> {
     /// The batch settled the command (or failed as a whole).
-    Settled(Result<C::Output, StoreError>),
+    Settled(Result<K::Output, StoreError>),
     /// The batch statement left the command to the one-command path: the caller runs it.
-    Alone(C),
+    Alone(K::Command),
 }
 
-struct Queue<C: Batched> {
-    jobs: VecDeque<Job<C>>,
+struct Queue<K: Batched> {
+    jobs: VecDeque<Job<K>>,
     free_slots: usize,
 }
 
-/// The batch slots and queue of one kind of command.
-pub struct Batcher<C: Batched> {
-    queue: Mutex<Queue<C>>,
+/// The batch slots and queue of one kind of command, and the connections its statements run on.
+pub struct Batcher<K: Batched> {
+    kind: K,
+    connections: Connections,
+    queue: Mutex<Queue<K>>,
     max_batch: usize,
     /// Statements that carried more than one command.
     shared: AtomicU64,
 }
 
-impl<C: Batched> Batcher<C> {
-    pub fn new(max_batch: usize, slots: usize) -> Self {
+impl<K: Batched> Batcher<K> {
+    /// Batches of up to `max_batch` commands of `kind`, `slots` statements of them at once.
+    pub fn new(kind: K, connections: Connections, max_batch: usize, slots: usize) -> Self {
         Self {
+            kind,
+            connections,
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 free_slots: slots.max(1),
@@ -103,7 +106,7 @@ impl<C: Batched> Batcher<C> {
         self.shared.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<C>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<K>> {
         // The lock guards plain data and no code under it can panic midway; a poisoned lock
         // still holds a consistent queue.
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
@@ -112,10 +115,9 @@ impl<C: Batched> Batcher<C> {
     /// Runs `command`, alone at once if a slot is free and nobody waits, else in the next batch.
     pub async fn run(
         self: &Arc<Self>,
-        store: &PostgresStore,
-        command: C,
+        command: K::Command,
         deadline: Option<Instant>,
-    ) -> Result<C::Output, StoreError> {
+    ) -> Result<K::Output, StoreError> {
         let queued = {
             let mut queue = self.lock();
             if queue.free_slots > 0 && queue.jobs.is_empty() {
@@ -137,30 +139,37 @@ impl<C: Batched> Batcher<C> {
         };
         let command = match queued {
             Ok((answer, start_worker)) => {
-                return self
-                    .await_batch(store, answer, start_worker, deadline)
-                    .await
+                return self.await_batch(answer, start_worker, deadline).await
             }
             Err(command) => command,
         };
         // Alone. The guard hands the slot on (to a worker for whatever queued meanwhile) however
         // this ends, even if the caller gives up and this future is dropped.
-        let _slot = Slot {
-            batcher: self.clone(),
-            store: store.clone(),
-        };
-        on_connection!(store, deadline, |client| command.one(store, &client))
+        let _slot = Slot(self.clone());
+        self.one(command, deadline).await
+    }
+
+    /// Runs `command` by the one-command path, on a pooled connection of its own.
+    async fn one(
+        &self,
+        command: K::Command,
+        deadline: Option<Instant>,
+    ) -> Result<K::Output, StoreError> {
+        self.connections
+            .run(deadline, async |client| {
+                self.kind.one(&command, client).await
+            })
+            .await
     }
 
     async fn await_batch(
         self: &Arc<Self>,
-        store: &PostgresStore,
-        answer: oneshot::Receiver<Reply<C>>,
+        answer: oneshot::Receiver<Reply<K>>,
         start_worker: bool,
         deadline: Option<Instant>,
-    ) -> Result<C::Output, StoreError> {
+    ) -> Result<K::Output, StoreError> {
         if start_worker {
-            self.spawn_worker(store);
+            self.spawn_worker();
         }
         let answer = match deadline {
             // The batch runs on; only this caller stops waiting for it.
@@ -174,33 +183,28 @@ impl<C: Batched> Batcher<C> {
         match reply {
             Reply::Settled(result) => result,
             // Outside the batch slots: the pool bounds these like any other command.
-            Reply::Alone(command) => {
-                on_connection!(store, deadline, |client| command.one(store, &client))
-            }
+            Reply::Alone(command) => self.one(command, deadline).await,
         }
     }
 
     /// A slot came free: a worker takes the queue, or the slot goes back.
-    fn hand_on(self: &Arc<Self>, store: &PostgresStore) {
+    fn hand_on(self: &Arc<Self>) {
         let mut queue = self.lock();
         if queue.jobs.is_empty() || tokio::runtime::Handle::try_current().is_err() {
             queue.free_slots += 1;
         } else {
             drop(queue);
-            self.spawn_worker(store);
+            self.spawn_worker();
         }
     }
 
     /// Runs batches with one slot until the queue is empty, then frees the slot.
-    fn spawn_worker(self: &Arc<Self>, store: &PostgresStore) {
-        let (batcher, store) = (self.clone(), store.clone());
+    fn spawn_worker(self: &Arc<Self>) {
+        let batcher = self.clone();
         tokio::spawn(async move {
             // However the worker ends (the queue is empty, or the task is aborted or panics), the
             // guard hands its slot on: to a new worker if jobs queued meanwhile, else back.
-            let _slot = Slot {
-                batcher: batcher.clone(),
-                store: store.clone(),
-            };
+            let _slot = Slot(batcher.clone());
             loop {
                 let batch = {
                     let mut queue = batcher.lock();
@@ -219,17 +223,17 @@ impl<C: Batched> Batcher<C> {
                     }
                     batch
                 };
-                batcher.execute(&store, batch).await;
+                batcher.execute(batch).await;
             }
         });
     }
 
-    async fn execute(&self, store: &PostgresStore, mut batch: Vec<Job<C>>) {
-        batch.sort_by(|a, b| a.command.row().cmp(&b.command.row()));
+    async fn execute(&self, mut batch: Vec<Job<K>>) {
+        batch.sort_by(|a, b| K::row(&a.command).cmp(&K::row(&b.command)));
         if batch.len() > 1 {
             self.shared.fetch_add(1, Ordering::Relaxed);
         }
-        metrics::store_batch(C::NAME, batch.len());
+        metrics::store_batch(K::NAME, batch.len());
         // Callers' deadlines reach the database: once every caller of the batch has stopped
         // waiting, the statement is cancelled. (While one still waits, the others' commands may
         // commit after they gave up, exactly like a command whose answer was lost.)
@@ -240,17 +244,18 @@ impl<C: Batched> Batcher<C> {
         };
         if batch.len() == 1 {
             if let Some(job) = batch.pop() {
-                let outcome = async {
-                    on_connection!(store, deadline, |client| job.command.one(store, &client))
-                }
-                .await;
+                let outcome = self.one(job.command, deadline).await;
                 let _ = job.reply.send(Reply::Settled(outcome));
             }
             return;
         }
-        let commands: Vec<&C> = batch.iter().map(|job| &job.command).collect();
-        let outcome =
-            async { on_connection!(store, deadline, |client| C::many(&commands, &client)) }.await;
+        let commands: Vec<&K::Command> = batch.iter().map(|job| &job.command).collect();
+        let outcome = self
+            .connections
+            .run(deadline, async |client| {
+                self.kind.many(&commands, client).await
+            })
+            .await;
         drop(commands);
         match outcome {
             Ok(results) => {
@@ -273,169 +278,10 @@ impl<C: Batched> Batcher<C> {
 }
 
 /// A batch slot held by a command running alone or by a worker; dropping it hands the slot on.
-struct Slot<C: Batched> {
-    batcher: Arc<Batcher<C>>,
-    store: PostgresStore,
-}
+struct Slot<K: Batched>(Arc<Batcher<K>>);
 
-impl<C: Batched> Drop for Slot<C> {
+impl<K: Batched> Drop for Slot<K> {
     fn drop(&mut self) {
-        self.batcher.hand_on(&self.store);
-    }
-}
-
-/// Runs a batch statement. Batches take their rows in one global order, so they should not
-/// deadlock; should PostgreSQL still report a deadlock or a serialization failure, every command
-/// goes back to its caller for the one-command path rather than failing.
-async fn query_batch(
-    client: &Object,
-    sql: &str,
-    parameters: &[&(dyn ToSql + Sync)],
-) -> Result<Option<Vec<tokio_postgres::Row>>, StoreError> {
-    let statement = client.prepare_cached(sql).await.map_err(from_db)?;
-    let rows = client.query(&statement, parameters).await;
-    match rows {
-        Ok(rows) => Ok(Some(rows)),
-        Err(error)
-            if matches!(
-                error.code(),
-                Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(error) => Err(from_db(error)),
-    }
-}
-
-impl Batched for AcquireCommand {
-    type Output = AcquireOutcome;
-    const NAME: &'static str = "acquire";
-
-    fn row(&self) -> (&str, &str) {
-        (self.namespace.as_str(), self.key.as_str())
-    }
-
-    async fn one(
-        &self,
-        store: &PostgresStore,
-        client: &Object,
-    ) -> Result<AcquireOutcome, StoreError> {
-        acquire_on(client, self, &store.insert_races, &store.completed).await
-    }
-
-    async fn many(
-        commands: &[&Self],
-        client: &Object,
-    ) -> Result<Vec<Option<AcquireOutcome>>, StoreError> {
-        let tokens = commands
-            .iter()
-            .map(|_| LeaseToken::generate())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| StoreError::Internal(format!("no randomness: {error}")))?;
-        let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
-        let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
-        let fingerprints: Vec<&[u8]> = commands.iter().map(|c| c.fingerprint.as_bytes()).collect();
-        let token_bytes: Vec<&[u8]> = tokens.iter().map(|t| t.as_bytes().as_slice()).collect();
-        let holders: Vec<&str> = commands.iter().map(|c| c.holder.as_str()).collect();
-        let ttls: Vec<i64> = commands.iter().map(|c| micros(c.lease_ttl)).collect();
-        let retentions: Vec<i64> = commands.iter().map(|c| micros(c.retention)).collect();
-        let parameters: [&(dyn ToSql + Sync); 7] = [
-            &namespaces,
-            &keys,
-            &fingerprints,
-            &token_bytes,
-            &holders,
-            &ttls,
-            &retentions,
-        ];
-        let mut settled: Vec<Option<AcquireOutcome>> = commands.iter().map(|_| None).collect();
-        let Some(rows) = query_batch(client, ACQUIRE_BATCH, &parameters).await? else {
-            return Ok(settled);
-        };
-        for row in &rows {
-            let record = record_from_row(row)?;
-            // Lease tokens are random and fresh: the token names the input row.
-            let index = tokens.iter().position(|token| *token == record.lease_token);
-            if let Some(slot) = index.and_then(|index| settled.get_mut(index)) {
-                *slot = Some(AcquireOutcome::Acquired {
-                    lease: record.lease(),
-                    record,
-                    taken_over: false,
-                });
-            }
-        }
-        Ok(settled)
-    }
-}
-
-impl Batched for CompleteCommand {
-    type Output = Record;
-    const NAME: &'static str = "complete";
-
-    fn row(&self) -> (&str, &str) {
-        (self.namespace.as_str(), self.key.as_str())
-    }
-
-    async fn one(&self, _store: &PostgresStore, client: &Object) -> Result<Record, StoreError> {
-        complete_on(client, self).await
-    }
-
-    async fn many(commands: &[&Self], client: &Object) -> Result<Vec<Option<Record>>, StoreError> {
-        let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
-        let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
-        let tokens: Vec<&[u8]> = commands
-            .iter()
-            .map(|c| c.lease_token.as_bytes().as_slice())
-            .collect();
-        let bodies: Vec<&[u8]> = commands.iter().map(|c| c.result.body.as_slice()).collect();
-        let codes: Vec<i32> = commands.iter().map(|c| c.result.code).collect();
-        // Metadata flattened: command i's pairs are meta_names[starts[i] ..][..counts[i]]
-        // (1-based, as SQL arrays are).
-        let (mut meta_names, mut meta_values) = (Vec::new(), Vec::new());
-        let (mut starts, mut counts) = (Vec::new(), Vec::new());
-        for command in commands {
-            let start = i32::try_from(meta_names.len() + 1);
-            let count = i32::try_from(command.result.metadata.len());
-            let (Ok(start), Ok(count)) = (start, count) else {
-                return Err(StoreError::Internal(
-                    "metadata too large for a batch".into(),
-                ));
-            };
-            starts.push(start);
-            counts.push(count);
-            for (name, value) in &command.result.metadata {
-                meta_names.push(name.as_str());
-                meta_values.push(value.as_str());
-            }
-        }
-        let retentions: Vec<Option<i64>> =
-            commands.iter().map(|c| c.retention.map(micros)).collect();
-        let parameters: [&(dyn ToSql + Sync); 10] = [
-            &namespaces,
-            &keys,
-            &tokens,
-            &bodies,
-            &codes,
-            &meta_names,
-            &meta_values,
-            &starts,
-            &counts,
-            &retentions,
-        ];
-        let mut settled: Vec<Option<Record>> = commands.iter().map(|_| None).collect();
-        let Some(rows) = query_batch(client, COMPLETE_BATCH, &parameters).await? else {
-            return Ok(settled);
-        };
-        for row in &rows {
-            let position: i32 = row.try_get(AFTER_RECORD + 2).map_err(from_db)?;
-            let slot = usize::try_from(position)
-                .ok()
-                .and_then(|position| settled.get_mut(position));
-            if let Some(slot) = slot {
-                *slot = Some(record_from_row(row)?);
-            }
-        }
-        Ok(settled)
+        self.0.hand_on();
     }
 }

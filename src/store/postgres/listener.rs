@@ -15,8 +15,8 @@ use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::{AsyncMessage, Client, Config, Connection};
 
-use super::sql::CHANGES_CHANNEL;
-use super::DbTls;
+use super::sql::LISTEN_CHANGES;
+use super::tls::DbTls;
 use crate::domain::{Key, Namespace};
 use crate::store::waiters::Waiters;
 
@@ -24,15 +24,9 @@ use crate::store::waiters::Waiters;
 pub async fn run(config: Config, tls: DbTls, waiters: Arc<Waiters>, listening: Arc<AtomicBool>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let ended = match &tls {
-            DbTls::Plain => match config.connect(tokio_postgres::NoTls).await {
-                Ok((client, connection)) => listen(client, connection, &waiters, &listening).await,
-                Err(error) => Err(error),
-            },
-            DbTls::Verified(connector) => match config.connect(connector.clone()).await {
-                Ok((client, connection)) => listen(client, connection, &waiters, &listening).await,
-                Err(error) => Err(error),
-            },
+        let ended = match config.connect(tls.clone()).await {
+            Ok((client, connection)) => listen(client, connection, &waiters, &listening).await,
+            Err(error) => Err(error),
         };
         listening.store(false, Ordering::SeqCst);
         match ended {
@@ -55,8 +49,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut messages = poll_fn(move |cx| connection.poll_message(cx));
-    let statement = format!("LISTEN {CHANGES_CHANNEL}");
-    let subscribe = client.batch_execute(&statement);
+    let subscribe = client.batch_execute(LISTEN_CHANGES);
     tokio::pin!(subscribe);
     // Drive the connection while the LISTEN statement runs.
     loop {

@@ -1,11 +1,13 @@
 //! Schema migrations: numbered plain `.sql` files under `migrations/`, embedded in the binary and
 //! applied in order, each in its own transaction, under a session-level advisory lock so that many
-//! replicas starting together apply each migration exactly once.
+//! replicas starting together apply each migration exactly once. And the check, before serving,
+//! that the database has them all.
 
-use tokio_postgres::Client;
+use tokio_postgres::{error::SqlState, Client};
 
+use super::config::PostgresConfig;
 use super::errors::from_db;
-use super::PostgresConfig;
+use super::sql;
 use crate::store::StoreError;
 
 /// A migration: its number, a name for the log, and its SQL.
@@ -44,14 +46,29 @@ pub fn latest_version() -> i32 {
     MIGRATIONS.last().map_or(0, |migration| migration.version)
 }
 
-/// Key of the session-level advisory lock held while migrating ("idemd" + 1).
-const MIGRATION_LOCK_KEY: i64 = 0x6964_656d_6400_0001;
+/// The latest migration the database has applied: 0 if it was never migrated.
+async fn applied_version(client: &Client) -> Result<i32, StoreError> {
+    match client.query_one(sql::SCHEMA_VERSION, &[]).await {
+        Ok(row) => row.try_get(0).map_err(from_db),
+        // Never migrated.
+        Err(error) if error.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(0),
+        Err(error) => Err(from_db(error)),
+    }
+}
 
-const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS idemd_schema_migrations (
-        version    integer PRIMARY KEY,
-        name       text NOT NULL,
-        applied_at timestamptz NOT NULL DEFAULT now()
-    )";
+/// Ok when the database has every migration this binary needs; else UNAVAILABLE, saying to run
+/// `idemd migrate`.
+pub async fn check_schema(client: &Client) -> Result<(), StoreError> {
+    let version = applied_version(client).await?;
+    let needed = latest_version();
+    if version >= needed {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "database schema is at version {version}, this binary needs {needed}: run `idemd migrate`"
+        )))
+    }
+}
 
 /// Applies every migration the database lacks; returns the versions applied now. Uses its own
 /// connection, so the session lock dies with it whatever happens.
@@ -66,22 +83,14 @@ pub async fn migrate(config: &PostgresConfig) -> Result<Vec<i32>, StoreError> {
 
 async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, StoreError> {
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .execute(sql::MIGRATION_LOCK, &[&sql::MIGRATION_LOCK_KEY])
         .await
         .map_err(from_db)?;
     client
-        .batch_execute(CREATE_VERSION_TABLE)
+        .batch_execute(sql::CREATE_VERSION_TABLE)
         .await
         .map_err(from_db)?;
-    let current: i32 = client
-        .query_one(
-            "SELECT COALESCE(max(version), 0) FROM idemd_schema_migrations",
-            &[],
-        )
-        .await
-        .map_err(from_db)?
-        .try_get(0)
-        .map_err(from_db)?;
+    let current = applied_version(client).await?;
     if current > latest_version() {
         tracing::warn!(
             database = current,
@@ -98,7 +107,7 @@ async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, StoreError> {
             .map_err(from_db)?;
         transaction
             .execute(
-                "INSERT INTO idemd_schema_migrations (version, name) VALUES ($1, $2)",
+                sql::RECORD_MIGRATION,
                 &[&migration.version, &migration.name],
             )
             .await
@@ -112,7 +121,7 @@ async fn apply_pending(client: &mut Client) -> Result<Vec<i32>, StoreError> {
         applied.push(migration.version);
     }
     client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .execute(sql::MIGRATION_UNLOCK, &[&sql::MIGRATION_LOCK_KEY])
         .await
         .map_err(from_db)?;
     Ok(applied)

@@ -1,5 +1,6 @@
-//! Every statement the PostgreSQL store runs. Each hot-path statement decides in one round trip;
-//! their guards are the SQL image of the decision functions in `crate::domain`:
+//! Every SQL text the PostgreSQL store runs; only the schema's own definition is elsewhere, in the
+//! numbered files under `migrations/` that `migrate` applies. Each hot-path statement decides in
+//! one round trip; their guards are the SQL image of the decision functions in `crate::domain`:
 //!
 //! * "live record"           = `expires_at > now()`
 //! * "lease held by token"   = `lease_token = $token AND state = 1 AND NOT released`
@@ -15,16 +16,30 @@ macro_rules! record_columns {
     };
 }
 
+/// The LISTEN/NOTIFY channel of record changes.
+macro_rules! changes_channel {
+    () => {
+        "idemd_changes"
+    };
+}
+
 /// Wakes Waits on every replica, only when a Wait marked the record (see migration 0002). The
 /// payload is `namespace/key`; namespaces cannot contain `/`. Delivered at commit.
 macro_rules! notify_waiters {
     () => {
-        "CASE WHEN has_waiters THEN pg_notify('idemd_changes', namespace || '/' || key) END"
+        concat!(
+            "CASE WHEN has_waiters THEN pg_notify('",
+            changes_channel!(),
+            "', namespace || '/' || key) END"
+        )
     };
 }
 
-/// The LISTEN/NOTIFY channel of record changes.
-pub const CHANGES_CHANNEL: &str = "idemd_changes";
+/// Subscribes the listener's connection to record changes (see `super::listener`).
+pub const LISTEN_CHANGES: &str = concat!("LISTEN ", changes_channel!());
+
+/// The database's time, when there is no row to read it from.
+pub const DB_NOW: &str = "SELECT now()";
 
 /// Marks an in-progress record as waited on, so its Complete or Release notifies. It leaves the
 /// revision alone on purpose: the flag plays no part in any decision, so it must not make a
@@ -142,6 +157,41 @@ pub const GET: &str = concat!(
     record_columns!(),
     ", now() AS db_now FROM idemd_records WHERE namespace = $1 AND key = $2"
 );
+
+/// Session-independent key of the session-level advisory lock held while migrating ("idemd" + 1).
+pub const MIGRATION_LOCK_KEY: i64 = 0x6964_656d_6400_0001;
+
+/// Waits for the migration lock ($1 `MIGRATION_LOCK_KEY`): one replica migrates at a time.
+pub const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock($1)";
+
+/// Gives the migration lock back ($1 `MIGRATION_LOCK_KEY`).
+pub const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock($1)";
+
+/// The table of applied migrations, created before the first one runs.
+pub const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS idemd_schema_migrations (
+        version    integer PRIMARY KEY,
+        name       text NOT NULL,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    )";
+
+/// The latest migration applied (0 if none); fails with UNDEFINED_TABLE if the database was
+/// never migrated.
+pub const SCHEMA_VERSION: &str = "SELECT COALESCE(max(version), 0) FROM idemd_schema_migrations";
+
+/// Records a migration as applied, in its transaction. $1 version, $2 name.
+pub const RECORD_MIGRATION: &str =
+    "INSERT INTO idemd_schema_migrations (version, name) VALUES ($1, $2)";
+
+/// Planner estimate of live rows by state: cheap (no scan), refreshed by (auto)ANALYZE. Returns
+/// the table's estimated rows, the most common values of `state` as text (`{1,2}`), and their
+/// frequencies.
+pub const RECORD_ESTIMATE: &str = "SELECT
+        COALESCE((SELECT reltuples FROM pg_class
+                  WHERE oid = to_regclass('idemd_records')), 0)::float8,
+        (SELECT most_common_vals::text FROM pg_stats
+         WHERE schemaname = current_schema() AND tablename = 'idemd_records' AND attname = 'state'),
+        (SELECT most_common_freqs FROM pg_stats
+         WHERE schemaname = current_schema() AND tablename = 'idemd_records' AND attname = 'state')";
 
 /// Session-independent key of the reaper's transaction-scoped advisory lock ("idemd" + 2).
 pub const REAPER_LOCK_KEY: i64 = 0x6964_656d_6400_0002;

@@ -2,22 +2,31 @@
 //! is verified (against the system's roots and `--db-ca-file`), hostname included: what libpq
 //! calls verify-full. `prefer` (the default) and `disable` connect in plaintext: an opportunistic
 //! TLS that accepts any certificate would protect nothing.
+//!
+//! `DbTls` is itself the driver's TLS connector, so the pool, the LISTEN connection, migrations
+//! and cancel requests all pass it as it is; whether it is plain or verified is decided here only.
 
-use std::path::Path;
+use std::{convert::Infallible, io, path::Path};
 
+use futures_util::future::{ready, Either, Ready};
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{CancelToken, Client, Config, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{CancelToken, Client, Config, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How idemd connects to PostgreSQL.
 #[derive(Clone)]
 pub enum DbTls {
+    /// Plaintext: `for_config` has set `sslmode=disable`, so the driver never starts a handshake.
     Plain,
     Verified(MakeRustlsConnect),
 }
+
+type RustlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+type RustlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
 impl DbTls {
     /// Chooses from the URL's sslmode; `prefer` is turned into `disable` on `config`.
@@ -59,33 +68,51 @@ impl DbTls {
         &self,
         config: &Config,
     ) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
-        fn drive<F>(connection: F) -> tokio::task::JoinHandle<()>
-        where
-            F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
-        {
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "database connection ended with an error");
-                }
-            })
-        }
-        match self {
-            DbTls::Plain => {
-                let (client, connection) = config.connect(NoTls).await?;
-                Ok((client, drive(connection)))
+        let (client, connection) = config.connect(self.clone()).await?;
+        let driver = tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "database connection ended with an error");
             }
-            DbTls::Verified(tls) => {
-                let (client, connection) = config.connect(tls.clone()).await?;
-                Ok((client, drive(connection)))
-            }
-        }
+        });
+        Ok((client, driver))
     }
 
     /// Asks the server to cancel the statement running on `token`'s connection.
     pub async fn cancel(&self, token: CancelToken) {
-        let _ = match self {
-            DbTls::Plain => token.cancel_query(NoTls).await,
-            DbTls::Verified(tls) => token.cancel_query(tls.clone()).await,
-        };
+        let _ = token.cancel_query(self.clone()).await;
+    }
+}
+
+impl MakeTlsConnect<Socket> for DbTls {
+    type Stream = RustlsStream;
+    type TlsConnect = DbTlsConnect;
+    type Error = Infallible;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<DbTlsConnect, Infallible> {
+        match self {
+            DbTls::Plain => Ok(DbTlsConnect(None)),
+            DbTls::Verified(tls) => MakeTlsConnect::<Socket>::make_tls_connect(tls, hostname)
+                .map(|tls| DbTlsConnect(Some(tls))),
+        }
+    }
+}
+
+/// The handshake of one connection: none in plaintext (the driver does not ask for one with
+/// `sslmode=disable`), else rustls's.
+pub struct DbTlsConnect(Option<RustlsConnect>);
+
+impl TlsConnect<Socket> for DbTlsConnect {
+    type Stream = RustlsStream;
+    type Error = io::Error;
+    type Future =
+        Either<Ready<io::Result<RustlsStream>>, <RustlsConnect as TlsConnect<Socket>>::Future>;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        match self.0 {
+            None => Either::Left(ready(Err(io::Error::other(
+                "TLS to the database is off (sslmode=require turns it on)",
+            )))),
+            Some(tls) => Either::Right(tls.connect(stream)),
+        }
     }
 }

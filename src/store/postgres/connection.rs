@@ -1,0 +1,211 @@
+//! The connection pool, and how one command uses a pooled connection: within one time budget
+//! (the query timeout, or less when the caller's deadline comes first) for waiting for the
+//! connection and running the statements, cancelling them in PostgreSQL when it runs out.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio::time::Instant;
+
+use super::errors::from_pool;
+use super::tls::DbTls;
+use crate::store::StoreError;
+
+/// The pool, and the bounds every command runs within.
+#[derive(Clone)]
+pub struct Connections {
+    pool: Pool,
+    tls: DbTls,
+    connect_timeout: Duration,
+    query_timeout: Duration,
+}
+
+impl Connections {
+    /// Builds the pool; connections open lazily, so this succeeds while the database is down.
+    /// `connect_timeout` bounds opening one connection and waiting for a free one;
+    /// `query_timeout` bounds one command's database work.
+    pub fn new(
+        driver_config: tokio_postgres::Config,
+        tls: DbTls,
+        pool_size: usize,
+        connect_timeout: Duration,
+        query_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = Manager::from_config(driver_config, tls.clone(), manager_config);
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(connect_timeout))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .build()
+            .map_err(|error| StoreError::Internal(format!("cannot build pool: {error}")))?;
+        Ok(Self {
+            pool,
+            tls,
+            connect_timeout,
+            query_timeout,
+        })
+    }
+
+    /// The pool, for metrics and shutdown.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Runs `work` on a pooled connection within the budget `deadline` allows. When the budget
+    /// runs out, the caller gets DEADLINE_EXCEEDED if its deadline set the budget (else
+    /// UNAVAILABLE), the running statement is cancelled in PostgreSQL and the connection is
+    /// closed rather than reused (see `Guarded`).
+    pub async fn run<T>(
+        &self,
+        deadline: Option<Instant>,
+        work: impl AsyncFnOnce(&mut Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // One budget for the whole command: waiting for a connection spends it too.
+        let budget = Budget::new(deadline, self.query_timeout);
+        let mut client = Guarded::new(self.client(budget).await?, &self.tls, self.connect_timeout);
+        let outcome = tokio::time::timeout_at(budget.end, work(&mut *client)).await;
+        let Ok(result) = outcome else {
+            // Dropping the unfinished connection cancels the statement and closes it.
+            drop(client);
+            return Err(if budget.by_caller {
+                StoreError::DeadlineExceeded
+            } else {
+                StoreError::Unavailable(format!(
+                    "database did not answer within {:?}",
+                    self.query_timeout
+                ))
+            });
+        };
+        client.finish();
+        result
+    }
+
+    /// A pooled connection, waiting no longer than the budget allows.
+    async fn client(&self, budget: Budget) -> Result<Object, StoreError> {
+        let wait = budget.time.min(self.connect_timeout);
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: Some(wait),
+            recycle: Some(wait),
+        };
+        // deadpool applies its timeouts one after another (wait for a slot, then create or
+        // recycle); the command gets one bound for all of it.
+        match tokio::time::timeout(wait, self.pool.timeout_get(&timeouts)).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(deadpool_postgres::PoolError::Timeout(_))) | Err(_)
+                if budget.by_caller && wait == budget.time =>
+            {
+                Err(StoreError::DeadlineExceeded)
+            }
+            Ok(Err(error)) => Err(from_pool(error)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no database connection within {wait:?}"
+            ))),
+        }
+    }
+}
+
+/// How long one command may take, and whose limit that is.
+#[derive(Clone, Copy)]
+struct Budget {
+    /// The time the command may take from now.
+    time: Duration,
+    /// When that time is up.
+    end: Instant,
+    /// Whether the caller's deadline set it (rather than the query timeout).
+    by_caller: bool,
+}
+
+impl Budget {
+    /// The query timeout, or less if the caller's deadline comes first.
+    fn new(deadline: Option<Instant>, query_timeout: Duration) -> Self {
+        let (time, by_caller) = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left < query_timeout {
+                    (left, true)
+                } else {
+                    (query_timeout, false)
+                }
+            }
+            None => (query_timeout, false),
+        };
+        Self {
+            time,
+            end: Instant::now() + time,
+            by_caller,
+        }
+    }
+}
+
+/// A pooled connection lent to one command. If the command does not finish — its time ran out,
+/// or its future was dropped because tonic abandoned the RPC at the client's deadline — the
+/// running statement is cancelled on the server and the connection is closed instead of going
+/// back to the pool: a late cancel request must never hit the next caller's statement.
+struct Guarded {
+    object: Option<Object>,
+    tls: DbTls,
+    bound: Duration,
+    finished: bool,
+}
+
+impl Guarded {
+    fn new(object: Object, tls: &DbTls, bound: Duration) -> Self {
+        Self {
+            object: Some(object),
+            tls: tls.clone(),
+            bound,
+            finished: false,
+        }
+    }
+
+    /// The command finished: the connection goes back to the pool.
+    fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        // Present from construction until drop; nothing else takes it.
+        self.object
+            .as_ref()
+            .expect("a guarded connection holds its object until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Guarded {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.object
+            .as_mut()
+            .expect("a guarded connection holds its object until dropped")
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        let token = object.cancel_token();
+        // Detach from the pool: dropping it closes the connection.
+        drop(Object::take(object));
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (bound, tls) = (self.bound, self.tls.clone());
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(bound, tls.cancel(token)).await;
+        });
+    }
+}
