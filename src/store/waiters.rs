@@ -35,12 +35,23 @@ where
     let until = wait_until(command.timeout, deadline);
     let registration = waiters.register(&command.namespace, &command.key);
     let mut first_look = true;
+    // The record as last seen held: what a look that cannot finish in time answers with.
+    let mut last_held: Option<Record> = None;
     loop {
         // Listen before looking, so a change in between is not missed.
         let notified = registration.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (record, now) = read(first_look).await?;
+        let (record, now) = match (read(first_look).await, last_held.take()) {
+            (Ok(look), _) => look,
+            // The last look, after the Wait's time is up, could not finish before the caller's
+            // deadline (a slow or busy database): the key was held when last seen, so the
+            // answer is TIMED_OUT with that record rather than no answer at all.
+            (Err(StoreError::DeadlineExceeded), Some(record)) if Instant::now() >= until => {
+                return Ok(WaitOutcome::TimedOut { record })
+            }
+            (Err(error), _) => return Err(error),
+        };
         first_look = false;
         match (decide_wait(record.as_ref(), now), record) {
             (WaitDecision::Completed, Some(record)) => {
@@ -53,6 +64,7 @@ where
                 let lease_left = lease_expires_at.duration_since(now).unwrap_or_default();
                 let look_again = poll().map_or(lease_left, |poll| lease_left.min(poll));
                 let wake = until.min(Instant::now() + look_again);
+                last_held = Some(record);
                 // Either way, look again: the next round answers.
                 tokio::select! {
                     _ = &mut notified => {}
