@@ -328,6 +328,11 @@ impl IdemdProcess {
         assert!(status.success());
     }
 
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits for the process to exit, for at most `limit`; returns its exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let started = std::time::Instant::now();
