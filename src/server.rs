@@ -116,8 +116,10 @@ impl Listeners {
 
 type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
-/// Serves until `shutdown` resolves; then readiness turns NOT_SERVING, new connections are
-/// refused, and in-flight RPCs get at most `settings.shutdown_grace` to finish.
+/// Serves until `shutdown` resolves; then readiness turns NOT_SERVING, the gRPC listener closes
+/// (new connections are refused; open ones take no new RPCs), and in-flight RPCs get at most
+/// `settings.shutdown_grace` to finish. The health-only listener, if any, keeps answering
+/// (readiness NOT_SERVING) until that drain is over.
 pub async fn serve<S: Store>(
     listeners: Listeners,
     store: Arc<S>,
@@ -196,10 +198,15 @@ pub async fn serve<S: Store>(
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(metrics::serve(listener, metrics_handle, until_stopped())));
+    // The probes' port outlives the API's drain: a probe during the drain reads NOT_SERVING from
+    // the health RPC rather than a refused connection it cannot tell from a crash.
+    let (drain_over, mut api_drained) = watch::channel(false);
     let health_task = listeners.health.map(|listener| {
         let health_only = tonic::transport::Server::builder()
             .add_service(health_service.clone())
-            .serve_with_incoming_shutdown(incoming(listener), until_stopped());
+            .serve_with_incoming_shutdown(incoming(listener), async move {
+                let _ = api_drained.wait_for(|drained| *drained).await;
+            });
         tokio::spawn(health_only)
     });
 
@@ -228,6 +235,7 @@ pub async fn serve<S: Store>(
             Ok(())
         }
     };
+    let _ = drain_over.send(true);
     background.abort();
     upkeep.abort();
     for task in [

@@ -1,9 +1,15 @@
 //! The Python and Node clients' own test suites, run against this build's idemd binary on the
 //! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.)
+//!
+//! A suite passes only if it ran tests and every one of them passed: a skipped test (pytest
+//! older than 8.4 skips async tests with a warning when pytest-asyncio is missing) fails it, as
+//! does one marked todo or expected to fail.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
-fn run_client_suite(name: &str, mut command: Command) {
+/// Runs a client suite and returns what it printed, failing unless it exited 0.
+fn run_client_suite(name: &str, mut command: Command) -> String {
     let output = command
         .env("IDEMD_BINARY", env!("CARGO_BIN_EXE_idemd"))
         .output()
@@ -14,6 +20,55 @@ fn run_client_suite(name: &str, mut command: Command) {
         output.status.success(),
         "the {name} client's tests failed:\n{stdout}\n{stderr}"
     );
+    format!("{stdout}\n{stderr}")
+}
+
+/// The counts of pytest's summary line ("57 passed, 2 skipped, 1 warning in 3.21s"), by word.
+fn pytest_summary(output: &str) -> Option<BTreeMap<String, u64>> {
+    output.lines().rev().find_map(|line| {
+        let line = line.trim().trim_matches('=').trim();
+        let (counts, _duration) = line.rsplit_once(" in ")?;
+        let mut summary = BTreeMap::new();
+        for part in counts.split(", ") {
+            let (count, word) = part.split_once(' ')?;
+            summary.insert(word.to_string(), count.parse().ok()?);
+        }
+        Some(summary)
+    })
+}
+
+/// The counts of `node --test`'s closing summary ("# pass 40" in TAP, "ℹ pass 40" in spec).
+fn node_summary(output: &str) -> BTreeMap<String, u64> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let rest = line
+                .strip_prefix("# ")
+                .or_else(|| line.strip_prefix("ℹ "))?;
+            let (word, count) = rest.split_once(' ')?;
+            Some((word.to_string(), count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Fails unless `counts` says tests passed and none was anything but passed.
+#[track_caller]
+fn assert_all_passed(name: &str, counts: &BTreeMap<String, u64>, passed: &str, output: &str) {
+    let ran = counts.get(passed).copied().unwrap_or(0);
+    assert!(
+        ran > 0,
+        "the {name} client's suite passed no test:\n{output}"
+    );
+    for (word, count) in counts {
+        let harmless = word == passed
+            || word.starts_with("warning")
+            || ["tests", "suites", "duration_ms"].contains(&word.as_str());
+        assert!(
+            harmless || *count == 0,
+            "the {name} client's suite reports {count} {word} (every test must run and pass):\n{output}"
+        );
+    }
 }
 
 #[test]
@@ -25,13 +80,49 @@ fn node_client_tests_pass() {
     );
     let mut npm = Command::new("npm");
     npm.args(["test", "--prefix", dir]);
-    run_client_suite("Node", npm);
+    let output = run_client_suite("Node", npm);
+    let counts = node_summary(&output);
+    assert_all_passed("Node", &counts, "pass", &output);
+    assert_eq!(
+        counts.get("tests"),
+        counts.get("pass"),
+        "not every Node test passed:\n{output}"
+    );
 }
 
 #[test]
 fn python_client_tests_pass() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python");
     let mut pytest = Command::new("python3");
-    pytest.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", dir]);
-    run_client_suite("Python", pytest);
+    // -rsxX lists the reason of any skip or xfail, should one happen.
+    pytest.args(["-m", "pytest", "-q", "-rsxX", "-p", "no:cacheprovider", dir]);
+    let output = run_client_suite("Python", pytest);
+    let counts =
+        pytest_summary(&output).unwrap_or_else(|| panic!("no pytest summary line in:\n{output}"));
+    assert_all_passed("Python", &counts, "passed", &output);
+}
+
+#[test]
+fn summaries_are_read_and_skips_fail() {
+    let pytest =
+        pytest_summary("....\n57 passed, 2 skipped, 1 warning in 3.21s\n").expect("summary");
+    assert_eq!(pytest.get("passed"), Some(&57));
+    assert_eq!(pytest.get("skipped"), Some(&2));
+    let pytest = pytest_summary("===== 12 passed in 0.50s =====\n").expect("summary");
+    assert_eq!(pytest.get("passed"), Some(&12));
+    let node = node_summary("ok 1 - a\n# tests 3\n# suites 1\n# pass 2\n# fail 0\n# skipped 1\n");
+    assert_eq!(node.get("tests"), Some(&3));
+    assert_eq!(node.get("skipped"), Some(&1));
+    let spec = node_summary("ℹ tests 3\nℹ pass 3\nℹ todo 0\n");
+    assert_eq!(spec.get("pass"), Some(&3));
+    for (counts, passed) in [
+        (
+            pytest_summary("5 passed, 1 skipped in 1s").expect("summary"),
+            "passed",
+        ),
+        (node, "pass"),
+    ] {
+        let refused = std::panic::catch_unwind(|| assert_all_passed("t", &counts, passed, ""));
+        assert!(refused.is_err(), "a skip was let through: {counts:?}");
+    }
 }

@@ -21,7 +21,9 @@ async fn still_serving(server: &TestServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_messages_are_refused_and_change_nothing() {
-    let server = TestServer::memory().await;
+    // On PostgreSQL, so that "changed nothing" is a count of every row, not a look at one key.
+    let database = TestDatabase::create().await;
+    let server = TestServer::on_database(&database, test_settings()).await;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", vec![0xff; 64]),
         ("truncated field", vec![0x0a, 0x40, b'a']),
@@ -50,15 +52,21 @@ async fn malformed_messages_are_refused_and_change_nothing() {
         .expect_err("empty");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(reason(&status), "INVALID_REQUEST");
-    // Nothing was written by any of it.
-    let mut client = server.client().await;
-    let get = client
-        .get(pb::GetRequest {
-            namespace: "a".into(),
-            key: "k".into(),
-        })
-        .await;
-    assert_status(get, Code::NotFound, "RECORD_NOT_FOUND");
+    // Nothing was written by any of it: the table is empty, whatever key a payload could have
+    // named, and no fencing token was ever drawn.
+    let sql = database.connect().await;
+    let rows: i64 = sql
+        .query_one("SELECT count(*) FROM idemd_records", &[])
+        .await
+        .expect("count records")
+        .get(0);
+    assert_eq!(rows, 0, "a refused payload wrote records");
+    let drawn: bool = sql
+        .query_one("SELECT is_called FROM idemd_fencing_token_seq", &[])
+        .await
+        .expect("fencing sequence")
+        .get(0);
+    assert!(!drawn, "a refused payload drew a fencing token");
     still_serving(&server).await;
 }
 
@@ -163,8 +171,22 @@ async fn huge_metadata_and_wrong_content_types_are_refused() {
             value,
         );
     }
-    let refused = server.client().await.get(request).await;
-    assert!(refused.is_err(), "64 KiB of headers accepted: {refused:?}");
+    // The key does not exist, so a server that took the headers would answer NOT_FOUND. The
+    // HTTP/2 server hangs up instead (GOAWAY, which tonic reports as INTERNAL "h2 protocol
+    // error"), before idemd sees the call: no ErrorInfo, which every answer of idemd carries.
+    let refused = server
+        .client()
+        .await
+        .get(request)
+        .await
+        .expect_err("64 KiB of headers accepted");
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+    assert_eq!(reason(&refused), "", "idemd answered: {refused:?}");
+    let transport = format!("{refused:?}");
+    assert!(
+        transport.contains("GoAway") && transport.contains("Remote"),
+        "not refused by the server's HTTP/2 layer: {transport}"
+    );
     still_serving(&server).await;
 
     // Not gRPC: JSON, and no content type at all, on a gRPC method's path.

@@ -263,7 +263,15 @@ impl IdemdProcess {
     /// Starts `idemd serve` with gRPC on `listen` (so a restarted replica keeps its address),
     /// extra environment variables `env`, and `args`.
     pub fn spawn(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_idemd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idemd"));
+        // Only what the test passes configures idemd: an IDEMD_* setting in the environment of
+        // the test run (say IDEMD_MIN_LEASE_TTL) would otherwise change what a test checks.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("IDEMD_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .arg("serve")
             .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .args(args)
@@ -326,6 +334,11 @@ impl IdemdProcess {
             .status()
             .expect("kill -TERM");
         assert!(status.success());
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Waits for the process to exit, for at most `limit`; returns its exit code.

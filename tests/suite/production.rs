@@ -7,13 +7,14 @@ use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServic
 use idemd::server::{ServerSettings, SERVICE_NAME};
 use idemd::store::MemoryStore;
 use tokio::task::JoinSet;
+use tonic::transport::Endpoint;
 use tonic::Code;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
 
 use crate::harness::*;
-use crate::processes::{http_get, IdemdProcess};
+use crate::processes::{address_after, http_get, IdemdProcess};
 
 const NS: &str = "production";
 
@@ -223,11 +224,60 @@ async fn logs_carry_rpc_spans_and_no_secrets() {
     }
 }
 
+/// One health Check over a connection of its own; the serving status, or why there is none.
+async fn health_check(addr: &str, service: &str) -> Result<ServingStatus, String> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|error| error.to_string())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|error| format!("connect: {error}"))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map_err(|status| format!("{status:?}"))?;
+    Ok(response.into_inner().status())
+}
+
+/// README's Shutdown, step by step: on SIGTERM readiness turns NOT_SERVING (read through the
+/// health RPC on the health port while the drain runs), the API port takes no new connections,
+/// the RPCs in flight finish with their answers, and idemd exits 0. RPCs sent after SIGTERM on
+/// already open connections may be refused (GOAWAY), but none runs and loses its answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     let database = TestDatabase::create().await;
-    let mut server =
-        IdemdProcess::start(&["--database-url", &database.url, "--shutdown-grace", "20s"]);
+    let mut server = IdemdProcess::start(&[
+        "--database-url",
+        &database.url,
+        "--shutdown-grace",
+        "20s",
+        // The row locks hold the Completes as long as the test needs, not 5 s.
+        "--db-query-timeout",
+        "60s",
+        "--health-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut health_addr = None;
+    eventually(Duration::from_secs(10), "health listener announced", || {
+        health_addr = server
+            .logs()
+            .iter()
+            .find_map(|line| address_after(line, "serving plaintext gRPC health on "));
+        let found = health_addr.is_some();
+        async move { found }
+    })
+    .await;
+    let health_addr = health_addr.expect("health address");
+    eventually(Duration::from_secs(10), "readiness SERVING", || {
+        let health_addr = health_addr.clone();
+        async move {
+            health_check(&health_addr, idemd::server::SERVICE_NAME).await
+                == Ok(ServingStatus::Serving)
+        }
+    })
+    .await;
     let mut client = connect(server.addr).await;
     let keys: Vec<String> = (0..6).map(|i| unique_key(&format!("drain-{i}"))).collect();
     let mut leases = Vec::new();
@@ -273,7 +323,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         let mut client = connect(server.addr).await;
         let stop = stop_load.clone();
         load.spawn(async move {
-            // (key, code) of every Acquire this worker sent.
+            // (key, status) of every Acquire this worker sent.
             let mut sent = Vec::new();
             loop {
                 let key = unique_key(&format!("load-{worker}"));
@@ -281,9 +331,10 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
                 tokio::select! {
                     _ = stop.notified() => return sent,
                     result = client.acquire(request) => {
-                        let code = result.map(|_| Code::Ok).unwrap_or_else(|status| status.code());
-                        sent.push((key, code));
-                        if code != Code::Ok {
+                        let failed = result.err();
+                        let stop_here = failed.is_some();
+                        sent.push((key, failed));
+                        if stop_here {
                             return sent;
                         }
                     }
@@ -293,14 +344,61 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
     }
 
     server.terminate();
-    eventually(Duration::from_secs(10), "shutdown begins", || {
-        let begun = server
-            .logs()
-            .iter()
-            .any(|line| line.contains("readiness NOT_SERVING"));
-        async move { begun }
-    })
+    // The drain is under way (the six Completes are held by the row locks), and meanwhile:
+    // readiness reads NOT_SERVING through the health RPC, on a new connection to the health
+    // port; liveness still SERVING, the process is alive.
+    eventually(
+        Duration::from_secs(10),
+        "readiness NOT_SERVING on the health port during the drain",
+        || {
+            let health_addr = health_addr.clone();
+            async move {
+                health_check(&health_addr, idemd::server::SERVICE_NAME).await
+                    == Ok(ServingStatus::NotServing)
+            }
+        },
+    )
     .await;
+    assert_eq!(
+        health_check(&health_addr, "").await,
+        Ok(ServingStatus::Serving),
+        "liveness during the drain"
+    );
+    // The API port takes no new connections, while idemd still runs.
+    let api_addr = server.addr;
+    eventually(
+        Duration::from_secs(10),
+        "the API port refuses new connections",
+        || {
+            assert!(
+                server.running(),
+                "idemd exited while its API port still took connections"
+            );
+            async move {
+                let connect = tokio::net::TcpStream::connect(api_addr);
+                matches!(
+                    tokio::time::timeout(Duration::from_secs(1), connect).await,
+                    Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+                )
+            }
+        },
+    )
+    .await;
+    assert!(
+        server.running(),
+        "idemd exited before its in-flight RPCs finished"
+    );
+    assert_eq!(
+        in_flight.len(),
+        6,
+        "the Completes are still in flight, held by the row locks"
+    );
+    assert!(
+        blocked_statements(&database).await >= 1,
+        "the Completes are still blocked in PostgreSQL"
+    );
+
+    // Let the in-flight Completes go: each finishes with its answer.
     locker
         .batch_execute("COMMIT")
         .await
@@ -315,13 +413,17 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         assert_eq!(record.state(), pb::RecordState::Completed);
     }
     assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+    assert!(
+        health_check(&health_addr, "").await.is_err(),
+        "the health port closes once the drain is over"
+    );
     stop_load.notify_waiters();
     let mut sent = Vec::new();
     while let Some(worker) = load.join_next().await {
         sent.extend(worker.expect("load task"));
     }
     assert!(
-        sent.iter().any(|(_, code)| *code == Code::Ok),
+        sent.iter().any(|(_, failed)| failed.is_none()),
         "the load ran"
     );
     // Every acknowledged Complete is there.
@@ -331,10 +433,23 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         let record = get_record(&mut client, NS, key).await;
         assert_eq!(record.result, Some(sample_result("drained")));
     }
-    // An RPC sent after SIGTERM may be refused by the closing connection (the transport race
-    // shows up as UNAVAILABLE, CANCELLED or UNKNOWN); what must never happen is an RPC that ran
-    // and lost its answer. So every failed Acquire's key must never have been written.
-    for (key, _) in sent.iter().filter(|(_, code)| *code != Code::Ok) {
+    // An Acquire sent after SIGTERM fails in the client's transport (CANCELLED when its
+    // connection closes under it, UNAVAILABLE when reconnecting is refused), never with an answer
+    // of idemd (every one carries an ErrorInfo reason), and its key was never written: what must
+    // never happen is an RPC that ran and lost its answer.
+    for (key, failed) in &sent {
+        let Some(status) = failed else { continue };
+        eprintln!("load Acquire refused during shutdown: {status:?}");
+        assert_eq!(
+            reason(status),
+            "",
+            "idemd itself refused a load Acquire: {status:?}"
+        );
+        assert!(
+            std::error::Error::source(status)
+                .is_some_and(|source| source.is::<tonic::transport::Error>()),
+            "not a failure of the client's transport: {status:?}"
+        );
         let found = client
             .get(pb::GetRequest {
                 namespace: NS.into(),

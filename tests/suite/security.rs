@@ -116,7 +116,8 @@ fn key_request(namespace: &str, key: &str) -> pb::GetRequest {
     }
 }
 
-/// Calls every RPC on (namespace, key) with `token`, expecting `code` from each.
+/// Calls every RPC on (namespace, key) with `token`, expecting `code` from each; returns each
+/// RPC's status.
 async fn every_rpc(
     client: &mut Client,
     token: Option<&str>,
@@ -124,7 +125,7 @@ async fn every_rpc(
     key: &str,
     lease_token: &str,
     code: Code,
-) {
+) -> Vec<(&'static str, tonic::Status)> {
     let wrap = |message| match token {
         Some(token) => with_token(message, token),
         None => tonic::Request::new(message),
@@ -183,15 +184,41 @@ async fn every_rpc(
             None => tonic::Request::new(get_message),
         })
         .await;
-    let codes = [
-        ("Acquire", acquire.err().map(|s| s.code())),
-        ("Complete", complete.err().map(|s| s.code())),
-        ("Release", release.err().map(|s| s.code())),
-        ("Renew", renew.err().map(|s| s.code())),
-        ("Get", get.err().map(|s| s.code())),
+    let statuses = [
+        ("Acquire", acquire.err()),
+        ("Complete", complete.err()),
+        ("Release", release.err()),
+        ("Renew", renew.err()),
+        ("Get", get.err()),
     ];
-    for (rpc, got) in codes {
-        assert_eq!(got, Some(code), "{rpc} in {namespace} with {token:?}");
+    statuses
+        .into_iter()
+        .map(|(rpc, status)| {
+            let status =
+                status.unwrap_or_else(|| panic!("{rpc} in {namespace} with {token:?} succeeded"));
+            assert_eq!(
+                status.code(),
+                code,
+                "{rpc} in {namespace} with {token:?}: {status:?}"
+            );
+            (rpc, status)
+        })
+        .collect()
+}
+
+/// Asserts that two refusals are the same answer: code, message and details, byte for byte.
+#[track_caller]
+fn assert_same_refusals(
+    on_existing: &[(&'static str, tonic::Status)],
+    on_absent: &[(&'static str, tonic::Status)],
+) {
+    assert_eq!(on_existing.len(), on_absent.len());
+    for ((rpc, existing), (_, absent)) in on_existing.iter().zip(on_absent) {
+        assert_eq!(
+            (existing.code(), existing.message(), existing.details()),
+            (absent.code(), absent.message(), absent.details()),
+            "{rpc}: the refusal differs when the key exists"
+        );
     }
 }
 
@@ -266,7 +293,7 @@ async fn callers_are_confined_to_their_namespaces_and_rpcs() {
         .expect("lease");
 
     // No credentials, a wrong token, another scheme: UNAUTHENTICATED for every RPC.
-    every_rpc(
+    let unauthenticated_on_existing = every_rpc(
         &mut client,
         None,
         "payments",
@@ -296,8 +323,8 @@ async fn callers_are_confined_to_their_namespaces_and_rpcs() {
     );
 
     // Another tenant is refused for every RPC, on a key that exists and on one that does not:
-    // the answer is the same, so it reveals nothing.
-    every_rpc(
+    // the answer is the same (code, message, details), so it reveals nothing.
+    let on_existing = every_rpc(
         &mut client,
         Some(ORDERS_TOKEN),
         "payments",
@@ -306,7 +333,7 @@ async fn callers_are_confined_to_their_namespaces_and_rpcs() {
         Code::PermissionDenied,
     )
     .await;
-    every_rpc(
+    let on_absent = every_rpc(
         &mut client,
         Some(ORDERS_TOKEN),
         "payments",
@@ -315,6 +342,18 @@ async fn callers_are_confined_to_their_namespaces_and_rpcs() {
         Code::PermissionDenied,
     )
     .await;
+    assert_same_refusals(&on_existing, &on_absent);
+    // The same for a caller without credentials.
+    let on_absent = every_rpc(
+        &mut client,
+        None,
+        "payments",
+        "no-such-key",
+        &lease.token,
+        Code::Unauthenticated,
+    )
+    .await;
+    assert_same_refusals(&unauthenticated_on_existing, &on_absent);
     let denied = client
         .get(with_token(key_request("payments", &key), ORDERS_TOKEN))
         .await;
@@ -384,13 +423,107 @@ async fn callers_are_confined_to_their_namespaces_and_rpcs() {
         .await
         .expect("health without credentials");
     assert_eq!(health.into_inner().status, 1);
+}
 
-    // Refusals are counted.
-    let metrics = idemd::telemetry::metrics::install()
-        .expect("recorder")
-        .render();
-    assert!(metrics.contains(r#"idemd_auth_denied_total{reason="permission_denied"}"#));
-    assert!(metrics.contains(r#"idemd_auth_denied_total{reason="unauthenticated"}"#));
+/// The value of one series (`name{labels}`) in a Prometheus text exposition.
+fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// Refusals are counted, exactly, for each reason (permission_denied, unauthenticated,
+/// caller_limited): an idemd process of this test's own (the in-process recorder is
+/// shared by every test in this binary), its /metrics scraped after a known number of refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_counted_exactly_in_metrics() {
+    use crate::processes::{http_get, IdemdProcess};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_path = dir.path().join("policy.toml");
+    const SLOW_TOKEN: &str = "slow-token-0002";
+    let slow = format!(
+        "\n[[callers]]\nname = \"slow\"\ntoken_sha256 = [\"{}\"]\nrate_per_second = 1\n  [[callers.grants]]\n  namespaces = [\"slow\"]\n  rpcs = [\"*\"]\n",
+        sha256_hex(SLOW_TOKEN)
+    );
+    write(&policy_path, &policy(&slow));
+    let server = IdemdProcess::start(&[
+        "--auth-config",
+        policy_path.to_str().expect("utf-8 path"),
+        "--require-auth",
+    ]);
+    let mut client = Client::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    let key = unique_key("counted");
+    let lease = client
+        .acquire(with_token(
+            acquire_request("payments", &key, b""),
+            PAYMENTS_TOKEN,
+        ))
+        .await
+        .expect("own namespace")
+        .into_inner()
+        .lease
+        .expect("lease");
+    // Five RPCs by another tenant, twice; five without credentials, five with an unknown token.
+    for key in [key.as_str(), "no-such-key"] {
+        every_rpc(
+            &mut client,
+            Some(ORDERS_TOKEN),
+            "payments",
+            key,
+            &lease.token,
+            Code::PermissionDenied,
+        )
+        .await;
+    }
+    for token in [None, Some("not-a-known-token")] {
+        every_rpc(
+            &mut client,
+            token,
+            "payments",
+            &key,
+            &lease.token,
+            Code::Unauthenticated,
+        )
+        .await;
+    }
+    // A caller allowed one call a second, sending ten at once: the ones shed are counted too.
+    let mut shed = 0;
+    for _ in 0..10 {
+        let result = client
+            .get(with_token(key_request("slow", "k"), SLOW_TOKEN))
+            .await;
+        match result {
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert_eq!(reason(&status), "CALLER_LIMITED", "{status:?}");
+                shed += 1;
+            }
+            Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+            Ok(response) => panic!("no record was written: {response:?}"),
+        }
+    }
+    assert!(shed > 0, "ten calls at once stayed within one a second");
+    let metrics_addr = server.metrics_addr;
+    let (code, exposition) =
+        tokio::task::spawn_blocking(move || http_get(metrics_addr, "/metrics"))
+            .await
+            .expect("scrape");
+    assert_eq!(code, 200);
+    for (reason, expected) in [
+        ("permission_denied", 10.0),
+        ("unauthenticated", 10.0),
+        ("caller_limited", f64::from(shed)),
+    ] {
+        let series = format!(r#"idemd_auth_denied_total{{reason="{reason}"}}"#);
+        assert_eq!(
+            metric_value(&exposition, &series),
+            Some(expected),
+            "{series}:\n{exposition}"
+        );
+    }
 }
 
 /// A channel whose TCP connections are counted, to prove a reload drops none.
@@ -601,6 +734,28 @@ async fn tls_client(
     Ok(IdempotencyServiceClient::new(channel))
 }
 
+/// Sends the HTTP/2 client preface and an empty SETTINGS frame in plaintext to `addr`; returns
+/// the bytes that came back, and whether the server closed the connection (within 5 s).
+fn plaintext_exchange(addr: SocketAddr) -> (Vec<u8>, bool) {
+    use std::io::{ErrorKind, Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .expect("write preface");
+    let mut answer = Vec::new();
+    let closed = match stream.read_to_end(&mut answer) {
+        Ok(_) => true,
+        // A reset after the alert is a close too.
+        Err(error) if error.kind() == ErrorKind::ConnectionReset => true,
+        Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+        Err(error) => panic!("plaintext exchange: {error}"),
+    };
+    (answer, closed)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_encrypted_and_reloads_rotated_certificates() {
     let ca = TestCa::new("idemd test CA");
@@ -609,6 +764,36 @@ async fn tls_serves_encrypted_and_reloads_rotated_certificates() {
     let tls = Arc::new(TlsState::load(files).expect("TLS material"));
     let secured = secured("", Some(tls.clone())).await;
     let addr = secured.server.addr;
+
+    // Plaintext on the TLS port gets nowhere. On the wire: the HTTP/2 preface is answered with
+    // one TLS alert record (content type 21) and the connection is closed; no HTTP/2 frame.
+    let (answer, closed) = tokio::task::spawn_blocking(move || plaintext_exchange(addr))
+        .await
+        .expect("plaintext exchange");
+    assert!(
+        closed && answer.len() == 7 && answer[0] == 21,
+        "the TLS port answered plaintext with other than one TLS alert and a close: \
+         {answer:02x?}, closed: {closed}"
+    );
+    // Through a gRPC client: the call fails in the client's transport (which code depends on
+    // how the client reads the alert and the close: UNKNOWN, CANCELLED or INTERNAL), and idemd
+    // never answers it (every answer of idemd carries an ErrorInfo reason; a port that served
+    // plaintext would say NOT_FOUND here).
+    let mut plaintext = IdempotencyServiceClient::new(
+        Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect_lazy(),
+    );
+    let status = plaintext
+        .get(with_token(key_request("payments", "k"), PAYMENTS_TOKEN))
+        .await
+        .expect_err("plaintext on the TLS port");
+    assert_eq!(reason(&status), "", "idemd answered plaintext: {status:?}");
+    assert!(
+        std::error::Error::source(&status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>()),
+        "not a failure of the client's transport: {status:?}"
+    );
 
     let mut client = tls_client(addr, &ca.pem, None)
         .await
@@ -620,16 +805,6 @@ async fn tls_serves_encrypted_and_reloads_rotated_certificates() {
         ))
         .await
         .expect("RPC over TLS");
-    // Plaintext gRPC on the TLS port gets nowhere.
-    let mut plaintext = IdempotencyServiceClient::new(
-        Endpoint::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect_lazy(),
-    );
-    assert!(plaintext
-        .get(with_token(key_request("payments", "k"), PAYMENTS_TOKEN))
-        .await
-        .is_err());
 
     // cert-manager rotates the certificate to one from a new CA: new connections get the new
     // one, the open connection keeps working.

@@ -273,3 +273,95 @@ async fn lease_operation_validation_memory() {
 async fn lease_operation_validation_postgres() {
     check_lease_operation_validation(&TestServer::postgres().await).await;
 }
+
+/// The shipped bounds, end to end: a real `idemd serve` with no bound flags (every other API test
+/// lowers the minimums to 10 ms so leases can run out quickly). README: lease 30 s / 1 s / 1 h,
+/// retention 24 h / 1 s / 30 d (default / min / max).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_lease_and_retention_bounds_hold_end_to_end() {
+    use std::time::Duration;
+
+    let server = crate::processes::IdemdProcess::start(&[]);
+    let mut client = Client::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    let duration =
+        |millis: u64| prost_types::Duration::try_from(Duration::from_millis(millis)).ok();
+    // (lease_ttl, retention) in ms; 0 = unset.
+    let acquire_with = |lease_ms: u64, retention_ms: u64| {
+        let mut request = acquire(&unique_key("bounds"));
+        request.lease_ttl = if lease_ms == 0 {
+            None
+        } else {
+            duration(lease_ms)
+        };
+        request.retention = if retention_ms == 0 {
+            None
+        } else {
+            duration(retention_ms)
+        };
+        request
+    };
+    const HOUR: u64 = 3600 * 1000;
+    const DAY: u64 = 24 * HOUR;
+
+    // Just below the minimums and just above the maximums: refused, naming the field.
+    assert_invalid(client.acquire(acquire_with(999, 0)).await, "lease_ttl");
+    assert_invalid(client.acquire(acquire_with(HOUR + 1, 0)).await, "lease_ttl");
+    assert_invalid(client.acquire(acquire_with(0, 999)).await, "retention");
+    assert_invalid(
+        client.acquire(acquire_with(0, 30 * DAY + 1)).await,
+        "retention",
+    );
+
+    // At the bounds, and unset (the defaults): granted for exactly what was asked.
+    for (lease_ms, retention_ms, expected_lease, expected_retention) in [
+        (1000, 1000, 1000, 1000),
+        (HOUR, 30 * DAY, HOUR, 30 * DAY),
+        (0, 0, 30 * 1000, DAY),
+    ] {
+        let response = client
+            .acquire(acquire_with(lease_ms, retention_ms))
+            .await
+            .unwrap_or_else(|status| {
+                panic!("lease {lease_ms} ms, retention {retention_ms} ms: {status:?}")
+            })
+            .into_inner();
+        assert_eq!(response.outcome(), pb::Outcome::Acquired);
+        let record = response.record.expect("record");
+        let lease_expires = to_system_time(&record.lease_expires_at);
+        let granted_lease = lease_expires
+            .duration_since(to_system_time(&record.created_at))
+            .expect("lease ends after creation");
+        let granted_retention = to_system_time(&record.expires_at)
+            .duration_since(lease_expires)
+            .expect("record outlives its lease");
+        assert_eq!(
+            (granted_lease, granted_retention),
+            (
+                Duration::from_millis(expected_lease),
+                Duration::from_millis(expected_retention)
+            ),
+            "asked lease {lease_ms} ms, retention {retention_ms} ms (0 = default)"
+        );
+    }
+
+    // Renew has the same lease bounds.
+    let key = unique_key("renew-bounds");
+    let token = client
+        .acquire(acquire(&key))
+        .await
+        .expect("acquire")
+        .into_inner()
+        .lease
+        .expect("lease")
+        .token;
+    let renew = |millis| pb::RenewRequest {
+        namespace: NS.into(),
+        key: key.clone(),
+        lease_token: token.clone(),
+        lease_ttl: duration(millis),
+    };
+    assert_invalid(client.renew(renew(999)).await, "lease_ttl");
+    client.renew(renew(1000)).await.expect("a 1 s renewal");
+}

@@ -3,7 +3,8 @@ import { randomBytes } from "node:crypto";
 import { createServer, type Server, type Socket } from "node:net";
 import pg from "pg";
 
-export const IDEMD_BINARY = process.env.IDEMD_BINARY || "/tmp/idemd-snapshot";
+/** The idemd to test: $IDEMD_BINARY, never a guess (a binary left by an earlier run could be stale). `cargo test` sets it (tests/suite/clients.rs). */
+export const IDEMD_BINARY = process.env.IDEMD_BINARY;
 export const ADMIN_DATABASE_URL = process.env.IDEMD_TEST_DATABASE_URL || "postgres://postgres@127.0.0.1:5432/postgres";
 
 export interface Idemd {
@@ -21,6 +22,11 @@ process.on("exit", () => {
 
 /** Starts `$IDEMD_BINARY serve` on ephemeral ports and resolves once it logs its gRPC address. */
 export function startIdemd(extraArgs: string[] = []): Promise<Idemd> {
+  if (!IDEMD_BINARY) {
+    return Promise.reject(
+      new Error("IDEMD_BINARY is not set: set it to the idemd binary to test, e.g. IDEMD_BINARY=target/debug/idemd (cargo test sets it)"),
+    );
+  }
   const args = ["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--min-lease-ttl", "10ms", ...extraArgs];
   const child = spawn(IDEMD_BINARY, args, {
     stdio: ["ignore", "ignore", "pipe"],
@@ -133,5 +139,21 @@ export async function blackHole(): Promise<{ address: string; close(): Promise<v
 }
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Resolves when `signal` aborts (at once if it has); rejects if that takes longer than `limitMs`. */
+export function abortOf(signal: AbortSignal, limitMs: number): Promise<void> {
+  if (signal.aborted) return Promise.resolve();
+  return new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the signal was not aborted within ${limitMs} ms`)), limitMs);
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(timer);
+        resolve();
+      },
+      { once: true },
+    );
+  });
+}
 
 export const uniqueKey = (label: string) => `${label}-${randomBytes(8).toString("hex")}`;

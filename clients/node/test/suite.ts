@@ -10,7 +10,7 @@ import {
   type IdempotentResult,
   type WorkContext,
 } from "../src/index.js";
-import { createDatabase, sleep, startIdemd, uniqueKey, type Idemd, type TestDatabase } from "./helpers.js";
+import { abortOf, createDatabase, sleep, startIdemd, uniqueKey, type Idemd, type TestDatabase } from "./helpers.js";
 
 const NS = "node-client-test";
 
@@ -184,7 +184,8 @@ export function backendSuite(backend: "memory" | "postgres"): void {
           assert.equal(thief.outcome, "OUTCOME_ACQUIRED");
           assert.match(thief.lease!.fencingToken, /^\d+$/);
           assert.ok(BigInt(thief.lease!.fencingToken) > ctx.fencingToken);
-          await sleep(400); // a Renew (every 100 ms) finds the lease gone
+          // A Renew (every 100 ms) finds the lease gone and aborts the signal: wait for that event.
+          await abortOf(ctx.signal, 5000);
           abortedDuringWork = ctx.signal.aborted;
           return "late";
         },

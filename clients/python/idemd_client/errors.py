@@ -15,6 +15,7 @@ __all__ = [
     "InvalidRequest",
     "InProgressError",
     "Retryable",
+    "NotCanonicalizable",
     "error_from_rpc",
 ]
 
@@ -72,6 +73,12 @@ class InvalidRequest(IdemdError):
 
 class InProgressError(IdemdError):
     """Another caller still holds the key after ``max_waits`` rounds of waiting."""
+
+
+class NotCanonicalizable(ValueError):
+    """A request that has no RFC 8785 canonical JSON, so no fingerprint: an integer beyond
+    ±(2^53-1) (pass it as a string), a NaN or infinite float, a key that is not a string, or a
+    type JSON cannot represent. Raised by ``canonical_json``/``fingerprint`` before any RPC."""
 
 
 class Retryable(Exception):

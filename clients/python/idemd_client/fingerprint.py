@@ -7,13 +7,19 @@ from typing import Any
 
 import rfc8785
 
+from .errors import NotCanonicalizable
+
 __all__ = ["canonical_json", "fingerprint", "to_fingerprint"]
 
 
 def canonical_json(obj: Any) -> bytes:
-    """The RFC 8785 canonical JSON (UTF-8) of a JSON-like value (dict, list, str, int, float,
-    bool, None). Integers beyond 2^53-1 and non-finite floats are rejected."""
-    return rfc8785.dumps(obj)
+    """The RFC 8785 canonical JSON (UTF-8) of a JSON-like value (dict with string keys, list, str,
+    int, float, bool, None). Raises :class:`NotCanonicalizable` for what JCS cannot represent:
+    integers beyond ±(2^53-1), non-finite floats, other types."""
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise NotCanonicalizable(f"request cannot be canonicalized (RFC 8785): {exc}") from exc
 
 
 def fingerprint(obj: Any) -> bytes:

@@ -14,15 +14,22 @@ import pytest
 
 from idemd_client import Client
 
-DEFAULT_BINARY = "/tmp/idemd-snapshot"
 DEFAULT_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 _SERVING = re.compile(r"serving gRPC on (\S+)")
 
 
 def idemd_binary() -> str:
-    path = os.environ.get("IDEMD_BINARY") or DEFAULT_BINARY
+    """The idemd to test: $IDEMD_BINARY, never a guess (a binary left by an earlier run could be
+    stale). ``cargo test`` sets it (tests/suite/clients.rs)."""
+    path = os.environ.get("IDEMD_BINARY")
+    if not path:
+        pytest.fail(
+            "IDEMD_BINARY is not set: set it to the idemd binary to test, e.g. "
+            "IDEMD_BINARY=target/debug/idemd (cargo test sets it)",
+            pytrace=False,
+        )
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        raise RuntimeError(f"idemd binary not found or not executable: {path} (set IDEMD_BINARY)")
+        pytest.fail(f"IDEMD_BINARY={path} is not an executable file", pytrace=False)
     return path
 
 
