@@ -8,8 +8,8 @@ use std::{
     time::Duration,
 };
 
-use idemd::client::{fingerprint, ClientError, IdempotencyClient, Options, WorkError};
-use idemd::proto::idempotency::v1 as pb;
+use idemd_client::proto::idempotency::v1 as pb;
+use idemd_client::{fingerprint, ClientError, IdempotencyClient, Options, WorkError};
 use tokio::task::JoinSet;
 
 use crate::harness::*;
@@ -225,28 +225,29 @@ async fn client_fails_closed_or_open_when_idemd_is_down() {
     assert!(!open.protected && !open.replayed);
 }
 
-/// examples/orders.rs: many duplicates with client timeouts and retries, exactly one order each.
+/// clients/rust/examples/orders.rs: many duplicates with client timeouts and retries, exactly one
+/// order each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_example_creates_exactly_one_order_per_request() {
     let database = TestDatabase::create().await;
     let server = crate::processes::IdemdProcess::start(&["--database-url", &database.url]);
-    // target/<profile>/deps/suite-… → target/<profile>/examples/orders
-    let example = std::env::current_exe()
-        .expect("test binary path")
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join("orders"))
-        .expect("examples directory");
+    let profile = build_profile();
     let url = database.url.clone();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(example)
+        // The example belongs to the client crate, which this suite's build does not compile:
+        // cargo builds it in this build's profile (nothing to do when `cargo test --workspace`
+        // already did) and runs it.
+        std::process::Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "--quiet", "--locked", "--profile", &profile])
+            .args(["-p", "idemd-client", "--example", "orders", "--"])
             .arg(format!("http://{}", server.addr))
             .arg(url)
             .output()
     })
     .await
     .expect("task")
-    .expect("run the orders example (cargo test builds it)");
+    .expect("run cargo to build and run the orders example");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -257,4 +258,20 @@ async fn orders_example_creates_exactly_one_order_per_request() {
         stdout.contains("20 orders in the table, 0 violations"),
         "{stdout}"
     );
+}
+
+/// The cargo profile this test binary was built with, from its path:
+/// target/<profile directory>/deps/suite-…, where the dev profile's directory is `debug`.
+fn build_profile() -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    let directory = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .and_then(|profile| profile.file_name())
+        .and_then(|name| name.to_str())
+        .expect("target/<profile>/deps");
+    match directory {
+        "debug" => "dev".to_string(),
+        other => other.to_string(),
+    }
 }

@@ -1,5 +1,6 @@
 //! The Python and Node clients' own test suites, run against this build's idemd binary on the
-//! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.)
+//! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.) The Rust
+//! client (clients/rust) is driven from this suite directly, in client.rs.
 
 use std::process::Command;
 
