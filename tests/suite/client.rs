@@ -231,23 +231,17 @@ async fn client_fails_closed_or_open_when_idemd_is_down() {
 async fn orders_example_creates_exactly_one_order_per_request() {
     let database = TestDatabase::create().await;
     let server = crate::processes::IdemdProcess::start(&["--database-url", &database.url]);
-    let profile = build_profile();
     let url = database.url.clone();
     let output = tokio::task::spawn_blocking(move || {
-        // The example belongs to the client crate, which this suite's build does not compile:
-        // cargo builds it in this build's profile (nothing to do when `cargo test --workspace`
-        // already did) and runs it.
-        std::process::Command::new(env!("CARGO"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["run", "--quiet", "--locked", "--profile", &profile])
-            .args(["-p", "idemd-client", "--example", "orders", "--"])
+        let example = build_orders_example();
+        std::process::Command::new(example)
             .arg(format!("http://{}", server.addr))
             .arg(url)
             .output()
     })
     .await
     .expect("task")
-    .expect("run cargo to build and run the orders example");
+    .expect("run the orders example");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -260,18 +254,39 @@ async fn orders_example_creates_exactly_one_order_per_request() {
     );
 }
 
-/// The cargo profile this test binary was built with, from its path:
-/// target/<profile directory>/deps/suite-…, where the dev profile's directory is `debug`.
-fn build_profile() -> String {
+/// Builds the orders example, which belongs to the client crate and so is not part of this
+/// suite's build, in the profile this test binary was built with, and returns its path. The
+/// packages are those the README's test command tests before the server's (the client and the
+/// bench): the same features, so there cargo finds it already built.
+fn build_orders_example() -> std::path::PathBuf {
+    // target/<profile directory>/deps/suite-…; the dev profile's directory is `debug`.
     let exe = std::env::current_exe().expect("test binary path");
-    let directory = exe
+    let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .and_then(|profile| profile.file_name())
-        .and_then(|name| name.to_str())
         .expect("target/<profile>/deps");
-    match directory {
-        "debug" => "dev".to_string(),
-        other => other.to_string(),
-    }
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile directory in {}", exe.display()),
+    };
+    let output = std::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--locked", "--profile", profile])
+        .args([
+            "-p",
+            "idemd-client",
+            "-p",
+            "idemd-bench",
+            "--example",
+            "orders",
+        ])
+        .output()
+        .expect("run cargo");
+    assert!(
+        output.status.success(),
+        "cargo could not build the orders example:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    profile_dir.join("examples").join("orders")
 }
