@@ -17,7 +17,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin idemd --bin idemd-bench
+cargo build --release --quiet -p idemd -p idemd-bench
 # Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
 port=20997
 ./target/release/idemd serve --listen 127.0.0.1:$port --metrics-listen 127.0.0.1:0 \

@@ -22,7 +22,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --bin idemd --bin idemd-bench
+cargo build --release --quiet -p idemd -p idemd-bench
 bench=./target/release/idemd-bench
 # Fixed ports below Linux's ephemeral range (32768-60999), where no client socket can hold them.
 idemd_port=20999 memory_port=20998

@@ -44,7 +44,7 @@ else
   echo "socat not found: peer_relayed is skipped" >&2
 fi
 
-cargo build --release --quiet --bin idemd --bin idemd-bench
+cargo build --release --quiet -p idemd -p idemd-bench
 bench=./target/release/idemd-bench
 # shellcheck disable=SC2086 # IDEMD_BENCH_ENV is a list of assignments
 env ${IDEMD_BENCH_ENV:-} ./target/release/idemd serve --listen "${target#http://}" \

@@ -5,7 +5,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod defaults;
 pub mod domain;

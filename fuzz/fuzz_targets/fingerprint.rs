@@ -1,4 +1,4 @@
-//! `idemd::client::fingerprint` over arbitrary bytes: JSON gets a fingerprint without panicking,
+//! `idemd_client::fingerprint` over arbitrary bytes: JSON gets a fingerprint without panicking,
 //! and equal canonical inputs get equal fingerprints. The check lives in
 //! `tests/model/fingerprint_check.rs`, shared with the CI proptest in `tests/suite/fuzzing.rs`.
 

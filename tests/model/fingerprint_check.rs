@@ -1,13 +1,13 @@
 //! One input of the fingerprint fuzzers, checked in one place: the cargo-fuzz target
 //! `fuzz/fuzz_targets/fingerprint.rs` and the CI proptest in `tests/suite/fuzzing.rs` both include
-//! this file by path. It needs only serde_json, serde_json_canonicalizer and idemd.
+//! this file by path. It needs only serde_json, serde_json_canonicalizer and idemd-client.
 //!
-//! Bytes that parse as JSON get a fingerprint (`idemd::client::fingerprint`) without panicking,
+//! Bytes that parse as JSON get a fingerprint (`idemd_client::fingerprint`) without panicking,
 //! and equal canonical inputs get equal fingerprints: the same value written compactly or pretty
 //! printed, and the canonical text itself (canonicalization is a fixed point). A value without a
 //! canonical form (integers beyond 2^53 - 1) is refused the same way whichever way it is written.
 
-use idemd::client::fingerprint;
+use idemd_client::fingerprint;
 use serde_json::Value;
 
 /// Checks one input; false when it is not JSON. Panics on any broken invariant.

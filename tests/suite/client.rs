@@ -8,8 +8,8 @@ use std::{
     time::Duration,
 };
 
-use idemd::client::{fingerprint, ClientError, IdempotencyClient, Options, WorkError};
-use idemd::proto::idempotency::v1 as pb;
+use idemd_client::proto::idempotency::v1 as pb;
+use idemd_client::{fingerprint, ClientError, IdempotencyClient, Options, WorkError};
 use tokio::task::JoinSet;
 
 use crate::harness::*;
@@ -225,20 +225,15 @@ async fn client_fails_closed_or_open_when_idemd_is_down() {
     assert!(!open.protected && !open.replayed);
 }
 
-/// examples/orders.rs: many duplicates with client timeouts and retries, exactly one order each.
+/// clients/rust/examples/orders.rs: many duplicates with client timeouts and retries, exactly one
+/// order each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_example_creates_exactly_one_order_per_request() {
     let database = TestDatabase::create().await;
     let server = crate::processes::IdemdProcess::start(&["--database-url", &database.url]);
-    // target/<profile>/deps/suite-… → target/<profile>/examples/orders
-    let example = std::env::current_exe()
-        .expect("test binary path")
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("examples").join("orders"))
-        .expect("examples directory");
     let url = database.url.clone();
     let output = tokio::task::spawn_blocking(move || {
+        let example = build_orders_example();
         std::process::Command::new(example)
             .arg(format!("http://{}", server.addr))
             .arg(url)
@@ -246,7 +241,7 @@ async fn orders_example_creates_exactly_one_order_per_request() {
     })
     .await
     .expect("task")
-    .expect("run the orders example (cargo test builds it)");
+    .expect("run the orders example");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -257,4 +252,41 @@ async fn orders_example_creates_exactly_one_order_per_request() {
         stdout.contains("20 orders in the table, 0 violations"),
         "{stdout}"
     );
+}
+
+/// Builds the orders example, which belongs to the client crate and so is not part of this
+/// suite's build, in the profile this test binary was built with, and returns its path. The
+/// packages are those the README's test command tests before the server's (the client and the
+/// bench): the same features, so there cargo finds it already built.
+fn build_orders_example() -> std::path::PathBuf {
+    // target/<profile directory>/deps/suite-…; the dev profile's directory is `debug`.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile directory in {}", exe.display()),
+    };
+    let output = std::process::Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--quiet", "--locked", "--profile", profile])
+        .args([
+            "-p",
+            "idemd-client",
+            "-p",
+            "idemd-bench",
+            "--example",
+            "orders",
+        ])
+        .output()
+        .expect("run cargo");
+    assert!(
+        output.status.success(),
+        "cargo could not build the orders example:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    profile_dir.join("examples").join("orders")
 }

@@ -1,5 +1,6 @@
 //! The Python and Node clients' own test suites, run against this build's idemd binary on the
-//! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.)
+//! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.) The Rust
+//! client (clients/rust) is driven from this suite directly, in client.rs.
 //!
 //! A suite passes only if it ran tests and every one of them passed: a skipped test (pytest
 //! older than 8.4 skips async tests with a warning when pytest-asyncio is missing) fails it, as

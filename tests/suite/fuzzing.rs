@@ -1,7 +1,7 @@
 //! The fuzz targets' checks, run as proptests in CI (a few thousand cases each); the cargo-fuzz
 //! targets in `fuzz/` run the same checks for as long as one likes. Both include the checks by
 //! path, so they cannot drift: `tests/model/decode_check.rs` (request decoding and validation) and
-//! `tests/model/fingerprint_check.rs` (`idemd::client::fingerprint`). The memory store's model
+//! `tests/model/fingerprint_check.rs` (`idemd_client::fingerprint`). The memory store's model
 //! test, the third target's CI twin, is in `model.rs`.
 
 use std::{collections::BTreeMap, time::Duration};

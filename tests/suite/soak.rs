@@ -191,7 +191,7 @@ async fn soak_under_steady_load_with_periodic_faults() {
                         let mut acknowledged =
                             acknowledged.lock().unwrap_or_else(|p| p.into_inner());
                         // Keep a bounded sample to read back at the end.
-                        if acknowledged.len() < 2000 && n % 4 == 0 {
+                        if acknowledged.len() < 2000 && n.is_multiple_of(4) {
                             acknowledged.push(record);
                         }
                     }

@@ -5,8 +5,8 @@
 //! logical request many times — concurrent duplicates, client timeouts, retries — and then checks
 //! that exactly one order exists per request and that every caller got the same answer.
 //!
-//!   cargo run --release                                   # idemd, in another terminal
-//!   cargo run --example orders -- http://127.0.0.1:50051 postgres://postgres@127.0.0.1/postgres
+//!   cargo run --release -p idemd                          # idemd, in another terminal
+//!   cargo run -p idemd-client --example orders -- http://127.0.0.1:50051 postgres://postgres@127.0.0.1/postgres
 
 use std::{
     collections::HashMap,
@@ -17,8 +17,8 @@ use std::{
     time::Duration,
 };
 
-use idemd::client::{fingerprint, IdempotencyClient, Options, WorkError};
-use idemd::proto::idempotency::v1 as pb;
+use idemd_client::proto::idempotency::v1 as pb;
+use idemd_client::{fingerprint, IdempotencyClient, Options, WorkError};
 use tokio::task::JoinSet;
 
 const REQUESTS: usize = 20;

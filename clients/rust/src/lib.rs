@@ -1,9 +1,9 @@
-//! The Rust client: make any piece of work idempotent in a few lines.
+//! idemd's Rust client: make any piece of work idempotent in a few lines.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use idemd::client::{fingerprint, IdempotencyClient, Options, WorkError};
-//! use idemd::proto::idempotency::v1::Result as StoredResult;
+//! use idemd_client::proto::idempotency::v1::Result as StoredResult;
+//! use idemd_client::{fingerprint, IdempotencyClient, Options, WorkError};
 //!
 //! let client = IdempotencyClient::connect("http://127.0.0.1:50051").await?;
 //! let request = serde_json::json!({"order": 4711, "amount": 1250});
@@ -33,6 +33,17 @@ use tonic_types::StatusExt;
 
 use crate::proto::idempotency::v1 as pb;
 use crate::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+
+/// Client stubs and messages generated from the repository's `proto/` (by `build.rs`): the
+/// [`IdempotencyClient`] is built on them, and they are there for calling an RPC directly.
+pub mod proto {
+    pub mod idempotency {
+        pub mod v1 {
+            #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
+            tonic::include_proto!("idempotency.v1");
+        }
+    }
+}
 
 /// The canonical fingerprint of a request: SHA-256 of its RFC 8785 (JCS) canonical JSON. Every
 /// idemd client computes the same bytes (see `clients/fingerprint-vectors.json`).
@@ -419,7 +430,7 @@ mod tests {
 
     #[test]
     fn fingerprints_match_the_shared_vectors() {
-        let text = include_str!("../clients/fingerprint-vectors.json");
+        let text = include_str!("../../fingerprint-vectors.json");
         let document: serde_json::Value = serde_json::from_str(text).expect("vectors");
         let vectors = document["vectors"].as_array().expect("vector list");
         assert!(vectors.len() >= 10);

@@ -20,8 +20,8 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use idemd::proto::idempotency::v1 as pb;
-use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
+use idemd_client::proto::idempotency::v1 as pb;
+use idemd_client::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -202,7 +202,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 sequence += 1;
                 let begun = Instant::now();
                 let ok = match workload {
-                    Workload::Replay if sequence % 10 != 0 => {
+                    Workload::Replay if !sequence.is_multiple_of(10) => {
                         let index =
                             (sequence.wrapping_mul(2654435761) ^ worker as u64) as usize % keyspace;
                         client
