@@ -200,11 +200,15 @@ async fn network_faults_to_postgres_give_unavailable_and_recover() {
     acknowledged.push(complete(&mut client, &unique_key("slow")).await);
     proxy.set(Fault::Pass);
 
+    // Read back from PostgreSQL itself: this replica has every acknowledged record in its
+    // replay cache and would answer them even if the database had lost them.
+    let reader = TestServer::uncached(&database.url).await;
+    let mut direct = reader.client().await;
     for record in &acknowledged {
-        let stored = client
+        let stored = direct
             .get(get(&record.key))
             .await
-            .expect("get")
+            .expect("get from the database")
             .into_inner()
             .record
             .expect("record");
@@ -213,5 +217,6 @@ async fn network_faults_to_postgres_give_unavailable_and_recover() {
             "an acknowledged Complete changed or vanished"
         );
     }
+    reader.stop().await;
     server.stop().await;
 }

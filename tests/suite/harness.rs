@@ -215,6 +215,22 @@ impl TestServer {
         Self::start(Arc::new(database.store()), settings).await
     }
 
+    /// A server on the database at `url` with the replay cache off: every Get and Acquire it
+    /// answers was read from PostgreSQL. Durability tests read back through it, because a
+    /// replica that cached a record answers it without asking the database.
+    pub async fn uncached(url: &str) -> Self {
+        let config = PostgresConfig {
+            pool_size: 2,
+            replay_cache_bytes: 0,
+            ..PostgresConfig::new(url.to_string())
+        };
+        Self::start(
+            Arc::new(PostgresStore::connect(&config).expect("pool")),
+            test_settings(),
+        )
+        .await
+    }
+
     pub async fn client(&self) -> Client {
         IdempotencyServiceClient::connect(format!("http://{}", self.addr))
             .await

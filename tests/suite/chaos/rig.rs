@@ -243,13 +243,8 @@ impl Rig {
                 .iter()
                 .map(|probe| *probe.lock().unwrap_or_else(|p| p.into_inner()))
                 .collect();
-            if served.iter().all(|at| at.is_some_and(|at| at >= since)) {
-                return served
-                    .iter()
-                    .flatten()
-                    .map(|at| at.duration_since(since))
-                    .max()
-                    .unwrap_or_default();
+            if let Some(recovery) = served_since(&served, since) {
+                return recovery;
             }
             assert!(
                 since.elapsed() < RECOVERY_LIMIT,
@@ -276,6 +271,18 @@ impl Rig {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Given when each replica last answered a probe (`None`: never), whether all of them have
+/// answered one sent at or after `since`, and if so how long the slowest took.
+pub fn served_since(served: &[Option<Instant>], since: Instant) -> Option<Duration> {
+    served
+        .iter()
+        .map(|at| {
+            at.filter(|at| *at >= since)
+                .map(|at| at.duration_since(since))
+        })
+        .try_fold(Duration::ZERO, |slowest, at| Some(slowest.max(at?)))
 }
 
 /// `pg_terminate_backend` on every idemd connection; returns how many were terminated.
