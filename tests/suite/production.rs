@@ -174,13 +174,19 @@ async fn logs_carry_rpc_spans_and_no_secrets() {
                 key: unique_key("absent"),
             })
             .await;
-        // The last RPC's log line is written before its response; the process flushes per line.
+        // The last RPC's log line is written before its response, but it reaches us through a
+        // pipe and a reader thread: wait for that line itself (at debug level, earlier RPCs'
+        // lines satisfied a wait for any rpc line, and the Get's could still be in flight).
         let mut lines = Vec::new();
-        eventually(Duration::from_secs(10), "rpc log lines", || {
-            lines = server.logs();
-            let done = lines.iter().filter(|line| line.contains("\"rpc\"")).count() >= 1;
-            async move { done }
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the refused Get's log line",
+            || {
+                lines = server.logs();
+                let done = lines.iter().any(|line| line.contains("rpc refused"));
+                async move { done }
+            },
+        )
         .await;
         for line in &lines {
             assert!(line.starts_with('{'), "not JSON: {line}");
