@@ -85,6 +85,6 @@ done | tee "$logs/rounds"
 # compare the columns under the same conditions.
 line=median_p50_ms
 for name in idemd_pair peer idemd_sql echo peer_relayed; do
-  line="$line $name=$(sed -n "s/.* $name=\([0-9.]*\).*/\1/p" "$logs/rounds" | median)"
+  line="$line $name=$(sed -n "s/.* $name=\([0-9.][0-9.]*\).*/\1/p" "$logs/rounds" | median)"
 done
 echo "$line"
