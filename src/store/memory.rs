@@ -127,12 +127,14 @@ impl MemoryStore {
     }
 
     /// Deletes every expired record, to make room in a full store; returns how many. Does
-    /// nothing when no record can have expired yet, or while another sweep runs (it is making the
-    /// room). Takes each shard's lock in turn: call it holding none.
+    /// nothing when no record can have expired yet. Takes each shard's lock in turn: call it
+    /// holding none.
     fn sweep_expired(&self, now: SystemTime) -> u64 {
-        let Ok(_one_at_a_time) = self.sweeping.try_lock() else {
-            return 0;
-        };
+        // One sweep at a time. A caller that finds one running waits for it rather than giving
+        // up: given up, it would be refused STORE_FULL just before the running sweep makes room.
+        // Once in, it finds the bound moved past `now` and returns at once. Only a full store
+        // with expired records ever gets here, so the wait (one pass over the map) is rare.
+        let _one_at_a_time = self.sweeping.lock().unwrap_or_else(|p| p.into_inner());
         if self.earliest_expiry.load(Ordering::Relaxed) > epoch_nanos(now) {
             return 0;
         }
