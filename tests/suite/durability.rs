@@ -373,3 +373,99 @@ async fn refused_and_terminated_connections_give_unavailable() {
     assert_all_there(&mut client, &done).await;
     server.stop().await;
 }
+
+/// A server that stops taking writes (a demoted primary, or one made read-only to fence it)
+/// answers every command with SQLSTATE 25006. That is UNAVAILABLE, never INTERNAL, and the
+/// connection that got it is not reused: once a writable server is reachable again, idemd serves
+/// within a few calls instead of failing on its pooled read-only sessions for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_server_is_unavailable_and_its_connections_are_replaced() {
+    let database = TestDatabase::create().await;
+    let config = PostgresConfig {
+        pool_size: 2,
+        replay_cache_bytes: 0,
+        ..PostgresConfig::new(database.url.clone())
+    };
+    let store = std::sync::Arc::new(idemd::store::PostgresStore::connect(&config).expect("pool"));
+    let server = TestServer::start(store, test_settings()).await;
+    let mut client = server.client().await;
+    let first = unique_key("writable");
+    client
+        .acquire(acquire_request(NS, &first, b"f"))
+        .await
+        .expect("acquire while writable");
+
+    // Every new session of this database is read-only from now on; the pooled ones are ended.
+    let admin = database.connect().await;
+    let name: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("database name")
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = on"
+        ))
+        .await
+        .expect("make the database read-only");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("end idemd's sessions");
+
+    // Enough calls that both pool connections are reopened as read-only sessions and used.
+    for attempt in 0..6 {
+        let key = unique_key("read-only");
+        let status = client
+            .acquire(acquire_request(NS, &key, b"f"))
+            .await
+            .expect_err("a read-only server cannot grant a lease");
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "attempt {attempt}: a read-only server must be UNAVAILABLE: {status:?}"
+        );
+    }
+    let read_only_sessions: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'idemd'",
+            &[],
+        )
+        .await
+        .expect("count sessions")
+        .get(0);
+    println!("idemd sessions while read-only: {read_only_sessions}");
+
+    // Writable again for new sessions. Sessions opened while read-only stay read-only: a pool
+    // that kept them would fail forever; idemd must replace them and serve.
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} RESET default_transaction_read_only"
+        ))
+        .await
+        .expect("make the database writable");
+    let recovered = unique_key("writable-again");
+    let mut answers = Vec::new();
+    for _ in 0..(config.pool_size + 2) {
+        match client.acquire(acquire_request(NS, &recovered, b"f")).await {
+            Ok(response) => {
+                answers.push(format!("{:?}", response.into_inner().outcome()));
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                answers.push(format!("{:?}", status.code()));
+            }
+        }
+    }
+    assert_eq!(
+        answers.last().map(String::as_str),
+        Some("Acquired"),
+        "idemd kept its read-only sessions: {answers:?}"
+    );
+}

@@ -81,7 +81,14 @@ impl Connections {
                 ))
             });
         };
-        client.finish();
+        match &result {
+            // The connection just failed in a way a retry may cure: a broken socket, a server
+            // shutting down, or a server that has become read-only (a demoted primary). A new
+            // connection is the retry's best chance (a multi-host URL's target_session_attrs
+            // finds the writable server), so this one does not go back to the pool.
+            Err(StoreError::Unavailable(_)) => client.discard(),
+            _ => client.finish(),
+        }
         result
     }
 
@@ -167,6 +174,15 @@ impl Guarded {
     /// The command finished: the connection goes back to the pool.
     fn finish(mut self) {
         self.finished = true;
+    }
+
+    /// The command finished, but the connection is not to be reused: it is closed (its
+    /// statements are over, so there is nothing to cancel) and the pool opens a new one.
+    fn discard(mut self) {
+        self.finished = true;
+        if let Some(object) = self.object.take() {
+            drop(Object::take(object));
+        }
     }
 }
 
