@@ -323,6 +323,22 @@ impl IdemdProcess {
         self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The address of the plaintext health listener (started with `--health-listen`), once
+    /// idemd has announced it.
+    pub async fn health_addr(&self) -> String {
+        let mut health_addr = None;
+        crate::harness::eventually(Duration::from_secs(10), "health listener announced", || {
+            health_addr = self
+                .logs()
+                .iter()
+                .find_map(|line| address_after(line, "serving plaintext gRPC health on "));
+            let found = health_addr.is_some();
+            async move { found }
+        })
+        .await;
+        health_addr.expect("health address")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

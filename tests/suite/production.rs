@@ -14,7 +14,7 @@ use tonic_health::pb::{
 };
 
 use crate::harness::*;
-use crate::processes::{address_after, http_get, IdemdProcess};
+use crate::processes::{http_get, IdemdProcess};
 
 const NS: &str = "production";
 
@@ -265,17 +265,7 @@ async fn sigterm_drains_in_flight_rpcs_and_exits_zero() {
         "--health-listen",
         "127.0.0.1:0",
     ]);
-    let mut health_addr = None;
-    eventually(Duration::from_secs(10), "health listener announced", || {
-        health_addr = server
-            .logs()
-            .iter()
-            .find_map(|line| address_after(line, "serving plaintext gRPC health on "));
-        let found = health_addr.is_some();
-        async move { found }
-    })
-    .await;
-    let health_addr = health_addr.expect("health address");
+    let health_addr = server.health_addr().await;
     eventually(Duration::from_secs(10), "readiness SERVING", || {
         let health_addr = health_addr.clone();
         async move {

@@ -971,7 +971,7 @@ async fn database_connections_use_verified_tls_with_sslmode_require() {
 /// (caller, namespace, RPC, reason; never the token) in the logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_process_serves_plaintext_health_and_audits_denials() {
-    use crate::processes::{address_after, IdemdProcess};
+    use crate::processes::IdemdProcess;
 
     let ca = TestCa::new("idemd test CA");
     let dir = tempfile::tempdir().expect("temp dir");
@@ -993,17 +993,7 @@ async fn tls_process_serves_plaintext_health_and_audits_denials() {
         "--log-format",
         "json",
     ]);
-    let mut health_addr = None;
-    eventually(Duration::from_secs(10), "health listener announced", || {
-        health_addr = server
-            .logs()
-            .iter()
-            .find_map(|line| address_after(line, "serving plaintext gRPC health on "));
-        let found = health_addr.is_some();
-        async move { found }
-    })
-    .await;
-    let health_addr = health_addr.expect("address");
+    let health_addr = server.health_addr().await;
     let channel = Endpoint::from_shared(format!("http://{health_addr}"))
         .expect("uri")
         .connect()
