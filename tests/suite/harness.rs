@@ -313,6 +313,20 @@ pub fn assert_status<T: std::fmt::Debug>(
     status
 }
 
+/// A Complete of 5 MiB, over the default `--max-message-bytes` (4 MiB).
+pub fn oversized_complete(namespace: &str) -> pb::CompleteRequest {
+    pb::CompleteRequest {
+        namespace: namespace.into(),
+        key: "k".into(),
+        lease_token: "0".repeat(32),
+        result: Some(pb::Result {
+            body: vec![0; 5 * 1024 * 1024],
+            ..Default::default()
+        }),
+        retention: None,
+    }
+}
+
 pub fn acquire_request(namespace: &str, key: &str, fingerprint: &[u8]) -> pb::AcquireRequest {
     pb::AcquireRequest {
         namespace: namespace.into(),

@@ -73,16 +73,7 @@ async fn malformed_messages_are_refused_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused() {
     let server = TestServer::memory().await;
-    let huge = pb::CompleteRequest {
-        namespace: "hostile".into(),
-        key: "k".into(),
-        lease_token: "0".repeat(32),
-        result: Some(pb::Result {
-            body: vec![0; 5 * 1024 * 1024],
-            ..Default::default()
-        }),
-        retention: None,
-    };
+    let huge = oversized_complete("hostile");
     let status = server
         .client()
         .await

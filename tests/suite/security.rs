@@ -241,16 +241,7 @@ async fn unauthenticated_callers_are_refused_before_their_message_is_decoded() {
         }
     }
     // Over --max-message-bytes (4 MiB).
-    let huge = pb::CompleteRequest {
-        namespace: "payments".into(),
-        key: "k".into(),
-        lease_token: "0".repeat(32),
-        result: Some(pb::Result {
-            body: vec![0; 5 * 1024 * 1024],
-            ..Default::default()
-        }),
-        retention: None,
-    };
+    let huge = oversized_complete("payments");
     let mut client = server.client().await;
     let refused = client.complete(huge.clone()).await;
     assert_status(refused, Code::Unauthenticated, "UNAUTHENTICATED");

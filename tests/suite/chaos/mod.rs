@@ -591,21 +591,27 @@ async fn faults_combined() {
     .await;
 }
 
+/// Builds the operations of a planted history on key "k", replica 0: `op(worker, call,
+/// invoked_ms, returned_ms, reply)`, times in milliseconds after `t0`.
+fn planted_op(t0: SystemTime) -> impl Fn(usize, Call, u64, u64, Reply) -> Op {
+    move |worker, call, invoked, returned, reply| Op {
+        worker,
+        replica: 0,
+        key: "k".into(),
+        call,
+        invoked: t0 + Duration::from_millis(invoked),
+        returned: t0 + Duration::from_millis(returned),
+        reply,
+    }
+}
+
 /// The checker must catch what it claims to catch: a history with two live holders, a changed
 /// result, a grant after an acknowledged Complete and an INTERNAL error is rejected.
 #[test]
 fn checker_rejects_broken_histories() {
     let t0 = SystemTime::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
-    let op = |worker, call, invoked, returned, reply| Op {
-        worker,
-        replica: 0,
-        key: "k".into(),
-        call,
-        invoked: at(invoked),
-        returned: at(returned),
-        reply,
-    };
+    let op = planted_op(t0);
     let body = |s: &str| s.as_bytes().to_vec();
     let ops = vec![
         op(
@@ -755,15 +761,7 @@ fn checker_rejects_broken_histories() {
 fn checker_rejects_the_other_broken_histories() {
     let t0 = SystemTime::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
-    let op = |worker, call, invoked, returned, reply| Op {
-        worker,
-        replica: 0,
-        key: "k".into(),
-        call,
-        invoked: at(invoked),
-        returned: at(returned),
-        reply,
-    };
+    let op = planted_op(t0);
     let body = |s: &str| s.as_bytes().to_vec();
     let violations_of =
         |ops: Vec<Op>| -> Vec<String> { check(&ops).1.iter().map(|v| v.what.clone()).collect() };
