@@ -1,0 +1,506 @@
+package idemd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/idemd/idemd/clients/go/idempotencyv1"
+)
+
+// Result is what the work produced and idemd stores and replays: a body, a status code of the
+// caller's choosing (an HTTP status, say) and string metadata ("content-type", …).
+type Result struct {
+	Body     []byte
+	Code     int32
+	Metadata map[string]string
+}
+
+// Lease is what the work gets to know about its lease.
+type Lease struct {
+	Namespace string
+	Key       string
+	// Token is the secret lease token ("" when the work runs unprotected).
+	Token string
+	// FencingToken is strictly greater than every fencing token issued before for the key: pass it
+	// to downstream systems so they can refuse writes of a caller whose lease was taken over. 0 when
+	// the work runs unprotected.
+	FencingToken uint64
+	// Protected is false only when idemd was unreachable and WithFailOpen ran the work anyway.
+	Protected bool
+}
+
+// WorkFunc does the work of a key. ctx is cancelled, with context.Cause an error matching
+// ErrLeaseLost, if a renewal finds that the lease was taken over; and when the caller's context is.
+// Return Retryable(err) for a failure that a retry should run again.
+type WorkFunc func(ctx context.Context, lease Lease) (Result, error)
+
+// Outcome is what Idempotent returns on success.
+type Outcome struct {
+	// Result is the stored result (or, unprotected, the one the work produced).
+	Result Result
+	// Replayed is true when an earlier call stored the result and the work did not run.
+	Replayed bool
+	// Protected is false only when WithFailOpen ran the work without idemd.
+	Protected bool
+	// FencingToken is the fencing token of the lease that stored the result (0 unprotected).
+	FencingToken uint64
+}
+
+// CallOption configures one Idempotent call.
+type CallOption func(*callConfig)
+
+type callConfig struct {
+	leaseTTL        time.Duration
+	retention       time.Duration
+	holder          string
+	waitTimeout     time.Duration
+	maxWaits        int
+	retryable       func(error) bool
+	completeOnError func(error) (Result, bool)
+	failOpen        bool
+	retryBudget     time.Duration
+	backoffBase     time.Duration
+	backoffMax      time.Duration
+}
+
+// Defaults of the CallOptions.
+const (
+	DefaultLeaseTTL    = 30 * time.Second
+	DefaultWaitTimeout = 30 * time.Second
+	DefaultMaxWaits    = 10
+	DefaultRetryBudget = 10 * time.Second
+)
+
+// WithLeaseTTL sets the lease length asked for at Acquire and at each renewal (default 30 s). The
+// lease is renewed every ttl/3 while the work runs.
+func WithLeaseTTL(ttl time.Duration) CallOption {
+	return func(c *callConfig) { c.leaseTTL = ttl }
+}
+
+// WithRetention sets how long idemd keeps the completed record (default: the server's, 24 h
+// unless configured).
+func WithRetention(retention time.Duration) CallOption {
+	return func(c *callConfig) { c.retention = retention }
+}
+
+// WithHolder sets the name shown in Record.holder (default "hostname:pid").
+func WithHolder(holder string) CallOption {
+	return func(c *callConfig) { c.holder = holder }
+}
+
+// WithWaitTimeout bounds each Wait on an in-flight duplicate (each lasts min(retry_after, this);
+// default 30 s).
+func WithWaitTimeout(timeout time.Duration) CallOption {
+	return func(c *callConfig) { c.waitTimeout = timeout }
+}
+
+// WithMaxWaits sets how many rounds of Wait on an in-flight duplicate Idempotent does before it
+// returns ErrInProgress (default 10).
+func WithMaxWaits(rounds int) CallOption {
+	return func(c *callConfig) { c.maxWaits = rounds }
+}
+
+// WithRetryable marks more failures of the work as retryable (the key is released so a retry
+// runs the work again); a Retryable(err) always is.
+func WithRetryable(retryable func(error) bool) CallOption {
+	return func(c *callConfig) { c.retryable = retryable }
+}
+
+// WithCompleteOnError stores a result for a non-retryable failure of the work (when it returns
+// ok), so that retries replay it instead of running the work again; Idempotent still returns the
+// work's error. Without it (or when it returns false) the key is released.
+func WithCompleteOnError(result func(error) (Result, bool)) CallOption {
+	return func(c *callConfig) { c.completeOnError = result }
+}
+
+// WithFailOpen runs the work unprotected (Lease.Protected false) when idemd stays unreachable
+// after the retries, instead of failing with ErrUnavailable. It never applies to an answer of a
+// reachable idemd (RESOURCE_EXHAUSTED, FAILED_PRECONDITION, …).
+func WithFailOpen() CallOption {
+	return func(c *callConfig) { c.failOpen = true }
+}
+
+// WithRetryBudget bounds the retries of an unreachable idemd when the context has no deadline
+// (default 10 s); a context deadline always bounds them.
+func WithRetryBudget(budget time.Duration) CallOption {
+	return func(c *callConfig) { c.retryBudget = budget }
+}
+
+// WithBackoff sets the first and the longest pause between retries of an unreachable idemd
+// (default 50 ms and 1 s, doubling, each pause drawn uniformly from its upper half).
+func WithBackoff(first, longest time.Duration) CallOption {
+	return func(c *callConfig) { c.backoffBase, c.backoffMax = first, longest }
+}
+
+func newCallConfig(options []CallOption) (callConfig, error) {
+	config := callConfig{
+		leaseTTL:    DefaultLeaseTTL,
+		holder:      defaultHolder(),
+		waitTimeout: DefaultWaitTimeout,
+		maxWaits:    DefaultMaxWaits,
+		retryBudget: DefaultRetryBudget,
+		backoffBase: 50 * time.Millisecond,
+		backoffMax:  time.Second,
+	}
+	for _, option := range options {
+		option(&config)
+	}
+	switch {
+	case config.leaseTTL <= 0:
+		return config, fmt.Errorf("idemd: lease TTL must be positive, got %v", config.leaseTTL)
+	case config.waitTimeout <= 0:
+		return config, fmt.Errorf("idemd: wait timeout must be positive, got %v", config.waitTimeout)
+	case config.maxWaits < 0:
+		return config, fmt.Errorf("idemd: max waits must not be negative, got %d", config.maxWaits)
+	case config.backoffBase <= 0 || config.backoffMax < config.backoffBase:
+		return config, fmt.Errorf("idemd: backoff needs 0 < first <= longest, got %v and %v", config.backoffBase, config.backoffMax)
+	}
+	return config, nil
+}
+
+// defaultHolder is "hostname:pid", without control characters and cut to the 128 bytes idemd takes.
+func defaultHolder() string {
+	host, err := os.Hostname()
+	if err != nil {
+		host = "unknown"
+	}
+	holder := strings.Map(func(r rune) rune {
+		if r < 0x20 || (r >= 0x7f && r <= 0x9f) {
+			return -1
+		}
+		return r
+	}, fmt.Sprintf("%s:%d", host, os.Getpid()))
+	for len(holder) > 128 {
+		_, size := utf8.DecodeLastRuneInString(holder)
+		holder = holder[:len(holder)-size]
+	}
+	return holder
+}
+
+// fingerprintOf: nil sends no fingerprint, a []byte is the fingerprint itself, anything else is
+// fingerprinted with Fingerprint.
+func fingerprintOf(request any) ([]byte, error) {
+	switch value := request.(type) {
+	case nil:
+		return nil, nil
+	case []byte:
+		return value, nil
+	default:
+		return Fingerprint(value)
+	}
+}
+
+// Idempotent runs work at most once per (namespace, key) and returns its stored result:
+//
+//   - Acquire answers ACQUIRED: work runs while the lease is renewed in the background, then its
+//     result is Completed. A failure of work releases the key when it is retryable (Retryable, or
+//     WithRetryable), else stores WithCompleteOnError's result or releases; the work's error is
+//     returned either way.
+//   - IN_PROGRESS (another caller is at it): Wait, then replay its result, or Acquire again if the
+//     key came free; after WithMaxWaits rounds, ErrInProgress.
+//   - COMPLETED: the stored result, Replayed, without running work.
+//   - idemd unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, a refused connection): retried with
+//     exponential backoff and jitter until ctx's deadline (or WithRetryBudget); then ErrUnavailable,
+//     or with WithFailOpen the work runs unprotected.
+//
+// request is fingerprinted (Fingerprint) so that a key reused for another request fails with
+// ErrFingerprintMismatch; a []byte is used as the fingerprint itself, nil sends none.
+func (c *Client) Idempotent(ctx context.Context, namespace, key string, request any, work WorkFunc, options ...CallOption) (Outcome, error) {
+	config, err := newCallConfig(options)
+	if err != nil {
+		return Outcome{}, err
+	}
+	fingerprint, err := fingerprintOf(request)
+	if err != nil {
+		return Outcome{}, err
+	}
+	acquire := &pb.AcquireRequest{
+		Namespace:   namespace,
+		Key:         key,
+		Fingerprint: fingerprint,
+		LeaseTtl:    durationOrNil(config.leaseTTL),
+		Retention:   durationOrNil(config.retention),
+		Holder:      config.holder,
+	}
+	retry := newRetrier(ctx, config)
+	for waits := 0; ; {
+		response, err := c.Acquire(ctx, acquire)
+		if err != nil {
+			if isUnavailable(err) && ctx.Err() == nil {
+				if retry.pause(ctx) {
+					continue
+				}
+				return c.unreachable(ctx, namespace, key, err, work, config)
+			}
+			return Outcome{}, err
+		}
+		retry.reset()
+		switch response.GetOutcome() {
+		case pb.Outcome_OUTCOME_ACQUIRED:
+			return c.runLeased(ctx, namespace, key, response.GetLease(), work, config)
+		case pb.Outcome_OUTCOME_COMPLETED:
+			return replayed(response.GetRecord()), nil
+		case pb.Outcome_OUTCOME_IN_PROGRESS:
+			if waits >= config.maxWaits {
+				return Outcome{}, &Error{
+					Code:    codes.Aborted,
+					Reason:  "IN_PROGRESS",
+					Message: fmt.Sprintf("%s/%s is still in progress after %d waits", namespace, key, config.maxWaits),
+					kind:    ErrInProgress,
+				}
+			}
+			waits++
+			timeout := config.waitTimeout
+			if after := response.GetRetryAfter(); after != nil {
+				timeout = min(timeout, max(after.AsDuration(), time.Millisecond))
+			}
+			waited, err := c.Wait(ctx, &pb.WaitRequest{Namespace: namespace, Key: key, Timeout: durationpb.New(timeout)})
+			switch {
+			case err == nil:
+				if waited.GetOutcome() == pb.WaitOutcome_WAIT_OUTCOME_COMPLETED {
+					return replayed(waited.GetRecord()), nil
+				}
+				// FREE or TIMED_OUT: Acquire again.
+			case ctx.Err() != nil:
+				return Outcome{}, err
+			case errorCode(err) == codes.DeadlineExceeded:
+				// The wait ran out on the client's side: the same as TIMED_OUT.
+			case errorCode(err) == codes.ResourceExhausted:
+				// Too many waiters on the server: poll instead of waiting there.
+				if !sleep(ctx, timeout) {
+					return Outcome{}, contextError(ctx)
+				}
+			case isUnavailable(err):
+				if !retry.pause(ctx) {
+					return c.unreachable(ctx, namespace, key, err, work, config)
+				}
+			default:
+				return Outcome{}, err
+			}
+		default:
+			return Outcome{}, &Error{Code: codes.Internal, Reason: "UNEXPECTED_OUTCOME", Message: fmt.Sprintf("unexpected Acquire outcome %v", response.GetOutcome())}
+		}
+	}
+}
+
+// unreachable ends a call whose retries of an unreachable idemd are spent: fail closed with err,
+// or with WithFailOpen run the work unprotected.
+func (c *Client) unreachable(ctx context.Context, namespace, key string, err error, work WorkFunc, config callConfig) (Outcome, error) {
+	if !config.failOpen || ctx.Err() != nil {
+		return Outcome{}, err
+	}
+	result, workErr := work(ctx, Lease{Namespace: namespace, Key: key})
+	if workErr != nil {
+		return Outcome{}, workErr
+	}
+	return Outcome{Result: result, Protected: false}, nil
+}
+
+// runLeased runs the work under an acquired lease, renewing it, and stores or releases.
+func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb.Lease, work WorkFunc, config callConfig) (Outcome, error) {
+	token := lease.GetToken()
+	workCtx, cancelWork := context.WithCancelCause(ctx)
+	defer cancelWork(nil)
+	stopRenewing := c.renewInBackground(workCtx, cancelWork, namespace, key, token, config.leaseTTL)
+
+	var result Result
+	var workErr error
+	func() {
+		// A panicking work gives its key back before the panic goes on: a retry may run it again
+		// at once instead of after the lease expires.
+		defer func() {
+			if recovered := recover(); recovered != nil {
+				stopRenewing()
+				c.releaseDetached(ctx, namespace, key, token)
+				panic(recovered)
+			}
+		}()
+		result, workErr = work(workCtx, Lease{Namespace: namespace, Key: key, Token: token, FencingToken: lease.GetFencingToken(), Protected: true})
+	}()
+	stopRenewing()
+
+	if workErr != nil {
+		var retryable *RetryableError
+		isRetryable := errors.As(workErr, &retryable) || (config.retryable != nil && config.retryable(workErr))
+		if !isRetryable && config.completeOnError != nil {
+			if stored, ok := config.completeOnError(workErr); ok {
+				if _, err := c.completeWithRetry(ctx, completeRequest(namespace, key, token, stored), config); err == nil {
+					return Outcome{}, workErr
+				}
+				// Could not store the error's result: release instead, so a retry is not stuck.
+			}
+		}
+		c.releaseDetached(ctx, namespace, key, token)
+		return Outcome{}, workErr
+	}
+
+	completed, err := c.completeWithRetry(ctx, completeRequest(namespace, key, token, result), config)
+	if err != nil {
+		if errors.Is(err, ErrLeaseNotHeld) || errors.Is(err, ErrRecordNotFound) {
+			lost := leaseLost(namespace, key, err)
+			lost.Message = "the lease was lost before Complete; the result was not stored: " + lost.Message
+			return Outcome{}, lost
+		}
+		return Outcome{}, err
+	}
+	record := completed.GetRecord()
+	return Outcome{Result: resultFromPB(record.GetResult()), Protected: true, FencingToken: record.GetFencingToken()}, nil
+}
+
+// renewInBackground renews the lease every ttl/3 until the returned stop function is called (it
+// waits until the renewing goroutine has ended, so none outlives the call). A renewal that finds
+// the lease gone cancels the work's context with an ErrLeaseLost cause; an unreachable idemd or a
+// refusal for load is tried again at the next tick.
+func (c *Client) renewInBackground(workCtx context.Context, cancelWork context.CancelCauseFunc, namespace, key, token string, ttl time.Duration) (stop func()) {
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		ticker := time.NewTicker(max(ttl/3, time.Millisecond))
+		defer ticker.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-workCtx.Done():
+				return
+			case <-ticker.C:
+			}
+			_, err := c.Renew(workCtx, &pb.RenewRequest{Namespace: namespace, Key: key, LeaseToken: token, LeaseTtl: durationpb.New(ttl)})
+			if err == nil || workCtx.Err() != nil || isUnavailable(err) || errors.Is(err, ErrResourceExhausted) {
+				continue
+			}
+			cancelWork(leaseLost(namespace, key, err))
+			return
+		}
+	}()
+	return func() {
+		select {
+		case <-done:
+		default:
+			close(done)
+		}
+		<-stopped
+	}
+}
+
+// leaseLost is an *Error that matches ErrLeaseLost (and the reason idemd gave).
+func leaseLost(namespace, key string, err error) *Error {
+	lost := &Error{Code: codes.FailedPrecondition, Reason: ReasonLeaseNotHeld, Message: err.Error(), kind: ErrLeaseLost, cause: err}
+	if idemdErr, ok := errorsAs[*Error](err); ok {
+		lost.Code, lost.Reason, lost.Message = idemdErr.Code, idemdErr.Reason, fmt.Sprintf("lease on %s/%s lost: %s", namespace, key, idemdErr.Message)
+	}
+	return lost
+}
+
+// completeWithRetry Completes, retrying an unreachable idemd within the retry budget: Complete is
+// safe to repeat with the same lease token. When ctx is already done, it still makes one attempt
+// of its own: the work is done, and a stored result spares every retry from redoing it.
+func (c *Client) completeWithRetry(ctx context.Context, request *pb.CompleteRequest, config callConfig) (*pb.CompleteResponse, error) {
+	retry := newRetrier(ctx, config)
+	for {
+		callCtx := ctx
+		if ctx.Err() != nil {
+			callCtx = context.WithoutCancel(ctx)
+		}
+		response, err := c.Complete(callCtx, request)
+		if err == nil || !isUnavailable(err) || ctx.Err() != nil || !retry.pause(ctx) {
+			return response, err
+		}
+	}
+}
+
+// releaseDetached gives the key back, best effort, even when ctx was cancelled (that is often
+// why the work failed): the lease would expire anyway, this only lets a retry in sooner.
+func (c *Client) releaseDetached(ctx context.Context, namespace, key, token string) {
+	_, _ = c.Release(context.WithoutCancel(ctx), &pb.ReleaseRequest{Namespace: namespace, Key: key, LeaseToken: token})
+}
+
+func completeRequest(namespace, key, token string, result Result) *pb.CompleteRequest {
+	return &pb.CompleteRequest{
+		Namespace:  namespace,
+		Key:        key,
+		LeaseToken: token,
+		Result:     &pb.Result{Body: result.Body, Code: result.Code, Metadata: result.Metadata},
+	}
+}
+
+func replayed(record *pb.Record) Outcome {
+	return Outcome{Result: resultFromPB(record.GetResult()), Replayed: true, Protected: true, FencingToken: record.GetFencingToken()}
+}
+
+func resultFromPB(result *pb.Result) Result {
+	metadata := make(map[string]string, len(result.GetMetadata()))
+	for name, value := range result.GetMetadata() {
+		metadata[name] = value
+	}
+	return Result{Body: result.GetBody(), Code: result.GetCode(), Metadata: metadata}
+}
+
+// errorCode is the gRPC code of an *Error (codes.Unknown for anything else).
+func errorCode(err error) codes.Code {
+	if idemdErr, ok := errorsAs[*Error](err); ok {
+		return idemdErr.Code
+	}
+	return codes.Unknown
+}
+
+// contextError is ctx's cause (its error when it has no other cause).
+func contextError(ctx context.Context) error {
+	return context.Cause(ctx)
+}
+
+// sleep pauses for d or until ctx is done; false when ctx ended it.
+func sleep(ctx context.Context, d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// retrier paces the retries of an unreachable idemd: exponential backoff with jitter, up to the
+// context's deadline, or the retry budget when the context has none.
+type retrier struct {
+	deadline time.Time
+	base     time.Duration
+	longest  time.Duration
+	next     time.Duration
+}
+
+func newRetrier(ctx context.Context, config callConfig) *retrier {
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = time.Now().Add(config.retryBudget)
+	}
+	return &retrier{deadline: deadline, base: config.backoffBase, longest: config.backoffMax, next: config.backoffBase}
+}
+
+// pause sleeps before the next attempt; false (without sleeping) when that attempt would start
+// past the deadline, or when ctx ends.
+func (r *retrier) pause(ctx context.Context) bool {
+	// Uniform in [next/2, next]: spread retries of many callers, yet keep backing off.
+	delay := r.next/2 + rand.N(r.next/2+1)
+	r.next = min(r.next*2, r.longest)
+	if time.Now().Add(delay).After(r.deadline) {
+		return false
+	}
+	return sleep(ctx, delay)
+}
+
+// reset starts the backoff over after an answer.
+func (r *retrier) reset() {
+	r.next = r.base
+}
