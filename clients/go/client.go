@@ -26,7 +26,7 @@ import (
 
 // DefaultRPCTimeout is the deadline of each Acquire, Complete, Release, Renew and Get (a Wait gets
 // its wait timeout on top), unless WithRPCTimeout says otherwise or the context's deadline is sooner.
-const DefaultRPCTimeout = 5 * time.Second
+const DefaultRPCTimeout = 10 * time.Second
 
 // reconnectBackoff paces reconnects to an idemd that went away: grpc-go's defaults, but at most
 // 2 s between attempts.

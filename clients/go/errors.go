@@ -35,29 +35,44 @@ const (
 const errorDomain = "idemd"
 
 // Sentinel errors, for errors.Is. Every error the client returns for an idemd answer is an *Error;
-// errors.Is(err, ErrX) tells which kind it is.
+// errors.Is(err, ErrX) tells which kind (clients/BEHAVIOUR.md) it is. A call that ended because the
+// caller's context did matches context.Canceled or context.DeadlineExceeded instead, and none of
+// these.
 var (
 	// ErrUnavailable: idemd could not be reached or did not answer in time (gRPC UNAVAILABLE,
-	// including STORE_UNAVAILABLE, a broken connection, or DEADLINE_EXCEEDED). Idempotent has already
-	// retried with backoff within the context's deadline; without WithFailOpen it fails closed with it.
+	// including STORE_UNAVAILABLE, a refused or broken connection, or DEADLINE_EXCEEDED). Idempotent
+	// has already retried with backoff; without WithFailOpen it fails closed with it.
 	ErrUnavailable = errors.New("idemd unavailable")
+	// ErrRateLimited: RESOURCE_EXHAUSTED / CALLER_LIMITED, this caller is over its own limit
+	// (retried, never fail-open).
+	ErrRateLimited = errors.New("idemd: caller rate limited")
+	// ErrOverloaded: RESOURCE_EXHAUSTED / OVERLOADED (or no reason), idemd asks callers to back off
+	// (retried, never fail-open).
+	ErrOverloaded = errors.New("idemd: overloaded")
+	// ErrStoreFull: RESOURCE_EXHAUSTED / STORE_FULL, new keys are refused until records expire (not
+	// retried, never fail-open).
+	ErrStoreFull = errors.New("idemd: store full")
+	// ErrUnauthenticated: the bearer token is missing or wrong.
+	ErrUnauthenticated = errors.New("idemd: unauthenticated")
+	// ErrPermissionDenied: the caller's grants do not cover this RPC or namespace.
+	ErrPermissionDenied = errors.New("idemd: permission denied")
+	// ErrInvalidRequest: a field broke a rule; Error.FieldViolations says which.
+	ErrInvalidRequest = errors.New("idemd: invalid request")
 	// ErrFingerprintMismatch: the key was used before with a different request.
 	ErrFingerprintMismatch = errors.New("idemd: key reused with a different request (fingerprint mismatch)")
+	// ErrInternal: INTERNAL, a bug or an unexpected database answer in idemd.
+	ErrInternal = errors.New("idemd: internal error")
 	// ErrLeaseNotHeld: the lease token is not the key's current lease (taken over or released).
 	ErrLeaseNotHeld = errors.New("idemd: lease not held")
 	// ErrRecordCompleted: Release or Renew on a record that is already completed.
 	ErrRecordCompleted = errors.New("idemd: record completed")
 	// ErrRecordNotFound: the key has no live record.
 	ErrRecordNotFound = errors.New("idemd: record not found")
-	// ErrInvalidRequest: a field broke a rule; Error.FieldViolations says which.
-	ErrInvalidRequest = errors.New("idemd: invalid request")
-	// ErrResourceExhausted: idemd refused the call for load (CALLER_LIMITED, OVERLOADED,
-	// TOO_MANY_WAITERS, STORE_FULL). idemd is reachable, so fail-open never applies to it.
-	ErrResourceExhausted = errors.New("idemd: resource exhausted")
 	// ErrInProgress: another caller still held the key after WithMaxWaits rounds of Wait.
 	ErrInProgress = errors.New("idemd: key still in progress")
-	// ErrLeaseLost: the lease was taken over (or the record vanished) while the work ran, so its
-	// result was not stored. The work's context is cancelled with this cause when a renewal finds out.
+	// ErrLeaseLost: the lease was taken over (or the record vanished or was completed) while the
+	// work ran: the work did run, its result was not stored, and another caller may run it too. The
+	// work's context is cancelled with this cause as soon as a renewal finds out.
 	ErrLeaseLost = errors.New("idemd: lease lost")
 )
 
@@ -72,10 +87,13 @@ type Error struct {
 	Message string
 	// FieldViolations lists the broken rules of an INVALID_REQUEST (field, description).
 	FieldViolations []FieldViolation
-	// kind is the helper-level sentinel (ErrLeaseLost, ErrInProgress) this error stands for, if any.
+	// kind is the helper-level sentinel (ErrLeaseLost, ErrInProgress, ErrFingerprintMismatch) this
+	// error stands for, if any.
 	kind error
-	// cause is what led to it: the gRPC status error, or a context error.
+	// cause is what led to it: the gRPC status error, or the caller's context error.
 	cause error
+	// callerEnded: the caller's own context ended the call, so it says nothing about idemd.
+	callerEnded bool
 }
 
 // FieldViolation is one entry of the google.rpc.BadRequest detail of an INVALID_REQUEST.
@@ -100,11 +118,26 @@ func (e *Error) Is(target error) bool {
 	if e.kind != nil && target == e.kind {
 		return true
 	}
+	if e.callerEnded {
+		return false
+	}
 	switch target {
 	case ErrUnavailable:
 		return unavailableCode(e.Code)
-	case ErrResourceExhausted:
-		return e.Code == codes.ResourceExhausted
+	case ErrRateLimited:
+		return e.Code == codes.ResourceExhausted && e.Reason == ReasonCallerLimited
+	case ErrStoreFull:
+		return e.Code == codes.ResourceExhausted && e.Reason == ReasonStoreFull
+	case ErrOverloaded:
+		return e.Code == codes.ResourceExhausted && e.Reason != ReasonCallerLimited && e.Reason != ReasonStoreFull && e.Reason != ReasonTooManyWaiters
+	case ErrUnauthenticated:
+		return e.Code == codes.Unauthenticated
+	case ErrPermissionDenied:
+		return e.Code == codes.PermissionDenied
+	case ErrInvalidRequest:
+		return e.Code == codes.InvalidArgument
+	case ErrInternal:
+		return e.Code == codes.Internal
 	case ErrFingerprintMismatch:
 		return e.Reason == ReasonFingerprintMismatch
 	case ErrLeaseNotHeld:
@@ -113,14 +146,11 @@ func (e *Error) Is(target error) bool {
 		return e.Reason == ReasonRecordCompleted
 	case ErrRecordNotFound:
 		return e.Reason == ReasonRecordNotFound
-	case ErrInvalidRequest:
-		return e.Reason == ReasonInvalidRequest
 	}
 	return false
 }
 
-// unavailableCode is whether a code means idemd is unreachable or did not answer in time: the
-// only answers that are retried with backoff, and the only ones fail-open applies to.
+// unavailableCode is whether a code means idemd is unreachable or did not answer in time.
 func unavailableCode(code codes.Code) bool {
 	return code == codes.Unavailable || code == codes.DeadlineExceeded
 }
@@ -139,13 +169,13 @@ func fromRPC(ctx context.Context, err error) error {
 	if !ok {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			code := status.FromContextError(ctxErr).Code()
-			return &Error{Code: code, Reason: code.String(), Message: err.Error(), cause: ctxErr}
+			return &Error{Code: code, Reason: code.String(), Message: err.Error(), cause: ctxErr, callerEnded: true}
 		}
 		return &Error{Code: codes.Unknown, Reason: codes.Unknown.String(), Message: err.Error(), cause: err}
 	}
 	out := &Error{Code: st.Code(), Reason: st.Code().String(), Message: st.Message(), cause: err}
 	if ctxErr := ctx.Err(); ctxErr != nil && (st.Code() == codes.Canceled || st.Code() == codes.DeadlineExceeded) {
-		out.cause = ctxErr
+		out.cause, out.callerEnded = ctxErr, true
 	}
 	for _, detail := range st.Details() {
 		switch d := detail.(type) {
@@ -162,9 +192,14 @@ func fromRPC(ctx context.Context, err error) error {
 	return out
 }
 
-// isUnavailable is whether err is an answer that means idemd is unreachable.
+// isUnavailable is whether err means idemd is unreachable (the only case fail-open applies to).
 func isUnavailable(err error) bool {
 	return errors.Is(err, ErrUnavailable)
+}
+
+// isRetried is whether Acquire and Complete try again after err (clients/BEHAVIOUR.md, "Retries").
+func isRetried(err error) bool {
+	return isUnavailable(err) || errors.Is(err, ErrRateLimited) || errors.Is(err, ErrOverloaded)
 }
 
 // RetryableError marks a failure of the work as retryable: Idempotent releases the key (instead of

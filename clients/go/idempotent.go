@@ -1,16 +1,19 @@
 package idemd
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/idemd/idemd/clients/go/idempotencyv1"
@@ -67,8 +70,8 @@ type callConfig struct {
 	retryable       func(error) bool
 	completeOnError func(error) (Result, bool)
 	failOpen        bool
-	retryBudget     time.Duration
-	backoffBase     time.Duration
+	maxAttempts     int
+	backoffInitial  time.Duration
 	backoffMax      time.Duration
 }
 
@@ -77,7 +80,11 @@ const (
 	DefaultLeaseTTL    = 30 * time.Second
 	DefaultWaitTimeout = 30 * time.Second
 	DefaultMaxWaits    = 10
-	DefaultRetryBudget = 10 * time.Second
+	// DefaultMaxAttempts is how many calls of Acquire (or of Complete) one Idempotent makes at
+	// most when idemd is unreachable, rate limited or overloaded: the first and three retries.
+	DefaultMaxAttempts    = 4
+	DefaultBackoffInitial = 100 * time.Millisecond
+	DefaultBackoffMax     = 2 * time.Second
 )
 
 // WithLeaseTTL sets the lease length asked for at Acquire and at each renewal (default 30 s). The
@@ -129,27 +136,28 @@ func WithFailOpen() CallOption {
 	return func(c *callConfig) { c.failOpen = true }
 }
 
-// WithRetryBudget bounds the retries of an unreachable idemd when the context has no deadline
-// (default 10 s); a context deadline always bounds them.
-func WithRetryBudget(budget time.Duration) CallOption {
-	return func(c *callConfig) { c.retryBudget = budget }
+// WithMaxAttempts sets how many calls of Acquire, and of Complete, Idempotent makes at most when
+// idemd is unreachable, rate limited or overloaded (default 4: the first and three retries). The
+// context's deadline stops the retries sooner: a retry that could not start before it is not made.
+func WithMaxAttempts(attempts int) CallOption {
+	return func(c *callConfig) { c.maxAttempts = attempts }
 }
 
-// WithBackoff sets the first and the longest pause between retries of an unreachable idemd
-// (default 50 ms and 1 s, doubling, each pause drawn uniformly from its upper half).
-func WithBackoff(first, longest time.Duration) CallOption {
-	return func(c *callConfig) { c.backoffBase, c.backoffMax = first, longest }
+// WithBackoff sets the pauses between those retries: before retry n a random time in
+// [0, min(longest, initial·2^(n-1))] ("full jitter"; default 100 ms and 2 s).
+func WithBackoff(initial, longest time.Duration) CallOption {
+	return func(c *callConfig) { c.backoffInitial, c.backoffMax = initial, longest }
 }
 
 func newCallConfig(options []CallOption) (callConfig, error) {
 	config := callConfig{
-		leaseTTL:    DefaultLeaseTTL,
-		holder:      defaultHolder(),
-		waitTimeout: DefaultWaitTimeout,
-		maxWaits:    DefaultMaxWaits,
-		retryBudget: DefaultRetryBudget,
-		backoffBase: 50 * time.Millisecond,
-		backoffMax:  time.Second,
+		leaseTTL:       DefaultLeaseTTL,
+		holder:         defaultHolder(),
+		waitTimeout:    DefaultWaitTimeout,
+		maxWaits:       DefaultMaxWaits,
+		maxAttempts:    DefaultMaxAttempts,
+		backoffInitial: DefaultBackoffInitial,
+		backoffMax:     DefaultBackoffMax,
 	}
 	for _, option := range options {
 		option(&config)
@@ -161,8 +169,10 @@ func newCallConfig(options []CallOption) (callConfig, error) {
 		return config, fmt.Errorf("idemd: wait timeout must be positive, got %v", config.waitTimeout)
 	case config.maxWaits < 0:
 		return config, fmt.Errorf("idemd: max waits must not be negative, got %d", config.maxWaits)
-	case config.backoffBase <= 0 || config.backoffMax < config.backoffBase:
-		return config, fmt.Errorf("idemd: backoff needs 0 < first <= longest, got %v and %v", config.backoffBase, config.backoffMax)
+	case config.maxAttempts < 1:
+		return config, fmt.Errorf("idemd: max attempts must be at least 1, got %d", config.maxAttempts)
+	case config.backoffInitial <= 0 || config.backoffMax < config.backoffInitial:
+		return config, fmt.Errorf("idemd: backoff needs 0 < initial <= longest, got %v and %v", config.backoffInitial, config.backoffMax)
 	}
 	return config, nil
 }
@@ -199,18 +209,22 @@ func fingerprintOf(request any) ([]byte, error) {
 	}
 }
 
-// Idempotent runs work at most once per (namespace, key) and returns its stored result:
+// Idempotent runs work at most once per (namespace, key) and returns its stored result, as
+// clients/BEHAVIOUR.md says every idemd client does:
 //
-//   - Acquire answers ACQUIRED: work runs while the lease is renewed in the background, then its
-//     result is Completed. A failure of work releases the key when it is retryable (Retryable, or
-//     WithRetryable), else stores WithCompleteOnError's result or releases; the work's error is
-//     returned either way.
+//   - Acquire answers ACQUIRED: work runs while the lease is renewed every lease TTL/3 in the
+//     background, then its result is Completed. A failure of work releases the key when it is
+//     retryable (Retryable, or WithRetryable), else stores WithCompleteOnError's result, or
+//     releases; the work's own error is returned either way.
 //   - IN_PROGRESS (another caller is at it): Wait, then replay its result, or Acquire again if the
 //     key came free; after WithMaxWaits rounds, ErrInProgress.
 //   - COMPLETED: the stored result, Replayed, without running work.
-//   - idemd unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, a refused connection): retried with
-//     exponential backoff and jitter until ctx's deadline (or WithRetryBudget); then ErrUnavailable,
-//     or with WithFailOpen the work runs unprotected.
+//   - idemd unreachable (ErrUnavailable), rate limited (ErrRateLimited) or overloaded
+//     (ErrOverloaded): Acquire and Complete are retried with exponential backoff and full jitter,
+//     WithMaxAttempts calls at most and never past ctx's deadline. Then the error is returned; only
+//     for an unreachable idemd at Acquire does WithFailOpen run the work unprotected instead.
+//   - ctx cancelled or past its deadline: no retry, no fail-open; the error matches ctx.Err(), and a
+//     held lease is released (or, if the work already produced its result, Completed once).
 //
 // request is fingerprinted (Fingerprint) so that a key reused for another request fails with
 // ErrFingerprintMismatch; a []byte is used as the fingerprint itself, nil sends none.
@@ -231,19 +245,14 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 		Retention:   durationOrNil(config.retention),
 		Holder:      config.holder,
 	}
-	retry := newRetrier(ctx, config)
 	for waits := 0; ; {
-		response, err := c.Acquire(ctx, acquire)
+		response, err := withRetries(ctx, config, func() (*pb.AcquireResponse, error) { return c.Acquire(ctx, acquire) })
 		if err != nil {
-			if isUnavailable(err) && ctx.Err() == nil {
-				if retry.pause(ctx) {
-					continue
-				}
-				return c.unreachable(ctx, namespace, key, err, work, config)
+			if isUnavailable(err) && config.failOpen && ctx.Err() == nil {
+				return runUnprotected(ctx, namespace, key, work)
 			}
 			return Outcome{}, err
 		}
-		retry.reset()
 		switch response.GetOutcome() {
 		case pb.Outcome_OUTCOME_ACQUIRED:
 			return c.runLeased(ctx, namespace, key, response.GetLease(), work, config)
@@ -267,21 +276,27 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 			switch {
 			case err == nil:
 				if waited.GetOutcome() == pb.WaitOutcome_WAIT_OUTCOME_COMPLETED {
-					return replayed(waited.GetRecord()), nil
+					record := waited.GetRecord()
+					// Acquire would have refused a different request; a Wait does not compare.
+					if !bytes.Equal(record.GetFingerprint(), fingerprint) {
+						return Outcome{}, &Error{
+							Code:    codes.FailedPrecondition,
+							Reason:  ReasonFingerprintMismatch,
+							Message: fmt.Sprintf("%s/%s was completed for a different request", namespace, key),
+							kind:    ErrFingerprintMismatch,
+						}
+					}
+					return replayed(record), nil
 				}
 				// FREE or TIMED_OUT: Acquire again.
 			case ctx.Err() != nil:
 				return Outcome{}, err
 			case errorCode(err) == codes.DeadlineExceeded:
-				// The wait ran out on the client's side: the same as TIMED_OUT.
-			case errorCode(err) == codes.ResourceExhausted:
-				// Too many waiters on the server: poll instead of waiting there.
-				if !sleep(ctx, timeout) {
-					return Outcome{}, contextError(ctx)
-				}
-			case isUnavailable(err):
-				if !retry.pause(ctx) {
-					return c.unreachable(ctx, namespace, key, err, work, config)
+				// The same as TIMED_OUT, whichever side's deadline it was.
+			case isUnavailable(err) || (errorCode(err) == codes.ResourceExhausted && errorReason(err) == ReasonTooManyWaiters):
+				// Back off, then Acquire again (it carries the retries).
+				if !sleep(ctx, fullJitter(min(config.waitTimeout, time.Second))) {
+					return Outcome{}, callerEnded(ctx)
 				}
 			default:
 				return Outcome{}, err
@@ -292,20 +307,16 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 	}
 }
 
-// unreachable ends a call whose retries of an unreachable idemd are spent: fail closed with err,
-// or with WithFailOpen run the work unprotected.
-func (c *Client) unreachable(ctx context.Context, namespace, key string, err error, work WorkFunc, config callConfig) (Outcome, error) {
-	if !config.failOpen || ctx.Err() != nil {
+// runUnprotected is fail-open: the work runs without idemd, with fencing token 0.
+func runUnprotected(ctx context.Context, namespace, key string, work WorkFunc) (Outcome, error) {
+	result, err := work(ctx, Lease{Namespace: namespace, Key: key})
+	if err != nil {
 		return Outcome{}, err
-	}
-	result, workErr := work(ctx, Lease{Namespace: namespace, Key: key})
-	if workErr != nil {
-		return Outcome{}, workErr
 	}
 	return Outcome{Result: result, Protected: false}, nil
 }
 
-// runLeased runs the work under an acquired lease, renewing it, and stores or releases.
+// runLeased runs the work under an acquired lease, renewing it, then stores or releases.
 func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb.Lease, work WorkFunc, config callConfig) (Outcome, error) {
 	token := lease.GetToken()
 	workCtx, cancelWork := context.WithCancelCause(ctx)
@@ -333,7 +344,7 @@ func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb
 		isRetryable := errors.As(workErr, &retryable) || (config.retryable != nil && config.retryable(workErr))
 		if !isRetryable && config.completeOnError != nil {
 			if stored, ok := config.completeOnError(workErr); ok {
-				if _, err := c.completeWithRetry(ctx, completeRequest(namespace, key, token, stored), config); err == nil {
+				if _, err := c.complete(ctx, completeRequest(namespace, key, token, stored), config); err == nil {
 					return Outcome{}, workErr
 				}
 				// Could not store the error's result: release instead, so a retry is not stuck.
@@ -343,11 +354,11 @@ func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb
 		return Outcome{}, workErr
 	}
 
-	completed, err := c.completeWithRetry(ctx, completeRequest(namespace, key, token, result), config)
+	completed, err := c.complete(ctx, completeRequest(namespace, key, token, result), config)
 	if err != nil {
-		if errors.Is(err, ErrLeaseNotHeld) || errors.Is(err, ErrRecordNotFound) {
+		if errors.Is(err, ErrLeaseNotHeld) || errors.Is(err, ErrRecordNotFound) || errors.Is(err, ErrRecordCompleted) {
 			lost := leaseLost(namespace, key, err)
-			lost.Message = "the lease was lost before Complete; the result was not stored: " + lost.Message
+			lost.Message = "the work ran but its result was not stored: " + lost.Message
 			return Outcome{}, lost
 		}
 		return Outcome{}, err
@@ -358,8 +369,8 @@ func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb
 
 // renewInBackground renews the lease every ttl/3 until the returned stop function is called (it
 // waits until the renewing goroutine has ended, so none outlives the call). A renewal that finds
-// the lease gone cancels the work's context with an ErrLeaseLost cause; an unreachable idemd or a
-// refusal for load is tried again at the next tick.
+// the lease gone cancels the work's context with an ErrLeaseLost cause; any other failure (an
+// unreachable or busy idemd) is tried again at the next tick, while the lease may still be valid.
 func (c *Client) renewInBackground(workCtx context.Context, cancelWork context.CancelCauseFunc, namespace, key, token string, ttl time.Duration) (stop func()) {
 	done := make(chan struct{})
 	stopped := make(chan struct{})
@@ -376,24 +387,20 @@ func (c *Client) renewInBackground(workCtx context.Context, cancelWork context.C
 			case <-ticker.C:
 			}
 			_, err := c.Renew(workCtx, &pb.RenewRequest{Namespace: namespace, Key: key, LeaseToken: token, LeaseTtl: durationpb.New(ttl)})
-			if err == nil || workCtx.Err() != nil || isUnavailable(err) || errors.Is(err, ErrResourceExhausted) {
-				continue
+			if errors.Is(err, ErrLeaseNotHeld) || errors.Is(err, ErrRecordNotFound) || errors.Is(err, ErrRecordCompleted) {
+				cancelWork(leaseLost(namespace, key, err))
+				return
 			}
-			cancelWork(leaseLost(namespace, key, err))
-			return
 		}
 	}()
+	var once sync.Once
 	return func() {
-		select {
-		case <-done:
-		default:
-			close(done)
-		}
+		once.Do(func() { close(done) })
 		<-stopped
 	}
 }
 
-// leaseLost is an *Error that matches ErrLeaseLost (and the reason idemd gave).
+// leaseLost is an *Error that matches ErrLeaseLost, with the code and reason idemd gave.
 func leaseLost(namespace, key string, err error) *Error {
 	lost := &Error{Code: codes.FailedPrecondition, Reason: ReasonLeaseNotHeld, Message: err.Error(), kind: ErrLeaseLost, cause: err}
 	if idemdErr, ok := errorsAs[*Error](err); ok {
@@ -402,27 +409,55 @@ func leaseLost(namespace, key string, err error) *Error {
 	return lost
 }
 
-// completeWithRetry Completes, retrying an unreachable idemd within the retry budget: Complete is
-// safe to repeat with the same lease token. When ctx is already done, it still makes one attempt
-// of its own: the work is done, and a stored result spares every retry from redoing it.
-func (c *Client) completeWithRetry(ctx context.Context, request *pb.CompleteRequest, config callConfig) (*pb.CompleteResponse, error) {
-	retry := newRetrier(ctx, config)
-	for {
-		callCtx := ctx
-		if ctx.Err() != nil {
-			callCtx = context.WithoutCancel(ctx)
-		}
-		response, err := c.Complete(callCtx, request)
-		if err == nil || !isUnavailable(err) || ctx.Err() != nil || !retry.pause(ctx) {
+// complete Completes with retries: Complete is safe to repeat with the same lease token (a repeat
+// returns the first stored record). When ctx already ended, it makes one attempt of its own and no
+// retry: the work is done, and a stored result spares every retry from redoing it.
+func (c *Client) complete(ctx context.Context, request *pb.CompleteRequest, config callConfig) (*pb.CompleteResponse, error) {
+	if ctx.Err() != nil {
+		return c.Complete(context.WithoutCancel(ctx), request)
+	}
+	return withRetries(ctx, config, func() (*pb.CompleteResponse, error) { return c.Complete(ctx, request) })
+}
+
+// releaseDetached gives the key back, once and best effort, even when ctx was cancelled (that is
+// often why the work failed): the lease would expire anyway, this only lets a retry in sooner.
+func (c *Client) releaseDetached(ctx context.Context, namespace, key, token string) {
+	_, _ = c.Release(context.WithoutCancel(ctx), &pb.ReleaseRequest{Namespace: namespace, Key: key, LeaseToken: token})
+}
+
+// withRetries makes up to config.maxAttempts calls while they fail with an error worth retrying,
+// sleeping a fully jittered exponential backoff before each retry. It stops early when ctx ends,
+// or when the next retry could not start before ctx's deadline.
+func withRetries[T any](ctx context.Context, config callConfig, rpc func() (T, error)) (T, error) {
+	ceiling := config.backoffInitial
+	for attempt := 1; ; attempt++ {
+		response, err := rpc()
+		if err == nil || !isRetried(err) || attempt >= config.maxAttempts || ctx.Err() != nil {
 			return response, err
+		}
+		pause := fullJitter(ceiling)
+		ceiling = min(ceiling*2, config.backoffMax)
+		if deadline, ok := ctx.Deadline(); ok && time.Now().Add(pause).After(deadline) {
+			return response, err
+		}
+		if !sleep(ctx, pause) {
+			var zero T
+			return zero, callerEnded(ctx)
 		}
 	}
 }
 
-// releaseDetached gives the key back, best effort, even when ctx was cancelled (that is often
-// why the work failed): the lease would expire anyway, this only lets a retry in sooner.
-func (c *Client) releaseDetached(ctx context.Context, namespace, key, token string) {
-	_, _ = c.Release(context.WithoutCancel(ctx), &pb.ReleaseRequest{Namespace: namespace, Key: key, LeaseToken: token})
+// fullJitter is a random pause in [0, ceiling]: retries of a fleet of callers spread out, so a
+// recovering idemd is not hit by all of them at once.
+func fullJitter(ceiling time.Duration) time.Duration {
+	return rand.N(ceiling + 1)
+}
+
+// callerEnded is the error of a call that ended because ctx did.
+func callerEnded(ctx context.Context) error {
+	cause := context.Cause(ctx)
+	code := status.FromContextError(ctx.Err()).Code()
+	return &Error{Code: code, Reason: code.String(), Message: cause.Error(), cause: cause, callerEnded: true}
 }
 
 func completeRequest(namespace, key, token string, result Result) *pb.CompleteRequest {
@@ -454,9 +489,12 @@ func errorCode(err error) codes.Code {
 	return codes.Unknown
 }
 
-// contextError is ctx's cause (its error when it has no other cause).
-func contextError(ctx context.Context) error {
-	return context.Cause(ctx)
+// errorReason is the reason of an *Error ("" for anything else).
+func errorReason(err error) string {
+	if idemdErr, ok := errorsAs[*Error](err); ok {
+		return idemdErr.Reason
+	}
+	return ""
 }
 
 // sleep pauses for d or until ctx is done; false when ctx ended it.
@@ -469,38 +507,4 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
-}
-
-// retrier paces the retries of an unreachable idemd: exponential backoff with jitter, up to the
-// context's deadline, or the retry budget when the context has none.
-type retrier struct {
-	deadline time.Time
-	base     time.Duration
-	longest  time.Duration
-	next     time.Duration
-}
-
-func newRetrier(ctx context.Context, config callConfig) *retrier {
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(config.retryBudget)
-	}
-	return &retrier{deadline: deadline, base: config.backoffBase, longest: config.backoffMax, next: config.backoffBase}
-}
-
-// pause sleeps before the next attempt; false (without sleeping) when that attempt would start
-// past the deadline, or when ctx ends.
-func (r *retrier) pause(ctx context.Context) bool {
-	// Uniform in [next/2, next]: spread retries of many callers, yet keep backing off.
-	delay := r.next/2 + rand.N(r.next/2+1)
-	r.next = min(r.next*2, r.longest)
-	if time.Now().Add(delay).After(r.deadline) {
-		return false
-	}
-	return sleep(ctx, delay)
-}
-
-// reset starts the backoff over after an answer.
-func (r *retrier) reset() {
-	r.next = r.base
 }
