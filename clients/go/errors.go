@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
+	"unicode"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
@@ -150,6 +152,19 @@ func (e *Error) Is(target error) bool {
 	return false
 }
 
+// codeName is the canonical name of a gRPC code, e.g. "DEADLINE_EXCEEDED" (codes.Code's String
+// gives "DeadlineExceeded").
+func codeName(code codes.Code) string {
+	var name strings.Builder
+	for i, r := range code.String() {
+		if i > 0 && unicode.IsUpper(r) {
+			name.WriteByte('_')
+		}
+		name.WriteRune(unicode.ToUpper(r))
+	}
+	return name.String()
+}
+
 // unavailableCode is whether a code means idemd is unreachable or did not answer in time.
 func unavailableCode(code codes.Code) bool {
 	return code == codes.Unavailable || code == codes.DeadlineExceeded
@@ -169,11 +184,11 @@ func fromRPC(ctx context.Context, err error) error {
 	if !ok {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			code := status.FromContextError(ctxErr).Code()
-			return &Error{Code: code, Reason: code.String(), Message: err.Error(), cause: ctxErr, callerEnded: true}
+			return &Error{Code: code, Reason: codeName(code), Message: err.Error(), cause: ctxErr, callerEnded: true}
 		}
-		return &Error{Code: codes.Unknown, Reason: codes.Unknown.String(), Message: err.Error(), cause: err}
+		return &Error{Code: codes.Unknown, Reason: codeName(codes.Unknown), Message: err.Error(), cause: err}
 	}
-	out := &Error{Code: st.Code(), Reason: st.Code().String(), Message: st.Message(), cause: err}
+	out := &Error{Code: st.Code(), Reason: codeName(st.Code()), Message: st.Message(), cause: err}
 	if ctxErr := ctx.Err(); ctxErr != nil && (st.Code() == codes.Canceled || st.Code() == codes.DeadlineExceeded) {
 		out.cause, out.callerEnded = ctxErr, true
 	}

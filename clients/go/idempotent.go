@@ -457,7 +457,7 @@ func fullJitter(ceiling time.Duration) time.Duration {
 func callerEnded(ctx context.Context) error {
 	cause := context.Cause(ctx)
 	code := status.FromContextError(ctx.Err()).Code()
-	return &Error{Code: code, Reason: code.String(), Message: cause.Error(), cause: cause, callerEnded: true}
+	return &Error{Code: code, Reason: codeName(code), Message: cause.Error(), cause: cause, callerEnded: true}
 }
 
 func completeRequest(namespace, key, token string, result Result) *pb.CompleteRequest {
