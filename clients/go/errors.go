@@ -156,11 +156,13 @@ func (e *Error) Is(target error) bool {
 // gives "DeadlineExceeded").
 func codeName(code codes.Code) string {
 	var name strings.Builder
-	for i, r := range code.String() {
-		if i > 0 && unicode.IsUpper(r) {
+	previous := ' '
+	for _, r := range code.String() {
+		if unicode.IsUpper(r) && unicode.IsLower(previous) {
 			name.WriteByte('_')
 		}
 		name.WriteRune(unicode.ToUpper(r))
+		previous = r
 	}
 	return name.String()
 }

@@ -195,6 +195,19 @@ func (l *rpcLog) count(method string) int {
 	return n
 }
 
+// failures are the errors of the ended calls of method.
+func (l *rpcLog) failures(method string) []error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var failed []error
+	for i, call := range l.calls {
+		if call == method && l.errors[i] != nil {
+			failed = append(failed, l.errors[i])
+		}
+	}
+	return failed
+}
+
 // awaitStarted waits until a call of method began (registered with newRPCLog).
 func (l *rpcLog) awaitStarted(t *testing.T, method string) {
 	t.Helper()
