@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"strings"
-	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -367,12 +366,14 @@ func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb
 	return Outcome{Result: resultFromPB(record.GetResult()), Protected: true, FencingToken: record.GetFencingToken()}, nil
 }
 
-// renewInBackground renews the lease every ttl/3 until the returned stop function is called (it
-// waits until the renewing goroutine has ended, so none outlives the call). A renewal that finds
-// the lease gone cancels the work's context with an ErrLeaseLost cause; any other failure (an
-// unreachable or busy idemd) is tried again at the next tick, while the lease may still be valid.
+// renewInBackground renews the lease every ttl/3 until the returned stop function is called. A
+// renewal that finds the lease gone cancels the work's context with an ErrLeaseLost cause; any
+// other failure (an unreachable or busy idemd) is tried again at the next tick, while the lease
+// may still be valid. stop cancels a renewal in flight (a hung idemd must not hold up the
+// Complete for a whole RPC timeout) and waits until the goroutine has ended, so none outlives the
+// call.
 func (c *Client) renewInBackground(workCtx context.Context, cancelWork context.CancelCauseFunc, namespace, key, token string, ttl time.Duration) (stop func()) {
-	done := make(chan struct{})
+	renewCtx, cancelRenewing := context.WithCancel(workCtx)
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
@@ -380,22 +381,19 @@ func (c *Client) renewInBackground(workCtx context.Context, cancelWork context.C
 		defer ticker.Stop()
 		for {
 			select {
-			case <-done:
-				return
-			case <-workCtx.Done():
+			case <-renewCtx.Done():
 				return
 			case <-ticker.C:
 			}
-			_, err := c.Renew(workCtx, &pb.RenewRequest{Namespace: namespace, Key: key, LeaseToken: token, LeaseTtl: durationpb.New(ttl)})
+			_, err := c.Renew(renewCtx, &pb.RenewRequest{Namespace: namespace, Key: key, LeaseToken: token, LeaseTtl: durationpb.New(ttl)})
 			if errors.Is(err, ErrLeaseNotHeld) || errors.Is(err, ErrRecordNotFound) || errors.Is(err, ErrRecordCompleted) {
 				cancelWork(leaseLost(namespace, key, err))
 				return
 			}
 		}
 	}()
-	var once sync.Once
 	return func() {
-		once.Do(func() { close(done) })
+		cancelRenewing()
 		<-stopped
 	}
 }
