@@ -174,3 +174,75 @@ func TestResultOfWorkDoneAfterCancellationIsStored(t *testing.T) {
 		t.Fatalf("retry: %+v %v (runs %d)", outcome, err, runs.Load())
 	}
 }
+
+// Another caller keeps the key: after WithMaxWaits rounds of Wait the call gives up.
+func TestInProgressGivesUpAfterMaxWaits(t *testing.T) {
+	server := startPostgresIdemd(t)
+	holder := newClient(t, server.addr)
+	waits := newRPCLog()
+	client := newClient(t, server.addr, idemd.WithDialOptions(waits.interceptor()))
+	ctx := testContext(t)
+	key := uniqueKey("max-waits")
+	fp, err := idemd.Fingerprint(order{ID: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if acquired, err := holder.Acquire(ctx, &pb.AcquireRequest{Namespace: namespace, Key: key, Fingerprint: fp}); err != nil || acquired.GetOutcome() != pb.Outcome_OUTCOME_ACQUIRED {
+		t.Fatalf("acquire: %v %v", acquired, err)
+	}
+	var runs atomic.Int32
+	_, err = client.Idempotent(ctx, namespace, key, order{ID: key}, countingWork(&runs, "never"),
+		idemd.WithMaxWaits(2), idemd.WithWaitTimeout(20*time.Millisecond))
+	if !errors.Is(err, idemd.ErrInProgress) || runs.Load() != 0 {
+		t.Fatalf("got %v (work ran %d times), want ErrInProgress", err, runs.Load())
+	}
+	if waits.count("Wait") != 2 || waits.count("Acquire") != 3 {
+		t.Fatalf("%d Waits and %d Acquires, want 2 and 3", waits.count("Wait"), waits.count("Acquire"))
+	}
+}
+
+// The caller cancels while its work runs: the work sees it, and the key is released for a retry.
+func TestCancelDuringWorkReleasesTheKey(t *testing.T) {
+	server := startPostgresIdemd(t)
+	client := newClient(t, server.addr)
+	ctx := testContext(t)
+	key := uniqueKey("cancel-work")
+	callCtx, cancel := context.WithCancel(ctx)
+	_, err := client.Idempotent(callCtx, namespace, key, order{ID: key}, func(workCtx context.Context, lease idemd.Lease) (idemd.Result, error) {
+		cancel()
+		<-workCtx.Done()
+		return idemd.Result{}, workCtx.Err()
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want context.Canceled", err)
+	}
+	var runs atomic.Int32
+	// Released: the retry acquires at once (with the 30 s lease still held it would find the key
+	// in progress, and WithMaxWaits(0) gives up on the first sight of that).
+	outcome, err := client.Idempotent(ctx, namespace, key, order{ID: key}, countingWork(&runs, "retried"), idemd.WithMaxWaits(0))
+	if err != nil || outcome.Replayed || runs.Load() != 1 {
+		t.Fatalf("retry: %+v %v (runs %d)", outcome, err, runs.Load())
+	}
+}
+
+// WithRetryable marks more failures as retryable: the key is released, not stored.
+func TestRetryablePredicateReleases(t *testing.T) {
+	server := startPostgresIdemd(t)
+	client := newClient(t, server.addr)
+	ctx := testContext(t)
+	key := uniqueKey("predicate")
+	transient := errors.New("transient")
+	stored := false
+	_, err := client.Idempotent(ctx, namespace, key, order{ID: key}, func(ctx context.Context, lease idemd.Lease) (idemd.Result, error) {
+		return idemd.Result{}, transient
+	}, idemd.WithRetryable(func(err error) bool { return errors.Is(err, transient) }),
+		idemd.WithCompleteOnError(func(error) (idemd.Result, bool) { stored = true; return idemd.Result{Body: []byte("stored")}, true }))
+	if !errors.Is(err, transient) || stored {
+		t.Fatalf("got %v (stored %v), want the work's error, released", err, stored)
+	}
+	var runs atomic.Int32
+	outcome, err := client.Idempotent(ctx, namespace, key, order{ID: key}, countingWork(&runs, "again"), idemd.WithMaxWaits(0))
+	if err != nil || outcome.Replayed || runs.Load() != 1 {
+		t.Fatalf("retry: %+v %v (runs %d)", outcome, err, runs.Load())
+	}
+}
