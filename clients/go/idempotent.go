@@ -350,6 +350,11 @@ func (c *Client) runLeased(ctx context.Context, namespace, key string, lease *pb
 			}
 		}
 		c.releaseDetached(ctx, namespace, key, token)
+		// A work that gave up because its lease was lost (its context said so) failed for that
+		// reason: the caller must learn it, whatever the work returned.
+		if cause := context.Cause(workCtx); errors.Is(cause, ErrLeaseLost) && !errors.Is(workErr, ErrLeaseLost) {
+			return Outcome{}, fmt.Errorf("%w: %w", workErr, cause)
+		}
 		return Outcome{}, workErr
 	}
 

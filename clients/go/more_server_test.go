@@ -246,3 +246,27 @@ func TestRetryablePredicateReleases(t *testing.T) {
 		t.Fatalf("retry: %+v %v (runs %d)", outcome, err, runs.Load())
 	}
 }
+
+// A work that gives up when its context is cancelled for a lost lease returns its own error; the
+// caller still learns that the lease was lost.
+func TestWorkGivingUpOnALostLeaseIsLeaseLost(t *testing.T) {
+	server := startPostgresIdemd(t)
+	client := newClient(t, server.addr)
+	thief := newClient(t, server.addr)
+	ctx := testContext(t)
+	key := uniqueKey("gives-up")
+	_, err := client.Idempotent(ctx, namespace, key, order{ID: key}, func(workCtx context.Context, lease idemd.Lease) (idemd.Result, error) {
+		if _, err := thief.Release(ctx, &pb.ReleaseRequest{Namespace: namespace, Key: key, LeaseToken: lease.Token}); err != nil {
+			return idemd.Result{}, err
+		}
+		select {
+		case <-workCtx.Done():
+			return idemd.Result{}, workCtx.Err()
+		case <-time.After(30 * time.Second):
+			return idemd.Result{}, errors.New("the work's context was not cancelled within 30 s")
+		}
+	}, idemd.WithLeaseTTL(300*time.Millisecond))
+	if !errors.Is(err, idemd.ErrLeaseLost) || !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want the work's context.Canceled and ErrLeaseLost", err)
+	}
+}
