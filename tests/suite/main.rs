@@ -10,6 +10,7 @@ mod deploy;
 mod durability;
 mod faults;
 mod fuzzing;
+mod go_client;
 mod grpcurl;
 mod harness;
 mod hostile;
