@@ -474,12 +474,15 @@ async fn a_black_holed_collector_slows_no_rpc_and_drops_are_counted() {
     let trace = "5bf92f3577b34da6a3ce929d0e0e4736";
     for call in 0..40 {
         let key = unique_key("black-hole");
+        let mut request = with_trace(
+            acquire_request("traced", &key, b"fingerprint"),
+            trace,
+            "10f067aa0ba902b7",
+        );
+        // An RPC held up by the export (10 s per attempt on a black hole) fails this deadline.
+        request.set_timeout(Duration::from_secs(5));
         let acquired = client
-            .acquire(with_trace(
-                acquire_request("traced", &key, b"fingerprint"),
-                trace,
-                "10f067aa0ba902b7",
-            ))
+            .acquire(request)
             .await
             .unwrap_or_else(|status| panic!("call {call} failed: {status:?}"));
         assert_eq!(acquired.into_inner().outcome(), pb::Outcome::Acquired);
