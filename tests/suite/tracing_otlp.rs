@@ -507,3 +507,29 @@ async fn a_black_holed_collector_slows_no_rpc_and_drops_are_counted() {
     })
     .await;
 }
+
+/// `--trace-keys` is the one way a key gets into a span: as `idemd.key` of the RPC's span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_traced_only_when_asked() {
+    const TRACE: &str = "6bf92f3577b34da6a3ce929d0e0e4736";
+    let (collector, collector_addr) = Collector::start().await;
+    let server = traced_idemd(&["--trace-keys"], &format!("http://{collector_addr}"), &[]);
+    let mut client = IdempotencyServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    let key = unique_key("asked");
+    client
+        .acquire(with_trace(
+            acquire_request("traced", &key, b"fingerprint"),
+            TRACE,
+            "20f067aa0ba902b7",
+        ))
+        .await
+        .expect("acquire");
+    let spans = collector.trace(TRACE, 1).await;
+    let acquire = named(&spans, "idempotency.v1.IdempotencyService/Acquire");
+    assert_eq!(
+        string_attribute(&acquire.attributes, "idemd.key"),
+        Some(key.as_str())
+    );
+}
