@@ -69,6 +69,17 @@ fn main() -> ExitCode {
         eprintln!("idemd: {message}");
         return ExitCode::from(2);
     }
+    if traces.is_some() {
+        // Where the exporter sends, by the precedence it applies itself.
+        let endpoint = [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .into_iter()
+        .find_map(|name| std::env::var(name).ok())
+        .unwrap_or_else(|| "http://localhost:4317".to_string());
+        tracing::info!(%endpoint, "sending OpenTelemetry traces over OTLP gRPC to {endpoint}");
+    }
     let outcome = match command {
         Command::Serve(args) => {
             // Flags, then the files they name, are checked before anything starts: a bad one is
