@@ -533,3 +533,119 @@ async fn keys_are_traced_only_when_asked() {
         Some(key.as_str())
     );
 }
+
+/// idemd refuses to start with traces it cannot send: an `https://` collector (the exporter is
+/// plaintext gRPC only) or a malformed `OTEL_BSP_*` value, one line naming it and exit code 2.
+/// `OTEL_SDK_DISABLED=true` turns traces off: the same `https://` endpoint is then never looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_collector_is_refused_at_start() {
+    for (name, value, named) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "https://127.0.0.1:4317",
+            "https",
+        ),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "lots", "OTEL_BSP_MAX_QUEUE_SIZE"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_idemd"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--traces")
+            .env(name, value)
+            .env_remove("OTEL_SDK_DISABLED")
+            .output()
+            .expect("run idemd");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}={value}: {stderr}");
+        assert!(stderr.contains(named), "{name}={value}: {stderr}");
+    }
+    let server = traced_idemd(
+        &[],
+        "https://127.0.0.1:4317",
+        &[("OTEL_SDK_DISABLED", "true")],
+    );
+    assert!(
+        !server
+            .logs()
+            .iter()
+            .any(|line| line.contains("sending OpenTelemetry traces")),
+        "{:#?}",
+        server.logs()
+    );
+}
+
+/// A caller that did not sample its trace (`traceparent` flags 00) gets no span from idemd: the
+/// default sampler follows the parent's decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsampled_callers_are_not_traced() {
+    const UNSAMPLED: &str = "7bf92f3577b34da6a3ce929d0e0e4736";
+    const SAMPLED: &str = "8bf92f3577b34da6a3ce929d0e0e4736";
+    let (collector, collector_addr) = Collector::start().await;
+    let server = traced_idemd(&[], &format!("http://{collector_addr}"), &[]);
+    let mut client = IdempotencyServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    let mut unsampled = Request::new(acquire_request("traced", &unique_key("no"), b"fp"));
+    unsampled.metadata_mut().insert(
+        "traceparent",
+        format!("00-{UNSAMPLED}-30f067aa0ba902b7-00")
+            .parse()
+            .expect("traceparent"),
+    );
+    client.acquire(unsampled).await.expect("unsampled acquire");
+    client
+        .acquire(with_trace(
+            acquire_request("traced", &unique_key("yes"), b"fp"),
+            SAMPLED,
+            "40f067aa0ba902b7",
+        ))
+        .await
+        .expect("sampled acquire");
+    // Spans leave in the order they ended: once the later call's span is in, the earlier's would be.
+    collector.trace(SAMPLED, 1).await;
+    assert!(
+        !collector
+            .spans()
+            .iter()
+            .any(|received| hex(&received.span.trace_id) == UNSAMPLED),
+        "an unsampled caller's call was traced"
+    );
+}
+
+/// On SIGTERM, the spans still queued are sent before idemd exits (within --shutdown-grace): here
+/// the batch delay is an hour, so only the shutdown sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_spans_are_sent_on_shutdown() {
+    const TRACE: &str = "9bf92f3577b34da6a3ce929d0e0e4736";
+    let (collector, collector_addr) = Collector::start().await;
+    let mut server = traced_idemd(
+        &[],
+        &format!("http://{collector_addr}"),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "3600000")],
+    );
+    let mut client = IdempotencyServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("connect");
+    client
+        .acquire(with_trace(
+            acquire_request("traced", &unique_key("last"), b"fp"),
+            TRACE,
+            "50f067aa0ba902b7",
+        ))
+        .await
+        .expect("acquire");
+    drop(client);
+    assert!(
+        collector.spans().is_empty(),
+        "nothing is sent before the batch delay"
+    );
+    server.terminate();
+    assert_eq!(server.wait_exit(Duration::from_secs(20)), Some(0));
+    let spans = collector.trace(TRACE, 1).await;
+    named(&spans, "idempotency.v1.IdempotencyService/Acquire");
+}
