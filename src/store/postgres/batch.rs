@@ -27,7 +27,7 @@ use tokio::{sync::oneshot, time::Instant};
 
 use super::connection::Connections;
 use crate::store::StoreError;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, traces};
 
 /// A kind of command that can share a statement with others of its kind (its statements are in
 /// `commands`).
@@ -289,6 +289,10 @@ impl<K: Batched> Batcher<K> {
 /// Notes on the caller's store span (see `store_span!`) how many commands shared its statement.
 /// The worker that ran the batch is not the caller's task, so the caller records it.
 fn batch_size(size: usize) {
+    // Without traces there is no store span: skip even the lookup of the current span.
+    if !traces::enabled() {
+        return;
+    }
     // An i64: the trace layer exports u64 fields as text.
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     tracing::Span::current().record("idemd.batch_size", size);
