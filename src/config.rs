@@ -10,6 +10,7 @@ use crate::defaults;
 use crate::domain::{DurationPolicy, Limits, StoredResult};
 use crate::server::ServerSettings;
 use crate::store::postgres::PostgresConfig;
+use crate::telemetry::traces::TraceSettings;
 use crate::telemetry::LogFormat;
 use crate::tls::{TlsFiles, TlsState};
 
@@ -168,6 +169,16 @@ pub struct ServeArgs {
     /// How long in-flight RPCs may finish after SIGTERM/SIGINT.
     #[arg(long, env = "IDEMD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE.text, value_parser = duration)]
     pub shutdown_grace: Duration,
+    /// Send OpenTelemetry traces over OTLP gRPC, configured by the standard OTEL_* variables
+    /// (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...). Off: no trace
+    /// work is done at all. Export is queued and bounded; a slow or dead collector never slows
+    /// or fails an RPC (dropped spans are counted in idemd_trace_spans_dropped_total).
+    #[arg(long, env = "IDEMD_TRACES")]
+    pub traces: bool,
+    /// Put the record's key into each RPC's span as `idemd.key`. Off by default: keys may carry
+    /// personal data, and trace backends are often less guarded than the database.
+    #[arg(long, env = "IDEMD_TRACE_KEYS", requires = "traces")]
+    pub trace_keys: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -185,6 +196,17 @@ pub struct MigrateArgs {
 }
 
 impl ServeArgs {
+    /// What traces to send, or `None` when they are off: without `--traces`, or when the
+    /// standard `OTEL_SDK_DISABLED=true` says so.
+    pub fn trace_settings(&self) -> Result<Option<TraceSettings>, String> {
+        let disabled = std::env::var("OTEL_SDK_DISABLED")
+            .is_ok_and(|value| value.trim().eq_ignore_ascii_case("true"));
+        if !self.traces || disabled {
+            return Ok(None);
+        }
+        TraceSettings::from_env(self.trace_keys).map(Some)
+    }
+
     /// The server settings the flags describe, or one line naming the setting that is wrong.
     /// Reads no file: the access policy and TLS material stay unset until `read_files`.
     pub fn server_settings(&self) -> Result<ServerSettings, String> {

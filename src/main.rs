@@ -29,10 +29,7 @@ fn main() -> ExitCode {
             (Command::Serve(Box::new(cli.serve)), log)
         }
     };
-    if let Err(message) = idemd::telemetry::init(log.log_format, &log.log_level) {
-        eprintln!("idemd: {message}");
-        return ExitCode::from(2);
-    }
+    // The runtime first: traces' export task and gRPC channel live on it.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,6 +40,46 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let trace_settings = match &command {
+        Command::Serve(args) => args.trace_settings(),
+        Command::Migrate(_) => Ok(None),
+    };
+    let traces = match trace_settings {
+        Ok(None) => None,
+        Ok(Some(settings)) => {
+            let _runtime = runtime.enter();
+            match idemd::telemetry::traces::Traces::start(&settings) {
+                Ok(started) => Some(started),
+                Err(message) => {
+                    eprintln!("idemd: traces: {message}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Err(message) => {
+            eprintln!("idemd: traces: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let (traces, tracer) = match traces {
+        Some((traces, tracer)) => (Some(traces), Some(tracer)),
+        None => (None, None),
+    };
+    if let Err(message) = idemd::telemetry::init(log.log_format, &log.log_level, tracer) {
+        eprintln!("idemd: {message}");
+        return ExitCode::from(2);
+    }
+    if traces.is_some() {
+        // Where the exporter sends, by the precedence it applies itself.
+        let endpoint = [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .into_iter()
+        .find_map(|name| std::env::var(name).ok())
+        .unwrap_or_else(|| "http://localhost:4317".to_string());
+        tracing::info!(%endpoint, "sending OpenTelemetry traces over OTLP gRPC to {endpoint}");
+    }
     let outcome = match command {
         Command::Serve(args) => {
             // Flags, then the files they name, are checked before anything starts: a bad one is
@@ -54,9 +91,15 @@ fn main() -> ExitCode {
                 Ok::<_, String>((settings, postgres_config))
             })();
             match checked {
-                Ok((settings, postgres_config)) => {
-                    runtime.block_on(serve(*args, settings, postgres_config))
-                }
+                Ok((settings, postgres_config)) => runtime.block_on(async {
+                    let grace = settings.shutdown_grace;
+                    let served = serve(*args, settings, postgres_config).await;
+                    if let Some(traces) = traces {
+                        // The last spans, within the same grace as in-flight RPCs.
+                        traces.shutdown(grace).await;
+                    }
+                    served
+                }),
                 Err(message) => {
                     eprintln!("idemd: {message}");
                     return ExitCode::from(2);

@@ -16,7 +16,7 @@ use crate::auth::{AuthState, Caller, Rpc, Throttled};
 use crate::domain::{Key, Limits, Namespace};
 use crate::proto::idempotency::v1::idempotency_service_server::IdempotencyServiceServer;
 use crate::store::{Store, StoreError};
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, traces};
 
 /// `idempotency.v1.IdempotencyService` over any store.
 pub struct IdempotencyApi<S> {
@@ -172,7 +172,14 @@ impl<'a> Call<'a> {
             outcome = field::Empty,
             code = field::Empty,
             duration_ms = field::Empty,
+            trace_id = field::Empty,
+            // Read by the trace layer (the OTel span's name and kind); never set without it.
+            otel.name = field::Empty,
+            otel.kind = field::Empty,
         );
+        if traces::enabled() {
+            traces::begin_rpc(&span, rpc.path(), rpc.name(), headers);
+        }
         Self {
             rpc,
             metrics,
@@ -200,11 +207,17 @@ impl<'a> Call<'a> {
     /// Names the validated key in the span. Keys are logged at debug level only.
     fn target(&self, namespace: &Namespace, key: &Key) {
         self.span.record("namespace", namespace.as_str());
+        if traces::enabled() {
+            traces::rpc_target(&self.span, namespace.as_str(), key.as_str());
+        }
         tracing::debug!(parent: &self.span, key = key.as_str(), "request");
     }
 
     fn outcome(&self, outcome: &'static str) {
         self.span.record("outcome", outcome);
+        if traces::enabled() {
+            traces::rpc_outcome(&self.span, outcome);
+        }
     }
 
     pub(super) fn finish<T>(mut self, result: &Result<T, Status>) {
@@ -220,6 +233,9 @@ impl<'a> Call<'a> {
         let elapsed = self.started.elapsed();
         let label = metrics::code_label(code);
         self.span.record("code", label);
+        if traces::enabled() {
+            traces::finish_rpc(&self.span, code, label);
+        }
         self.span
             .record("duration_ms", elapsed.as_secs_f64() * 1000.0);
         self.metrics.finished(self.rpc.name(), code, elapsed);

@@ -56,6 +56,19 @@ impl Rpc {
         }
     }
 
+    /// The full gRPC method name, `idempotency.v1.IdempotencyService/Acquire`: the name of the
+    /// RPC's trace span, as the gRPC conventions name server spans.
+    pub fn path(self) -> &'static str {
+        match self {
+            Rpc::Acquire => "idempotency.v1.IdempotencyService/Acquire",
+            Rpc::Complete => "idempotency.v1.IdempotencyService/Complete",
+            Rpc::Release => "idempotency.v1.IdempotencyService/Release",
+            Rpc::Renew => "idempotency.v1.IdempotencyService/Renew",
+            Rpc::Get => "idempotency.v1.IdempotencyService/Get",
+            Rpc::Wait => "idempotency.v1.IdempotencyService/Wait",
+        }
+    }
+
     /// The RPC of a method name (`Acquire`), as in policy files and gRPC paths.
     pub fn parse(name: &str) -> Option<Self> {
         Rpc::ALL.into_iter().find(|rpc| rpc.name() == name)

@@ -21,5 +21,6 @@ mod production;
 mod replay_cache;
 mod security;
 mod soak;
+mod tracing_otlp;
 mod validation;
 mod wait;

@@ -265,9 +265,11 @@ impl IdemdProcess {
     pub fn spawn(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_idemd"));
         // Only what the test passes configures idemd: an IDEMD_* setting in the environment of
-        // the test run (say IDEMD_MIN_LEASE_TTL) would otherwise change what a test checks.
+        // the test run (say IDEMD_MIN_LEASE_TTL) would otherwise change what a test checks, and
+        // so would an OTEL_* one (where traces go).
         for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("IDEMD_") {
+            let name_text = name.to_string_lossy();
+            if name_text.starts_with("IDEMD_") || name_text.starts_with("OTEL_") {
                 command.env_remove(name);
             }
         }

@@ -22,6 +22,12 @@
 //! (or Release on a retryable failure); IN_PROGRESS: Wait, then replay or try again;
 //! COMPLETED: return the stored result without running the work. idemd unreachable: an error,
 //! unless `fail_open` is set.
+//!
+//! Traces: with the default `opentelemetry` feature, every call [`IdempotencyClient::idempotent`]
+//! makes (Acquire, Wait, Renew, Complete, Release) carries the caller's current OpenTelemetry
+//! context as W3C `traceparent`/`tracestate` metadata, so idemd's spans join the caller's trace.
+//! The current context is `opentelemetry::Context::current()`: what a `tracing` span entered with
+//! `tracing-opentelemetry` (context activation is its default) or an attached context sets.
 
 use std::{future::Future, time::Duration};
 
@@ -157,6 +163,36 @@ fn duration(value: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(value).ok()
 }
 
+/// Puts the current OpenTelemetry context into `metadata` as W3C trace context, which is what
+/// idemd reads. Written out here rather than through the global propagator: that is a no-op until
+/// the application installs one, and idemd understands W3C only.
+#[cfg(feature = "opentelemetry")]
+fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    use opentelemetry::trace::TraceContextExt;
+    let context = opentelemetry::Context::current();
+    let span = context.span();
+    let span_context = span.span_context();
+    if !span_context.is_valid() {
+        return;
+    }
+    let traceparent = format!(
+        "00-{}-{}-{:02x}",
+        span_context.trace_id(),
+        span_context.span_id(),
+        span_context.trace_flags().to_u8()
+    );
+    if let Ok(value) = traceparent.parse() {
+        metadata.insert("traceparent", value);
+    }
+    let tracestate = span_context.trace_state().header();
+    if !tracestate.is_empty() {
+        // A trace state that is not valid metadata is left out; the parent link still holds.
+        if let Ok(value) = tracestate.parse() {
+            metadata.insert("tracestate", value);
+        }
+    }
+}
+
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -205,6 +241,8 @@ impl IdempotencyClient {
                 .metadata_mut()
                 .insert("authorization", token.clone());
         }
+        #[cfg(feature = "opentelemetry")]
+        inject_trace_context(request.metadata_mut());
         request
     }
 
@@ -427,6 +465,45 @@ impl IdempotencyClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "opentelemetry")]
+    #[tokio::test]
+    async fn calls_carry_the_current_trace_context() {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        let client =
+            IdempotencyClient::new(Channel::from_static("http://127.0.0.1:1").connect_lazy());
+        assert!(
+            client.request(()).metadata().get("traceparent").is_none(),
+            "no context, no traceparent"
+        );
+        let parent = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("trace id"),
+            SpanId::from_hex("00f067aa0ba902b7").expect("span id"),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::from_key_value([("vendor", "opaque")]).expect("trace state"),
+        );
+        let _attached = opentelemetry::Context::new()
+            .with_remote_span_context(parent)
+            .attach();
+        let request = client.request(());
+        assert_eq!(
+            request
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(
+            request
+                .metadata()
+                .get("tracestate")
+                .and_then(|v| v.to_str().ok()),
+            Some("vendor=opaque")
+        );
+    }
 
     #[test]
     fn fingerprints_match_the_shared_vectors() {

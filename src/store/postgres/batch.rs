@@ -27,7 +27,7 @@ use tokio::{sync::oneshot, time::Instant};
 
 use super::connection::Connections;
 use crate::store::StoreError;
-use crate::telemetry::metrics;
+use crate::telemetry::{metrics, traces};
 
 /// A kind of command that can share a statement with others of its kind (its statements are in
 /// `commands`).
@@ -65,10 +65,11 @@ struct Job<K: Batched> {
 
 /// What a batch tells a queued caller.
 enum Reply<K: Batched> {
-    /// The batch settled the command (or failed as a whole).
-    Settled(Result<K::Output, StoreError>),
-    /// The batch statement left the command to the one-command path: the caller runs it.
-    Alone(K::Command),
+    /// The batch of this many commands settled the command (or failed as a whole).
+    Settled(Result<K::Output, StoreError>, usize),
+    /// The batch statement (of this many commands) left the command to the one-command path:
+    /// the caller runs it.
+    Alone(K::Command, usize),
 }
 
 struct Queue<K: Batched> {
@@ -143,6 +144,7 @@ impl<K: Batched> Batcher<K> {
             }
             Err(command) => command,
         };
+        batch_size(1);
         // Alone. The guard hands the slot on (to a worker for whatever queued meanwhile) however
         // this ends, even if the caller gives up and this future is dropped.
         let _slot = Slot(self.clone());
@@ -181,9 +183,15 @@ impl<K: Batched> Batcher<K> {
         let reply = answer
             .map_err(|_| StoreError::Internal("the batch carrying this command was lost".into()))?;
         match reply {
-            Reply::Settled(result) => result,
+            Reply::Settled(result, size) => {
+                batch_size(size);
+                result
+            }
             // Outside the batch slots: the pool bounds these like any other command.
-            Reply::Alone(command) => self.one(command, deadline).await,
+            Reply::Alone(command, size) => {
+                batch_size(size);
+                self.one(command, deadline).await
+            }
         }
     }
 
@@ -245,10 +253,11 @@ impl<K: Batched> Batcher<K> {
         if batch.len() == 1 {
             if let Some(job) = batch.pop() {
                 let outcome = self.one(job.command, deadline).await;
-                let _ = job.reply.send(Reply::Settled(outcome));
+                let _ = job.reply.send(Reply::Settled(outcome, 1));
             }
             return;
         }
+        let size = batch.len();
         let commands: Vec<&K::Command> = batch.iter().map(|job| &job.command).collect();
         let outcome = self
             .connections
@@ -262,19 +271,31 @@ impl<K: Batched> Batcher<K> {
                 let mut results = results.into_iter();
                 for job in batch {
                     let reply = match results.next().flatten() {
-                        Some(output) => Reply::Settled(Ok(output)),
-                        None => Reply::Alone(job.command),
+                        Some(output) => Reply::Settled(Ok(output), size),
+                        None => Reply::Alone(job.command, size),
                     };
                     let _ = job.reply.send(reply);
                 }
             }
             Err(error) => {
                 for job in batch {
-                    let _ = job.reply.send(Reply::Settled(Err(error.clone())));
+                    let _ = job.reply.send(Reply::Settled(Err(error.clone()), size));
                 }
             }
         }
     }
+}
+
+/// Notes on the caller's store span (see `store_span!`) how many commands shared its statement.
+/// The worker that ran the batch is not the caller's task, so the caller records it.
+fn batch_size(size: usize) {
+    // Without traces there is no store span: skip even the lookup of the current span.
+    if !traces::enabled() {
+        return;
+    }
+    // An i64: the trace layer exports u64 fields as text.
+    let size = i64::try_from(size).unwrap_or(i64::MAX);
+    tracing::Span::current().record("idemd.batch_size", size);
 }
 
 /// A batch slot held by a command running alone or by a worker; dropping it hands the slot on.

@@ -36,6 +36,7 @@ use std::{
 
 use deadpool_postgres::Pool;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use self::batch::Batcher;
 use self::cache::CompletedRecords;
@@ -51,6 +52,31 @@ use crate::telemetry::metrics;
 
 /// How often a Wait re-reads the record while the LISTEN connection is down.
 const WAIT_POLL_UNLISTENED: Duration = Duration::from_secs(1);
+
+/// The span of one command's store work: a child of the RPC's span, in traces. At TRACE level
+/// under `telemetry::traces::STORE_TARGET`: without traces (and unless the log filter asks for
+/// trace-level logs) it is never created, so the hot path pays one level check.
+macro_rules! store_span {
+    ($name:literal, $operation:literal) => {
+        tracing::trace_span!(
+            target: "idemd::store",
+            "store",
+            otel.name = $name,
+            db.system.name = "postgresql",
+            db.operation.name = $operation,
+            idemd.batch_size = tracing::field::Empty,
+            idemd.cache = tracing::field::Empty,
+        )
+    };
+}
+
+/// Notes on a store span whether the replay cache answered. A span that was not created (no
+/// traces) costs one check.
+fn record_cache(span: &tracing::Span, hit_or_miss: &'static str) {
+    if !span.is_disabled() {
+        span.record("idemd.cache", hit_or_miss);
+    }
+}
 
 /// Records in PostgreSQL, behind a bounded connection pool.
 #[derive(Clone)]
@@ -177,6 +203,7 @@ impl Store for PostgresStore {
         command: WaitCommand,
         deadline: Option<Instant>,
     ) -> Result<WaitOutcome, StoreError> {
+        let span = store_span!("postgresql wait", "wait");
         self.start_listener();
         let command = &command;
         // The first look marks the record as waited on, so that its Complete notifies.
@@ -193,7 +220,9 @@ impl Store for PostgresStore {
                 WAIT_POLL_UNLISTENED.min(self.wait_poll)
             })
         };
-        waiters::wait(&self.waiters, command, deadline, read, poll).await
+        waiters::wait(&self.waiters, command, deadline, read, poll)
+            .instrument(span)
+            .await
     }
 
     async fn acquire(
@@ -201,28 +230,36 @@ impl Store for PostgresStore {
         command: AcquireCommand,
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, StoreError> {
+        let span = store_span!("postgresql acquire", "acquire");
         // A replay of a record completed and still live: the database would answer the same.
         if let Some((record, now)) = self.completed.live(&command.namespace, &command.key) {
             match decide_acquire(Some(&record), &command.fingerprint, now) {
                 AcquireDecision::Completed => {
+                    record_cache(&span, "hit");
                     metrics::replay_cache_hit();
                     return Ok(AcquireOutcome::Completed { record });
                 }
                 AcquireDecision::FingerprintMismatch => {
+                    record_cache(&span, "hit");
                     metrics::replay_cache_hit();
                     return Err(StoreError::FingerprintMismatch);
                 }
                 _ => {}
             }
         }
-        if let Some(batchers) = &self.batchers {
-            return batchers.acquires.run(command, deadline).await;
+        record_cache(&span, "miss");
+        async {
+            if let Some(batchers) = &self.batchers {
+                return batchers.acquires.run(command, deadline).await;
+            }
+            self.connections
+                .run(deadline, async |client| {
+                    commands::acquire(client, &command, &self.insert_races, &self.completed).await
+                })
+                .await
         }
-        self.connections
-            .run(deadline, async |client| {
-                commands::acquire(client, &command, &self.insert_races, &self.completed).await
-            })
-            .await
+        .instrument(span)
+        .await
     }
 
     async fn complete(
@@ -230,16 +267,21 @@ impl Store for PostgresStore {
         command: CompleteCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
-        let record = match &self.batchers {
-            Some(batchers) => batchers.completes.run(command, deadline).await?,
-            None => {
-                self.connections
-                    .run(deadline, async |client| {
-                        commands::complete(client, &command).await
-                    })
-                    .await?
+        let span = store_span!("postgresql complete", "complete");
+        let record = async {
+            match &self.batchers {
+                Some(batchers) => batchers.completes.run(command, deadline).await,
+                None => {
+                    self.connections
+                        .run(deadline, async |client| {
+                            commands::complete(client, &command).await
+                        })
+                        .await
+                }
             }
-        };
+        }
+        .instrument(span)
+        .await?;
         self.completed.remember(&record);
         Ok(record)
     }
@@ -253,6 +295,7 @@ impl Store for PostgresStore {
             .run(deadline, async |client| {
                 commands::release(client, &command).await
             })
+            .instrument(store_span!("postgresql release", "release"))
             .await
     }
 
@@ -265,6 +308,7 @@ impl Store for PostgresStore {
             .run(deadline, async |client| {
                 commands::renew(client, &command).await
             })
+            .instrument(store_span!("postgresql renew", "renew"))
             .await
     }
 
@@ -273,14 +317,18 @@ impl Store for PostgresStore {
         command: GetCommand,
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
+        let span = store_span!("postgresql get", "get");
         if let Some((record, _)) = self.completed.live(&command.namespace, &command.key) {
+            record_cache(&span, "hit");
             metrics::replay_cache_hit();
             return Ok(record);
         }
+        record_cache(&span, "miss");
         self.connections
             .run(deadline, async |client| {
                 commands::get(client, &command, &self.completed).await
             })
+            .instrument(span)
             .await
     }
 
