@@ -617,6 +617,7 @@ async fn rate_limit_sheds_the_noisy_caller_while_a_quiet_one_keeps_succeeding() 
     );
     let secured = secured(&extra, None).await;
     let client = secured.server.client().await;
+    let started = std::time::Instant::now();
     let mut calls = JoinSet::new();
     for index in 0..200 {
         let mut client = client.clone();
@@ -643,14 +644,18 @@ async fn rate_limit_sheds_the_noisy_caller_while_a_quiet_one_keeps_succeeding() 
             (_, Err(status)) => panic!("the quiet caller was refused: {status:?}"),
         }
     }
+    // The bucket holds one second's worth (20) and refills at 20/s while the calls run: on a
+    // loaded machine the 100 noisy calls can span a second or more, so the bound is what the
+    // bucket can have handed out over the measured span, not a fixed 20.
+    let limit = 20 + (20.0 * started.elapsed().as_secs_f64()).ceil() as usize;
     assert_eq!(quiet_ok, 100, "every quiet call succeeded");
     assert!(
         noisy_shed > 0 && noisy_ok > 0,
         "noisy: {noisy_ok} admitted, {noisy_shed} shed"
     );
     assert!(
-        noisy_ok <= 25,
-        "the noisy caller got past its limit: {noisy_ok}"
+        noisy_ok <= limit,
+        "the noisy caller got past its limit: {noisy_ok} admitted, at most {limit} allowed"
     );
 }
 
