@@ -13,6 +13,7 @@ mod fuzzing;
 mod grpcurl;
 mod harness;
 mod hostile;
+mod java_client;
 mod model;
 mod operations;
 mod processes;
