@@ -444,13 +444,16 @@ public final class IdempotencyClient implements AutoCloseable {
             .setLeaseTtl(protoDuration(options.leaseTtl()))
             .build();
     StoredResult produced;
-    try (LeaseRenewal renewal =
-        new LeaseRenewal(
-            scheduler, this::future, renew, options.leaseTtl().toNanos() / 3, context)) {
+    LeaseRenewal renewal =
+        new LeaseRenewal(scheduler, this::future, renew, options.leaseTtl().toNanos() / 3, context);
+    try {
       produced = requireResult(work.run(context));
     } catch (Exception | Error failure) {
+      renewal.close();
       settleFailure(namespace, key, leaseToken, options, failure);
       throw failure;
+    } finally {
+      renewal.close();
     }
     CompleteRequest complete =
         CompleteRequest.newBuilder()

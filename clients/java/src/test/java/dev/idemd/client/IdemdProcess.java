@@ -103,13 +103,17 @@ final class IdemdProcess implements AutoCloseable {
   }
 
   /** SIGKILL, the way a crashed or evicted pod ends, then waits for the process to be gone. */
-  void kill() throws InterruptedException {
+  void kill() {
     process.destroyForcibly();
-    process.waitFor(30, TimeUnit.SECONDS);
+    try {
+      process.waitFor(30, TimeUnit.SECONDS);
+    } catch (InterruptedException interrupted) {
+      Thread.currentThread().interrupt();
+    }
   }
 
   @Override
-  public void close() throws InterruptedException {
+  public void close() {
     kill();
   }
 }

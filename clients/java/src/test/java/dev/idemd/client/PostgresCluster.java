@@ -67,16 +67,18 @@ final class PostgresCluster implements AutoCloseable {
   }
 
   /** Stops the server the way a crash does: no checkpoint, connections cut. */
-  void crash() throws Exception {
+  void crash() throws IOException, InterruptedException {
     run(tool("pg_ctl", "-D", data(), "-m", "immediate", "-w", "stop"), "pg_ctl stop");
   }
 
   @Override
-  public void close() throws Exception {
+  public void close() throws IOException {
     try {
       crash();
     } catch (IllegalStateException alreadyStopped) {
       // Stopped by the test; nothing to do.
+    } catch (InterruptedException interrupted) {
+      Thread.currentThread().interrupt();
     }
     try (Stream<Path> paths = Files.walk(dir)) {
       paths.sorted(Comparator.reverseOrder()).forEach(path -> path.toFile().delete());
