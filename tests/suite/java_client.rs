@@ -17,12 +17,13 @@ fn surefire_summary(output: &str) -> Option<BTreeMap<String, u64>> {
     let line = output
         .lines()
         .rev()
-        .find_map(|line| line.split_once("Tests run: ").map(|(_, rest)| rest))?;
+        .find_map(|line| line.find("Tests run: ").map(|start| &line[start..]))?;
     let mut counts = BTreeMap::new();
-    counts.insert("run".to_string(), 0);
     for part in line.split(", ") {
-        let (word, count) = part.split_once(": ")?;
-        let word = word.trim().to_lowercase();
+        let Some((word, count)) = part.split_once(": ") else {
+            continue;
+        };
+        let word = word.trim().trim_start_matches("Tests ").to_lowercase();
         if ["run", "failures", "errors", "skipped"].contains(&word.as_str()) {
             counts.insert(word, count.trim().parse().ok()?);
         }

@@ -79,6 +79,9 @@ public final class IdempotencyClient implements AutoCloseable {
   private final ScheduledThreadPoolExecutor scheduler;
   private final ExecutorService executor;
   private final boolean ownsExecutor;
+  /** How many times a call waited to retry an unreachable idemd (read by the tests). */
+  private final java.util.concurrent.atomic.AtomicLong unavailableRetries =
+      new java.util.concurrent.atomic.AtomicLong();
 
   private IdempotencyClient(Builder builder) {
     this.channel = Grpc.newChannelBuilder(builder.target, builder.credentials).build();
@@ -352,6 +355,7 @@ public final class IdempotencyClient implements AutoCloseable {
         }
       } catch (IdemdUnavailableException unreachable) {
         if (backoff.pause()) {
+          unavailableRetries.incrementAndGet();
           continue;
         }
         if (!options.failOpen()) {
@@ -542,8 +546,14 @@ public final class IdempotencyClient implements AutoCloseable {
         if (!backoff.pause()) {
           throw unreachable;
         }
+        unavailableRetries.incrementAndGet();
       }
     }
+  }
+
+  /** How many times calls of this client waited to retry an unreachable idemd. */
+  long unavailableRetries() {
+    return unavailableRetries.get();
   }
 
   private static IdempotentResult replay(Record record) {

@@ -29,6 +29,19 @@ class ResilienceTest {
     };
   }
 
+  /** Waits until calls of {@code client} have retried an unreachable idemd more than {@code seen} times. */
+  private static void awaitRetries(IdempotencyClient client, long seen) {
+    long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(30);
+    while (client.unavailableRetries() <= seen) {
+      assertTrue(System.nanoTime() < deadline, "the call never retried");
+      try {
+        TimeUnit.MILLISECONDS.sleep(5); // polls a condition; the client has no hook to await
+      } catch (InterruptedException interrupted) {
+        throw new IllegalStateException(interrupted);
+      }
+    }
+  }
+
   @Test
   void anUnreachableIdemdIsRetriedUntilTheDeadlineThenFailsClosed() throws Exception {
     String address = "127.0.0.1:" + IdemdProcess.freePort();
@@ -115,6 +128,8 @@ class ResilienceTest {
                 calls.incrementAndGet();
                 return CompletableFuture.completedFuture(StoredResult.of("served late"));
               });
+      // Start idemd only once the call has met the closed port and is retrying.
+      awaitRetries(client, 0);
       IdemdProcess idemd = IdemdProcess.startOn(address);
       try {
         IdempotentResult result = early.get(60, TimeUnit.SECONDS);
@@ -143,6 +158,7 @@ class ResilienceTest {
 
         // idemd dies; a call made while it is down succeeds once it is back.
         idemd.kill();
+        long retries = client.unavailableRetries();
         CompletableFuture<IdempotentResult> waiting =
             client.idempotentAsync(
                 NS,
@@ -150,6 +166,7 @@ class ResilienceTest {
                 null,
                 patient,
                 context -> CompletableFuture.completedFuture(StoredResult.of("stored during")));
+        awaitRetries(client, retries);
         idemd = IdemdProcess.startOn(address, "--database-url", postgres.url());
         assertEquals("stored during", waiting.get(60, TimeUnit.SECONDS).result().bodyUtf8());
 
@@ -214,6 +231,7 @@ class ResilienceTest {
                 calls.incrementAndGet();
                 return CompletableFuture.completedFuture(StoredResult.of("stored after outage"));
               });
+      awaitRetries(client, 0);
       postgres.start();
       IdempotentResult result = waiting.get(60, TimeUnit.SECONDS);
       assertFalse(result.replayed());
