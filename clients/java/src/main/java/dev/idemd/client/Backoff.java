@@ -1,45 +1,61 @@
 package dev.idemd.client;
 
+import java.time.Duration;
 import java.util.concurrent.ThreadLocalRandom;
 import java.util.concurrent.TimeUnit;
 
 /**
- * Exponential backoff with jitter, bounded by a deadline: after the n-th failure it sleeps a random
- * time in [c/2, c], c = min(2 s, 50 ms × 2^n), so callers that failed together do not come back
- * together, and never past the deadline.
+ * The retry budget of one RPC (clients/BEHAVIOUR.md, "Retries"): at most {@code maxAttempts}
+ * calls in all, and before retry n a sleep drawn uniformly from [0, min(backoffMax, backoffInitial
+ * × 2^(n-1))] ("full jitter", so callers that failed together do not come back together), never
+ * past the caller's deadline.
  */
 final class Backoff {
-  private static final long BASE_NANOS = TimeUnit.MILLISECONDS.toNanos(50);
-  private static final long CAP_NANOS = TimeUnit.SECONDS.toNanos(2);
-
+  private final int maxAttempts;
+  private final long initialNanos;
+  private final long maxNanos;
   private final long deadlineNanos;
-  private int failures;
+  private int attempts = 1;
 
-  /** A backoff whose sleeps end by {@code System.nanoTime() + budgetNanos}. */
-  Backoff(long budgetNanos) {
-    this.deadlineNanos = System.nanoTime() + budgetNanos;
+  /** The budget of one RPC whose first call was just made; {@code deadlineNanos} is absolute. */
+  Backoff(IdempotentOptions options, long deadlineNanos) {
+    this.maxAttempts = options.maxAttempts();
+    this.initialNanos = options.backoffInitial().toNanos();
+    this.maxNanos = options.backoffMax().toNanos();
+    this.deadlineNanos = deadlineNanos;
   }
 
   /**
-   * Sleeps before the next attempt; false (without sleeping) when the deadline has passed.
+   * Sleeps before the next call; false (without sleeping) when the budget is spent.
    *
    * @throws IdemdException (CANCELLED) if the thread is interrupted while it sleeps
    */
   boolean pause() {
     long remaining = deadlineNanos - System.nanoTime();
-    if (remaining <= 0) {
+    if (attempts >= maxAttempts || remaining <= 0) {
       return false;
     }
-    long ceiling = Math.min(CAP_NANOS, BASE_NANOS << Math.min(failures, 20));
-    failures++;
-    long delay = ceiling / 2 + ThreadLocalRandom.current().nextLong(ceiling / 2 + 1);
+    int shift = Math.min(attempts - 1, 40);
+    long ceiling =
+        initialNanos > (Long.MAX_VALUE >> shift) ? maxNanos : Math.min(maxNanos, initialNanos << shift);
+    attempts++;
+    sleep(Duration.ofNanos(Math.min(jitter(ceiling), remaining)));
+    return true;
+  }
+
+  /** A uniformly random duration in [0, ceilingNanos]. */
+  static long jitter(long ceilingNanos) {
+    return ThreadLocalRandom.current().nextLong(Math.max(0, ceilingNanos) + 1);
+  }
+
+  /** Sleeps, turning an interrupt into a CANCELLED error (and keeping the interrupt flag). */
+  static void sleep(Duration duration) {
     try {
-      TimeUnit.NANOSECONDS.sleep(Math.min(delay, remaining));
+      TimeUnit.NANOSECONDS.sleep(duration.toNanos());
     } catch (InterruptedException interrupted) {
       Thread.currentThread().interrupt();
       throw new IdemdException(
           "interrupted while waiting to retry", io.grpc.Status.Code.CANCELLED, "CANCELLED", interrupted);
     }
-    return true;
   }
 }

@@ -61,6 +61,7 @@ final class Errors {
       Map<String, String> metadata,
       List<IdemdException.FieldViolation> violations,
       Throwable cause) {
+    // One row per kind of clients/BEHAVIOUR.md's table "Every error, every failure".
     switch (reason) {
       case "FINGERPRINT_MISMATCH":
         return new FingerprintMismatchException(message, code, reason, metadata, violations, cause);
@@ -70,8 +71,6 @@ final class Errors {
         return new RecordCompletedException(message, code, reason, metadata, violations, cause);
       case "RECORD_NOT_FOUND":
         return new RecordNotFoundException(message, code, reason, metadata, violations, cause);
-      case "INVALID_REQUEST":
-        return new InvalidRequestException(message, code, reason, metadata, violations, cause);
       default:
         break;
     }
@@ -86,13 +85,38 @@ final class Errors {
             violations,
             cause);
       case RESOURCE_EXHAUSTED:
-        return new ResourceExhaustedException(message, code, reason, metadata, violations, cause);
+        switch (reason) {
+          case "CALLER_LIMITED":
+            return new RateLimitedException(message, code, reason, metadata, violations, cause);
+          case "STORE_FULL":
+            return new StoreFullException(message, code, reason, metadata, violations, cause);
+          case "TOO_MANY_WAITERS":
+            return new ResourceExhaustedException(
+                message, code, reason, metadata, violations, cause);
+          default:
+            // OVERLOADED, or no reason at all (a proxy's limit): back off, as for overload.
+            return new OverloadedException(message, code, reason, metadata, violations, cause);
+        }
+      case INVALID_ARGUMENT:
+        return new InvalidRequestException(message, code, reason, metadata, violations, cause);
       case UNAUTHENTICATED:
         return new UnauthenticatedException(message, code, reason, metadata, violations, cause);
       case PERMISSION_DENIED:
         return new PermissionDeniedException(message, code, reason, metadata, violations, cause);
+      case INTERNAL:
+        return new IdemdInternalException(message, code, reason, metadata, violations, cause);
       default:
         return new IdemdException(message, code, reason, metadata, violations, cause);
     }
+  }
+
+  /**
+   * Whether the helper retries Acquire and Complete after this error: idemd unreachable, this
+   * caller rate-limited, or idemd overloaded (BEHAVIOUR.md, "Retries").
+   */
+  static boolean retried(IdemdException error) {
+    return error instanceof IdemdUnavailableException
+        || error instanceof RateLimitedException
+        || error instanceof OverloadedException;
   }
 }

@@ -59,10 +59,15 @@ import java.util.concurrent.atomic.AtomicInteger;
  *   <li>The work fails: the key is released (a retry runs the work again), or with {@code
  *       completeOnError} the failure's result is stored so retries replay it; the failure is
  *       rethrown.
- *   <li>idemd unreachable: retried with backoff and jitter within {@code deadline}; then {@link
- *       IdemdUnavailableException} (fail closed), or with {@code failOpen} the work runs
- *       unprotected.
+ *   <li>idemd unreachable, this caller rate-limited, or idemd overloaded: Acquire (and Complete)
+ *       are retried with exponential backoff and full jitter, up to {@code maxAttempts} calls and
+ *       never past the caller's {@code deadline}; then the error is raised ({@link
+ *       IdemdUnavailableException}: fail closed). Only when idemd stayed <em>unreachable</em> does
+ *       {@code failOpen} run the work unprotected instead.
  * </ul>
+ *
+ * <p>What the helper does for every answer is written once for all idemd clients in {@code
+ * clients/BEHAVIOUR.md}; the exceptions are the Java names of its error kinds.
  *
  * <p>The client is thread-safe; make one per process and share it. It owns a channel, a scheduler
  * thread for lease renewals and (unless given one) a thread pool for {@link #idempotentAsync}:
@@ -79,8 +84,8 @@ public final class IdempotencyClient implements AutoCloseable {
   private final ScheduledThreadPoolExecutor scheduler;
   private final ExecutorService executor;
   private final boolean ownsExecutor;
-  /** How many times a call waited to retry an unreachable idemd (read by the tests). */
-  private final java.util.concurrent.atomic.AtomicLong unavailableRetries =
+  /** How many times calls retried Acquire or Complete (read by the tests). */
+  private final java.util.concurrent.atomic.AtomicLong retries =
       new java.util.concurrent.atomic.AtomicLong();
 
   private IdempotencyClient(Builder builder) {
@@ -275,8 +280,12 @@ public final class IdempotencyClient implements AutoCloseable {
    * @throws LeaseLostException the lease was taken over while the work ran: its result is not
    *     stored
    * @throws InProgressException another caller still held the key after {@code maxWaits} Waits
-   * @throws IdemdUnavailableException idemd stayed unreachable past the deadline (fail closed)
-   * @throws IdemdException any other refusal (e.g. {@link ResourceExhaustedException})
+   * @throws IdemdUnavailableException idemd stayed unreachable through the retries (fail closed),
+   *     or Complete could not reach it after the work ran (the result is not stored)
+   * @throws RateLimitedException this caller stayed over its rate limit through the retries
+   * @throws OverloadedException idemd stayed overloaded through the retries
+   * @throws IdemdException any other refusal, e.g. {@link StoreFullException}, {@link
+   *     UnauthenticatedException}, {@link InvalidRequestException}
    * @throws IllegalArgumentException {@code request} has no canonical JSON form
    */
   public <E extends Exception> IdempotentResult idempotent(
@@ -297,77 +306,132 @@ public final class IdempotencyClient implements AutoCloseable {
       acquireRequest.setRetention(protoDuration(options.retention()));
     }
     AcquireRequest acquire = acquireRequest.build();
-    Backoff backoff = new Backoff(options.deadline().toNanos());
+    long deadline = deadlineOf(options);
     int waits = 0;
     while (true) {
+      AcquireResponse answer;
       try {
-        AcquireResponse answer = acquire(acquire);
-        switch (answer.getOutcome()) {
-          case OUTCOME_ACQUIRED:
-            return runLeased(namespace, key, answer.getLease(), options, work);
-          case OUTCOME_COMPLETED:
-            return replay(answer.getRecord());
-          case OUTCOME_IN_PROGRESS:
-            if (waits >= options.maxWaits()) {
-              throw new InProgressException(
-                  namespace + "/" + key + " is still in progress after " + waits + " waits",
-                  io.grpc.Status.Code.ABORTED,
-                  "IN_PROGRESS",
-                  null);
-            }
-            waits++;
-            Duration timeout = options.waitTimeout();
-            if (answer.hasRetryAfter()) {
-              Duration retryAfter =
-                  Duration.ofSeconds(
-                      answer.getRetryAfter().getSeconds(), answer.getRetryAfter().getNanos());
-              if (retryAfter.compareTo(timeout) < 0) {
-                timeout = retryAfter;
-              }
-            }
-            if (timeout.toMillis() < 1) {
-              timeout = Duration.ofMillis(1);
-            }
-            WaitResponse waited;
-            try {
-              waited =
-                  waitFor(
-                      WaitRequest.newBuilder()
-                          .setNamespace(namespace)
-                          .setKey(key)
-                          .setTimeout(protoDuration(timeout))
-                          .build());
-            } catch (ResourceExhaustedException tooManyWaiters) {
-              // The server has too many waiters: poll instead, after the other lease's time.
-              sleep(timeout);
-              continue;
-            }
-            if (waited.getOutcome() == WaitOutcome.WAIT_OUTCOME_COMPLETED) {
-              return replay(waited.getRecord());
-            }
-            continue; // free or timed out: Acquire again
-          default:
-            throw new IdemdException(
-                "unexpected Acquire outcome " + answer.getOutcome(),
-                io.grpc.Status.Code.INTERNAL,
-                "UNEXPECTED_OUTCOME",
-                null);
-        }
+        answer = acquireWithRetry(acquire, options, deadline);
       } catch (IdemdUnavailableException unreachable) {
-        if (backoff.pause()) {
-          unavailableRetries.incrementAndGet();
-          continue;
-        }
         if (!options.failOpen()) {
           throw unreachable;
         }
-        // Fail open: idemd stayed unreachable (and only that), so the caller chose to run the
-        // work unprotected rather than not at all.
+        // Fail open: idemd stayed unreachable (and only that) through the retries, and the caller
+        // chose to run the work unprotected rather than not at all.
         WorkContext unprotected = new WorkContext(namespace, key, 0, "", false);
-        StoredResult produced = work.run(unprotected);
-        return new IdempotentResult(requireResult(produced), false, false, 0);
+        return new IdempotentResult(requireResult(work.run(unprotected)), false, false, 0);
+      }
+      switch (answer.getOutcome()) {
+        case OUTCOME_ACQUIRED:
+          return runLeased(namespace, key, answer.getLease(), options, deadline, work);
+        case OUTCOME_COMPLETED:
+          return replay(answer.getRecord());
+        case OUTCOME_IN_PROGRESS:
+          break;
+        default:
+          throw new IdemdException(
+              "unexpected Acquire outcome " + answer.getOutcome(),
+              io.grpc.Status.Code.INTERNAL,
+              "UNEXPECTED_OUTCOME",
+              null);
+      }
+      if (waits >= options.maxWaits()) {
+        throw new InProgressException(
+            namespace + "/" + key + " is still in progress after " + waits + " waits",
+            io.grpc.Status.Code.ABORTED,
+            "IN_PROGRESS",
+            null);
+      }
+      waits++;
+      Duration timeout = options.waitTimeout();
+      if (answer.hasRetryAfter()) {
+        Duration retryAfter =
+            Duration.ofSeconds(
+                answer.getRetryAfter().getSeconds(), answer.getRetryAfter().getNanos());
+        if (retryAfter.compareTo(timeout) < 0) {
+          timeout = retryAfter;
+        }
+      }
+      if (timeout.toMillis() < 1) {
+        timeout = Duration.ofMillis(1);
+      }
+      WaitResponse waited;
+      try {
+        waited =
+            waitFor(
+                WaitRequest.newBuilder()
+                    .setNamespace(namespace)
+                    .setKey(key)
+                    .setTimeout(protoDuration(timeout))
+                    .build());
+      } catch (IdemdException failed) {
+        if (failed.code() == io.grpc.Status.Code.DEADLINE_EXCEEDED) {
+          continue; // counts as TIMED_OUT: Acquire again
+        }
+        if (failed instanceof IdemdUnavailableException
+            || "TOO_MANY_WAITERS".equals(failed.reason())) {
+          // Back off a little, then Acquire again (which carries the retries).
+          long pause = Math.min(timeout.toNanos(), TimeUnit.SECONDS.toNanos(1));
+          Backoff.sleep(Duration.ofNanos(Backoff.jitter(pause)));
+          continue;
+        }
+        throw failed;
+      }
+      if (waited.getOutcome() == WaitOutcome.WAIT_OUTCOME_COMPLETED) {
+        if (!waited.getRecord().getFingerprint().equals(acquire.getFingerprint())) {
+          throw new FingerprintMismatchException(
+              namespace + "/" + key + " was completed for a different request",
+              io.grpc.Status.Code.FAILED_PRECONDITION,
+              "FINGERPRINT_MISMATCH",
+              null);
+        }
+        return replay(waited.getRecord());
+      }
+      // FREE or TIMED_OUT: Acquire again.
+    }
+  }
+
+  /** Acquire, retried within the options' budget on the errors BEHAVIOUR.md retries. */
+  private AcquireResponse acquireWithRetry(
+      AcquireRequest request, IdempotentOptions options, long deadline) {
+    Backoff backoff = new Backoff(options, deadline);
+    while (true) {
+      try {
+        return acquire(request);
+      } catch (IdemdException failed) {
+        if (!Errors.retried(failed) || !backoff.pause()) {
+          throw failed;
+        }
+        retries.incrementAndGet();
       }
     }
+  }
+
+  /** Complete is safe to retry with the same lease token: a repeat returns the stored record. */
+  private CompleteResponse completeWithRetry(
+      CompleteRequest request, IdempotentOptions options, long deadline) {
+    Backoff backoff = new Backoff(options, deadline);
+    while (true) {
+      try {
+        return complete(request);
+      } catch (IdemdException failed) {
+        if (!Errors.retried(failed) || !backoff.pause()) {
+          throw failed;
+        }
+        retries.incrementAndGet();
+      }
+    }
+  }
+
+  /** The absolute deadline ({@link System#nanoTime()}) of a call that starts now. */
+  private static long deadlineOf(IdempotentOptions options) {
+    Duration deadline = options.deadline();
+    if (deadline == null) {
+      return Long.MAX_VALUE;
+    }
+    long now = System.nanoTime();
+    long nanos = deadline.compareTo(Duration.ofDays(365)) > 0 ? Long.MAX_VALUE / 2 : deadline.toNanos();
+    return now + nanos;
   }
 
   /**
@@ -435,7 +499,12 @@ public final class IdempotencyClient implements AutoCloseable {
   }
 
   private <E extends Exception> IdempotentResult runLeased(
-      String namespace, String key, Lease lease, IdempotentOptions options, Work<E> work)
+      String namespace,
+      String key,
+      Lease lease,
+      IdempotentOptions options,
+      long deadline,
+      Work<E> work)
       throws E {
     String leaseToken = lease.getToken();
     WorkContext context =
@@ -454,7 +523,7 @@ public final class IdempotencyClient implements AutoCloseable {
       produced = requireResult(work.run(context));
     } catch (Exception | Error failure) {
       renewal.close();
-      settleFailure(namespace, key, leaseToken, options, failure);
+      settleFailure(namespace, key, leaseToken, options, deadline, failure);
       throw failure;
     } finally {
       renewal.close();
@@ -468,8 +537,8 @@ public final class IdempotencyClient implements AutoCloseable {
             .build();
     CompleteResponse completed;
     try {
-      completed = completeWithRetry(complete, options);
-    } catch (LeaseLostException | RecordNotFoundException lost) {
+      completed = completeWithRetry(complete, options, deadline);
+    } catch (LeaseLostException | RecordNotFoundException | RecordCompletedException lost) {
       throw new LeaseLostException(
           "lease on "
               + namespace
@@ -488,12 +557,17 @@ public final class IdempotencyClient implements AutoCloseable {
     return new IdempotentResult(stored, false, true, lease.getFencingToken());
   }
 
-  /** After the work failed: store the failure's result if asked to, else give the key back. */
+  /**
+   * After the work failed: store the failure's result if asked to, else give the key back (once,
+   * best effort: the lease expires by itself). What goes wrong here is added to the work's failure
+   * as suppressed, never thrown instead of it.
+   */
   private void settleFailure(
       String namespace,
       String key,
       String leaseToken,
       IdempotentOptions options,
+      long deadline,
       Throwable failure) {
     if (!options.isRetryable(failure) && options.completeOnError() != null) {
       try {
@@ -505,55 +579,29 @@ public final class IdempotencyClient implements AutoCloseable {
                 .setLeaseToken(leaseToken)
                 .setResult(errorResult.toProto())
                 .build(),
-            options);
+            options,
+            deadline);
         return;
       } catch (RuntimeException notStored) {
         // Could not store the failure's result: release instead, so a retry can run the work.
         failure.addSuppressed(notStored);
       }
     }
-    ReleaseRequest release =
-        ReleaseRequest.newBuilder()
-            .setNamespace(namespace)
-            .setKey(key)
-            .setLeaseToken(leaseToken)
-            .build();
-    Backoff backoff = new Backoff(options.deadline().toNanos());
-    while (true) {
-      try {
-        release(release);
-        return;
-      } catch (IdemdUnavailableException unreachable) {
-        if (!backoff.pause()) {
-          // The lease expires by itself; the caller sees its own failure, not ours.
-          failure.addSuppressed(unreachable);
-          return;
-        }
-      } catch (IdemdException refused) {
-        failure.addSuppressed(refused);
-        return;
-      }
+    try {
+      release(
+          ReleaseRequest.newBuilder()
+              .setNamespace(namespace)
+              .setKey(key)
+              .setLeaseToken(leaseToken)
+              .build());
+    } catch (IdemdException notReleased) {
+      failure.addSuppressed(notReleased);
     }
   }
 
-  /** Complete is safe to retry with the same lease token: a repeat returns the stored record. */
-  private CompleteResponse completeWithRetry(CompleteRequest request, IdempotentOptions options) {
-    Backoff backoff = new Backoff(options.deadline().toNanos());
-    while (true) {
-      try {
-        return complete(request);
-      } catch (IdemdUnavailableException unreachable) {
-        if (!backoff.pause()) {
-          throw unreachable;
-        }
-        unavailableRetries.incrementAndGet();
-      }
-    }
-  }
-
-  /** How many times calls of this client waited to retry an unreachable idemd. */
-  long unavailableRetries() {
-    return unavailableRetries.get();
+  /** How many times calls of this client retried Acquire or Complete (read by the tests). */
+  long retries() {
+    return retries.get();
   }
 
   private static IdempotentResult replay(Record record) {
@@ -583,16 +631,6 @@ public final class IdempotencyClient implements AutoCloseable {
         .setSeconds(duration.getSeconds())
         .setNanos(duration.getNano())
         .build();
-  }
-
-  private static void sleep(Duration duration) {
-    try {
-      TimeUnit.NANOSECONDS.sleep(duration.toNanos());
-    } catch (InterruptedException interrupted) {
-      Thread.currentThread().interrupt();
-      throw new IdemdException(
-          "interrupted while waiting", io.grpc.Status.Code.CANCELLED, "CANCELLED", interrupted);
-    }
   }
 
   /**
@@ -681,7 +719,7 @@ public final class IdempotencyClient implements AutoCloseable {
     private final String target;
     private ChannelCredentials credentials = InsecureChannelCredentials.create();
     private String token;
-    private Duration rpcTimeout = Duration.ofSeconds(5);
+    private Duration rpcTimeout = Duration.ofSeconds(10);
     private ExecutorService executor;
 
     private Builder(String target) {
@@ -737,7 +775,7 @@ public final class IdempotencyClient implements AutoCloseable {
 
     /**
      * The deadline of each Acquire, Complete, Release, Renew and Get (Wait gets its timeout on
-     * top). Default 5 s.
+     * top). Default 10 s.
      *
      * @param rpcTimeout a positive duration
      * @return this builder

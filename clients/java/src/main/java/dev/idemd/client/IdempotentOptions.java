@@ -18,6 +18,9 @@ public final class IdempotentOptions {
   private final Duration waitTimeout;
   private final int maxWaits;
   private final Duration deadline;
+  private final int maxAttempts;
+  private final Duration backoffInitial;
+  private final Duration backoffMax;
   private final boolean failOpen;
   private final Predicate<Throwable> retryable;
   private final Function<Throwable, StoredResult> completeOnError;
@@ -29,6 +32,9 @@ public final class IdempotentOptions {
     this.waitTimeout = builder.waitTimeout;
     this.maxWaits = builder.maxWaits;
     this.deadline = builder.deadline;
+    this.maxAttempts = builder.maxAttempts;
+    this.backoffInitial = builder.backoffInitial;
+    this.backoffMax = builder.backoffMax;
     this.failOpen = builder.failOpen;
     this.retryable = builder.retryable;
     this.completeOnError = builder.completeOnError;
@@ -64,8 +70,21 @@ public final class IdempotentOptions {
     return maxWaits;
   }
 
+  /** The caller's deadline, or {@code null} for none. */
   Duration deadline() {
     return deadline;
+  }
+
+  int maxAttempts() {
+    return maxAttempts;
+  }
+
+  Duration backoffInitial() {
+    return backoffInitial;
+  }
+
+  Duration backoffMax() {
+    return backoffMax;
   }
 
   boolean failOpen() {
@@ -87,7 +106,10 @@ public final class IdempotentOptions {
     private String holder;
     private Duration waitTimeout = Duration.ofSeconds(30);
     private int maxWaits = 10;
-    private Duration deadline = Duration.ofSeconds(30);
+    private Duration deadline;
+    private int maxAttempts = 4;
+    private Duration backoffInitial = Duration.ofMillis(100);
+    private Duration backoffMax = Duration.ofSeconds(2);
     private boolean failOpen;
     private Predicate<Throwable> retryable = failure -> false;
     private Function<Throwable, StoredResult> completeOnError;
@@ -163,11 +185,42 @@ public final class IdempotentOptions {
     }
 
     /**
-     * How long to keep trying while idemd is unreachable: Acquire (and the Wait after it) are
-     * retried with exponential backoff and full jitter until this much time has passed since the
-     * call began; Complete and Release get the same budget again, counted from when the work
-     * ended. Past it the helper fails closed with {@link IdemdUnavailableException} (or runs the
-     * work unprotected with {@link #failOpen}). Default 30 s; zero tries once.
+     * How many calls of Acquire, and of Complete, in all (the first included) while idemd is
+     * unreachable ({@link IdemdUnavailableException}), this caller is rate-limited ({@link
+     * RateLimitedException}) or idemd is overloaded ({@link OverloadedException}). Default 4.
+     *
+     * @param maxAttempts at least 1
+     * @return this builder
+     */
+    public Builder maxAttempts(int maxAttempts) {
+      if (maxAttempts < 1) {
+        throw new IllegalArgumentException("maxAttempts must be at least 1");
+      }
+      this.maxAttempts = maxAttempts;
+      return this;
+    }
+
+    /**
+     * The backoff before retries: before retry n the helper sleeps a random time in [0,
+     * min(max, initial × 2^(n-1))] (full jitter). Defaults 100 ms and 2 s.
+     *
+     * @param initial the ceiling of the first retry's sleep
+     * @param max the largest ceiling
+     * @return this builder
+     */
+    public Builder backoff(Duration initial, Duration max) {
+      if (initial.isNegative() || max.compareTo(initial) < 0) {
+        throw new IllegalArgumentException("need 0 <= initial <= max");
+      }
+      this.backoffInitial = initial;
+      this.backoffMax = max;
+      return this;
+    }
+
+    /**
+     * The caller's deadline, counted from the start of the call: no retry (of Acquire, or of
+     * Complete after the work) and no backoff sleep goes past it; the call then fails as its last
+     * attempt did. The work itself is not interrupted. Default: none (the retry budget alone).
      *
      * @param deadline zero or more
      * @return this builder
@@ -181,9 +234,9 @@ public final class IdempotentOptions {
     }
 
     /**
-     * When idemd stays unreachable past the deadline ({@link IdemdUnavailableException} only,
-     * never any other error such as {@link ResourceExhaustedException}), run the work unprotected
-     * instead of failing. Default false: fail closed.
+     * When Acquire finds idemd unreachable after its retries ({@link IdemdUnavailableException}
+     * only: never after any answer of idemd's, such as {@link RateLimitedException}), run the work
+     * unprotected instead of failing. Default false: fail closed.
      *
      * @param failOpen whether to run the work without idemd
      * @return this builder

@@ -5,10 +5,11 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * idemd refused the call for want of capacity ({@code RESOURCE_EXHAUSTED}): the caller is over its
- * rate limit ({@code CALLER_LIMITED}), the server is overloaded ({@code OVERLOADED}), the memory
- * store is full ({@code STORE_FULL}) or too many callers wait ({@code TOO_MANY_WAITERS}). idemd is
- * reachable, so {@code failOpen} never applies: the work stays protected.
+ * idemd refused the call for want of capacity ({@code RESOURCE_EXHAUSTED}). The helper raises one
+ * of the subclasses ({@link RateLimitedException}, {@link OverloadedException}, {@link
+ * StoreFullException}); this class itself stands for {@code TOO_MANY_WAITERS} from a low-level
+ * Wait. idemd is reachable, so none of them is an {@link IdemdUnavailableException} and {@code
+ * failOpen} never applies: the work stays protected.
  */
 public class ResourceExhaustedException extends IdemdException {
   private static final long serialVersionUID = 1L;

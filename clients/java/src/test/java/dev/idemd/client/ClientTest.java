@@ -436,8 +436,11 @@ class ClientTest {
     assertInstanceOf(
         IdemdUnavailableException.class,
         Errors.from(io.grpc.Status.UNAVAILABLE.asRuntimeException()));
+    // RESOURCE_EXHAUSTED without a reason is overload; no capacity refusal is "unavailable".
+    IdemdException exhausted = Errors.from(io.grpc.Status.RESOURCE_EXHAUSTED.asRuntimeException());
+    assertInstanceOf(OverloadedException.class, exhausted);
+    assertFalse(exhausted instanceof IdemdUnavailableException);
     assertInstanceOf(
-        ResourceExhaustedException.class,
-        Errors.from(io.grpc.Status.RESOURCE_EXHAUSTED.asRuntimeException()));
+        IdemdInternalException.class, Errors.from(io.grpc.Status.INTERNAL.asRuntimeException()));
   }
 }

@@ -22,6 +22,14 @@ import org.junit.jupiter.api.Test;
 class ResilienceTest {
   private static final String NS = ClientTest.NS;
 
+  /** Retries for as long as a restart can take. */
+  private static IdempotentOptions patient() {
+    return IdempotentOptions.builder()
+        .maxAttempts(Integer.MAX_VALUE)
+        .deadline(Duration.ofSeconds(60))
+        .build();
+  }
+
   private static Work<RuntimeException> counting(AtomicInteger calls, String body) {
     return context -> {
       calls.incrementAndGet();
@@ -29,10 +37,10 @@ class ResilienceTest {
     };
   }
 
-  /** Waits until calls of {@code client} have retried an unreachable idemd more than {@code seen} times. */
+  /** Waits until calls of {@code client} have retried more than {@code seen} times. */
   private static void awaitRetries(IdempotencyClient client, long seen) {
     long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(30);
-    while (client.unavailableRetries() <= seen) {
+    while (client.retries() <= seen) {
       assertTrue(System.nanoTime() < deadline, "the call never retried");
       try {
         TimeUnit.MILLISECONDS.sleep(5); // polls a condition; the client has no hook to await
@@ -56,7 +64,7 @@ class ResilienceTest {
                       NS,
                       ClientTest.uniqueKey("closed"),
                       null,
-                      IdempotentOptions.builder().deadline(Duration.ofMillis(700)).build(),
+                      IdempotentOptions.builder().maxAttempts(1_000).deadline(Duration.ofMillis(700)).build(),
                       counting(calls, "never")));
       long elapsedMillis = TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - started);
       assertEquals(io.grpc.Status.Code.UNAVAILABLE, unavailable.code());
@@ -96,9 +104,9 @@ class ResilienceTest {
                   AcquireRequest.newBuilder().setNamespace(NS).setKey("the-only-record").build())
               .getOutcome());
       AtomicInteger calls = new AtomicInteger();
-      ResourceExhaustedException full =
+      StoreFullException full =
           assertThrows(
-              ResourceExhaustedException.class,
+              StoreFullException.class,
               () ->
                   client.idempotent(
                       NS,
@@ -123,7 +131,7 @@ class ResilienceTest {
               NS,
               key,
               Map.of("late", true),
-              IdempotentOptions.builder().deadline(Duration.ofSeconds(60)).build(),
+              patient(),
               context -> {
                 calls.incrementAndGet();
                 return CompletableFuture.completedFuture(StoredResult.of("served late"));
@@ -149,7 +157,7 @@ class ResilienceTest {
     String before = ClientTest.uniqueKey("before-restart");
     String during = ClientTest.uniqueKey("during-restart");
     String leased = ClientTest.uniqueKey("leased-across-restart");
-    IdempotentOptions patient = IdempotentOptions.builder().deadline(Duration.ofSeconds(60)).build();
+    IdempotentOptions patient = patient();
     try (PostgresCluster postgres = PostgresCluster.create();
         IdempotencyClient client = IdempotencyClient.create(address)) {
       IdemdProcess idemd = IdemdProcess.startOn(address, "--database-url", postgres.url());
@@ -158,7 +166,7 @@ class ResilienceTest {
 
         // idemd dies; a call made while it is down succeeds once it is back.
         idemd.kill();
-        long retries = client.unavailableRetries();
+        long retries = client.retries();
         CompletableFuture<IdempotentResult> waiting =
             client.idempotentAsync(
                 NS,
@@ -205,7 +213,7 @@ class ResilienceTest {
     AtomicInteger calls = new AtomicInteger();
     String before = ClientTest.uniqueKey("before-pg-restart");
     String during = ClientTest.uniqueKey("during-pg-restart");
-    IdempotentOptions patient = IdempotentOptions.builder().deadline(Duration.ofSeconds(60)).build();
+    IdempotentOptions patient = patient();
     try (PostgresCluster postgres = PostgresCluster.create();
         IdemdProcess idemd = IdemdProcess.start("--database-url", postgres.url());
         IdempotencyClient client = IdempotencyClient.create(idemd.address())) {
