@@ -8,8 +8,12 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
+use std::sync::OnceLock;
 
 use crate::clients::{assert_all_passed, run_client_suite};
+use crate::processes::IdemdProcess;
+
+const JAVA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/java");
 
 /// The counts of Surefire's closing summary ("Tests run: 12, Failures: 0, Errors: 0, Skipped: 1"),
 /// the last such line of the run, with "passed" = run - failures - errors - skipped.
@@ -36,16 +40,103 @@ fn surefire_summary(output: &str) -> Option<BTreeMap<String, u64>> {
 
 #[test]
 fn java_client_tests_pass() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/java");
     let mut maven = Command::new("mvn");
     // -T1 and Surefire's single fork: the machine's cores are shared with the rest of the suite.
     maven
-        .current_dir(dir)
+        .current_dir(JAVA_DIR)
         .args(["-B", "--no-transfer-progress", "-T1", "test"]);
     let output = run_client_suite("Java", maven);
     let counts =
         surefire_summary(&output).unwrap_or_else(|| panic!("no Surefire summary in:\n{output}"));
     assert_all_passed("Java", &counts, "passed", &output);
+}
+
+/// The Java runner of the client behaviour suite (clients/BEHAVIOUR.md, "Running the suite"):
+/// `java dev.idemd.client.BehaviourRunner`, to which the caller appends `ADDRESS CASES_FILE
+/// CASE_NAME`. The first call compiles the client and its tests with Maven (which also writes
+/// the test classpath); every case then costs one JVM start, not one Maven run.
+pub(crate) fn java_behaviour_runner() -> Command {
+    static CLASSPATH: OnceLock<String> = OnceLock::new();
+    let classpath = CLASSPATH.get_or_init(|| {
+        let output = Command::new("mvn")
+            .current_dir(JAVA_DIR)
+            .args(["-B", "-q", "--no-transfer-progress", "-T1", "test-compile"])
+            .output()
+            .expect("run mvn test-compile for the Java behaviour runner");
+        assert!(
+            output.status.success(),
+            "mvn test-compile failed:\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let libraries = std::fs::read_to_string(format!("{JAVA_DIR}/target/test-classpath.txt"))
+            .expect("Maven wrote target/test-classpath.txt");
+        format!(
+            "{JAVA_DIR}/target/test-classes:{JAVA_DIR}/target/classes:{}",
+            libraries.trim()
+        )
+    });
+    let mut java = Command::new("java");
+    java.args([
+        "-XX:TieredStopAtLevel=1",
+        "-cp",
+        classpath,
+        "dev.idemd.client.BehaviourRunner",
+    ]);
+    java
+}
+
+/// The runner's one line of JSON for `case` of `cases_file`, against `address`.
+fn run_java_case(address: &str, cases_file: &std::path::Path, case: &str) -> serde_json::Value {
+    let output = java_behaviour_runner()
+        .arg(address)
+        .arg(cases_file)
+        .arg(case)
+        .output()
+        .expect("start the Java behaviour runner");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the Java runner failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("the Java runner printed no JSON line ({error}): {stdout}"))
+}
+
+/// The runner against the real idemd: a fresh key runs the work, the same case again replays.
+/// (The behaviour suite runs it against the scripted fake; this keeps it honest on its own.)
+#[test]
+fn java_behaviour_runner_speaks_the_runner_protocol() {
+    let idemd = IdemdProcess::start(&[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cases = dir.path().join("cases.json");
+    let case = format!("java-runner-{}", uuid::Uuid::new_v4().simple());
+    let file = serde_json::json!({
+        "defaults": {
+            "fail_open": false, "max_attempts": 3, "backoff_initial_ms": 1, "backoff_max_ms": 5,
+            "rpc_timeout_ms": 2000, "max_waits": 3, "wait_timeout_ms": 1000, "lease_ttl_ms": 30000
+        },
+        "default_work": { "returns": "fresh" },
+        "cases": [{ "name": case, "why": "the runner protocol", "script": {}, "expect": {} }],
+    });
+    std::fs::write(&cases, file.to_string()).expect("write cases");
+    let address = idemd.addr.to_string();
+    let first = run_java_case(&address, &cases, &case);
+    assert_eq!(
+        first,
+        serde_json::json!({"error": null, "work_runs": 1, "body": "fresh", "replayed": false, "protected": true})
+    );
+    let second = run_java_case(&address, &cases, &case);
+    assert_eq!(
+        second,
+        serde_json::json!({"error": null, "work_runs": 0, "body": "fresh", "replayed": true, "protected": true})
+    );
+    // Nothing listens on a closed port: three Acquires, then fail closed.
+    let closed = format!("127.0.0.1:{}", crate::processes::free_port());
+    let refused = run_java_case(&closed, &cases, &case);
+    assert_eq!(refused["error"], "unavailable", "{refused}");
+    assert_eq!(refused["work_runs"], 0, "{refused}");
 }
 
 #[test]

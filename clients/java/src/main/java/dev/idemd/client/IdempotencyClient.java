@@ -124,6 +124,34 @@ public final class IdempotencyClient implements AutoCloseable {
     return new Builder(target);
   }
 
+  /**
+   * Connects the channel now rather than at the first call, waiting at most {@code timeout} for
+   * it to be ready: a warm-up at start-up, so the first call's deadline is not spent connecting.
+   * Calls work without it.
+   *
+   * @param timeout the longest to wait
+   * @return whether the channel is ready (false at once when a connection attempt failed)
+   * @throws InterruptedException if the thread is interrupted while it waits
+   */
+  public boolean connect(Duration timeout) throws InterruptedException {
+    long deadline = System.nanoTime() + timeout.toNanos();
+    while (true) {
+      io.grpc.ConnectivityState state = channel.getState(true);
+      if (state == io.grpc.ConnectivityState.READY) {
+        return true;
+      }
+      long remaining = deadline - System.nanoTime();
+      if (remaining <= 0
+          || state == io.grpc.ConnectivityState.TRANSIENT_FAILURE
+          || state == io.grpc.ConnectivityState.SHUTDOWN) {
+        return false; // not there (yet): calls will meet the failure and retry
+      }
+      java.util.concurrent.CountDownLatch changed = new java.util.concurrent.CountDownLatch(1);
+      channel.notifyWhenStateChanged(state, changed::countDown);
+      changed.await(remaining, TimeUnit.NANOSECONDS);
+    }
+  }
+
   // ------------------------------------------------------------------------------------------
   // Low-level RPCs. Each has the client's RPC timeout as its deadline and throws IdemdException
   // (the subclass its reason names); none is retried here.
