@@ -53,14 +53,19 @@ fn java_client_tests_pass() {
 
 /// The Java runner of the client behaviour suite (clients/BEHAVIOUR.md, "Running the suite"):
 /// `java dev.idemd.client.BehaviourRunner`, to which the caller appends `ADDRESS CASES_FILE
-/// CASE_NAME`. The first call compiles the client and its tests with Maven (which also writes
-/// the test classpath); every case then costs one JVM start, not one Maven run.
+/// CASE_NAME`. The first call compiles the client and its tests with Maven into a build directory
+/// of its own under Cargo's test temp dir (so it never races `java_client_tests_pass`, whose
+/// `mvn test` writes clients/java/target at the same time); every case then costs one JVM start,
+/// not one Maven run.
 pub(crate) fn java_behaviour_runner() -> Command {
     static CLASSPATH: OnceLock<String> = OnceLock::new();
     let classpath = CLASSPATH.get_or_init(|| {
+        let build = concat!(env!("CARGO_TARGET_TMPDIR"), "/java-behaviour-runner");
         let output = Command::new("mvn")
             .current_dir(JAVA_DIR)
-            .args(["-B", "-q", "--no-transfer-progress", "-T1", "test-compile"])
+            .args(["-B", "-q", "--no-transfer-progress", "-T1"])
+            .arg(format!("-Didemd.build.directory={build}"))
+            .arg("test-compile")
             .output()
             .expect("run mvn test-compile for the Java behaviour runner");
         assert!(
@@ -69,12 +74,9 @@ pub(crate) fn java_behaviour_runner() -> Command {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        let libraries = std::fs::read_to_string(format!("{JAVA_DIR}/target/test-classpath.txt"))
-            .expect("Maven wrote target/test-classpath.txt");
-        format!(
-            "{JAVA_DIR}/target/test-classes:{JAVA_DIR}/target/classes:{}",
-            libraries.trim()
-        )
+        let libraries = std::fs::read_to_string(format!("{build}/test-classpath.txt"))
+            .expect("Maven wrote test-classpath.txt");
+        format!("{build}/test-classes:{build}/classes:{}", libraries.trim())
     });
     let mut java = Command::new("java");
     java.args([
