@@ -74,6 +74,18 @@ final class Errors {
       default:
         break;
     }
+    if (code == Status.Code.CANCELLED && !causedByInterrupt(cause)) {
+      // The helper never cancels its own calls, so a CANCELLED it did not cause by an interrupt
+      // is the other side giving up (a tonic server whose grpc-timeout passed, a proxy): the
+      // same as no answer (BEHAVIOUR.md).
+      return new IdemdUnavailableException(
+          "idemd unavailable (CANCELLED by the other side): " + message,
+          code,
+          reason,
+          metadata,
+          violations,
+          cause);
+    }
     switch (code) {
       case UNAVAILABLE:
       case DEADLINE_EXCEEDED:
@@ -108,6 +120,16 @@ final class Errors {
       default:
         return new IdemdException(message, code, reason, metadata, violations, cause);
     }
+  }
+
+  /** Whether the calling thread's interrupt cancelled the call (grpc-java's blocking stubs). */
+  private static boolean causedByInterrupt(Throwable failure) {
+    for (Throwable cause = failure; cause != null; cause = cause.getCause()) {
+      if (cause instanceof InterruptedException) {
+        return true;
+      }
+    }
+    return Thread.currentThread().isInterrupted();
   }
 
   /**

@@ -123,6 +123,7 @@ public final class BehaviourRunner {
       outcome.put("body", null);
       outcome.put("replayed", null);
       outcome.put("protected", null);
+      outcome.put("detail", failure.toString());
     }
     return outcome;
   }

@@ -442,5 +442,13 @@ class ClientTest {
     assertFalse(exhausted instanceof IdemdUnavailableException);
     assertInstanceOf(
         IdemdInternalException.class, Errors.from(io.grpc.Status.INTERNAL.asRuntimeException()));
+    // CANCELLED that this thread did not cause is the other side giving up: unreachable.
+    assertInstanceOf(
+        IdemdUnavailableException.class,
+        Errors.from(io.grpc.Status.CANCELLED.withDescription("Timeout expired").asRuntimeException()));
+    IdemdException interrupted =
+        Errors.from(
+            io.grpc.Status.CANCELLED.withCause(new InterruptedException()).asRuntimeException());
+    assertFalse(interrupted instanceof IdemdUnavailableException);
   }
 }

@@ -92,6 +92,44 @@ class ResilienceTest {
   }
 
   @Test
+  void anInterruptStopsTheRetriesAndNeverFailsOpen() throws Exception {
+    String address = "127.0.0.1:" + IdemdProcess.freePort();
+    AtomicInteger calls = new AtomicInteger();
+    try (IdempotencyClient client = IdempotencyClient.create(address)) {
+      CompletableFuture<Throwable> thrown = new CompletableFuture<>();
+      CompletableFuture<Boolean> stillInterrupted = new CompletableFuture<>();
+      Thread caller =
+          new Thread(
+              () -> {
+                try {
+                  client.idempotent(
+                      NS,
+                      ClientTest.uniqueKey("interrupted"),
+                      null,
+                      IdempotentOptions.builder()
+                          .maxAttempts(Integer.MAX_VALUE)
+                          .failOpen(true)
+                          .build(),
+                      counting(calls, "never"));
+                  thrown.complete(null);
+                } catch (RuntimeException failure) {
+                  thrown.complete(failure);
+                }
+                stillInterrupted.complete(Thread.currentThread().isInterrupted());
+              });
+      caller.start();
+      awaitRetries(client, 0); // it is retrying the closed port
+      caller.interrupt();
+      Throwable failure = thrown.get(30, TimeUnit.SECONDS);
+      assertTrue(failure instanceof IdemdException, "an IdemdException, not " + failure);
+      assertFalse(failure instanceof IdemdUnavailableException, failure.toString());
+      assertEquals(io.grpc.Status.Code.CANCELLED, ((IdemdException) failure).code());
+      assertTrue(stillInterrupted.get(30, TimeUnit.SECONDS), "the interrupt flag is kept");
+      assertEquals(0, calls.get(), "the caller gave up: no fail-open");
+    }
+  }
+
+  @Test
   void resourceExhaustedNeverFailsOpen() throws Exception {
     // A memory store that holds one record: a second key is refused RESOURCE_EXHAUSTED /
     // STORE_FULL. idemd is reachable, so failOpen must not run the work unprotected.
