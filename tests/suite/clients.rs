@@ -1,4 +1,4 @@
-//! The Python and Node clients' own test suites, run against this build's idemd binary on the
+//! The Python and Node clients' own test suites (the Java client's are in java_client.rs), run against this build's idemd binary on the
 //! memory store and on PostgreSQL. (CI's .ci/run installs their dependencies first.) The Rust
 //! client (clients/rust) is driven from this suite directly, in client.rs.
 //!
@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 /// Runs a client suite and returns what it printed, failing unless it exited 0.
-fn run_client_suite(name: &str, mut command: Command) -> String {
+pub(crate) fn run_client_suite(name: &str, mut command: Command) -> String {
     let output = command
         .env("IDEMD_BINARY", env!("CARGO_BIN_EXE_idemd"))
         .output()
@@ -55,7 +55,12 @@ fn node_summary(output: &str) -> BTreeMap<String, u64> {
 
 /// Fails unless `counts` says tests passed and none was anything but passed.
 #[track_caller]
-fn assert_all_passed(name: &str, counts: &BTreeMap<String, u64>, passed: &str, output: &str) {
+pub(crate) fn assert_all_passed(
+    name: &str,
+    counts: &BTreeMap<String, u64>,
+    passed: &str,
+    output: &str,
+) {
     let ran = counts.get(passed).copied().unwrap_or(0);
     assert!(
         ran > 0,

@@ -14,6 +14,7 @@ mod go_client;
 mod grpcurl;
 mod harness;
 mod hostile;
+mod java_client;
 mod model;
 mod operations;
 mod processes;
