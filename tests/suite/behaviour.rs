@@ -7,6 +7,8 @@
 //! `run_rust_case` below, in-process, with the same output.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,6 +204,26 @@ where
     );
 }
 
+/// Runs an external runner: `program args… ADDRESS CASES_FILE CASE_NAME`, one JSON line out.
+async fn run_process(mut command: Command, address: String, case: &Case) -> Result<Value, String> {
+    command.args([address.as_str(), CASES, case.name.as_str()]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .map_err(|error| format!("runner task failed: {error}"))?
+        .map_err(|error| format!("cannot start the runner: {error}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(format!(
+            "the runner exited with {}:\n{stdout}\n{stderr}",
+            output.status
+        ));
+    }
+    let line = stdout.lines().rev().find(|line| !line.trim().is_empty());
+    line.and_then(|line| serde_json::from_str(line).ok())
+        .ok_or_else(|| format!("the runner printed no JSON outcome:\n{stdout}\n{stderr}"))
+}
+
 /// The kind (BEHAVIOUR.md) of a Rust client error.
 fn rust_kind(error: &ClientError<String>) -> &'static str {
     match error {
@@ -295,4 +317,34 @@ async fn behaviour_rust_client() {
         run_rust_case(address, case, options, work)
     })
     .await;
+}
+
+fn repository() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python runner, on the sync `Client` or (with `IDEMD_BEHAVIOUR_PYTHON=asyncio`) on the
+/// asyncio `AsyncClient`.
+async fn run_python_cases(language: &str, flavour: &str) {
+    let python_path = repository().join("clients/python");
+    let runner = python_path.join("tests/behaviour_runner.py");
+    run_every_case(language, |address, case, _options, _work| {
+        let mut command = Command::new("python3");
+        command.arg(&runner);
+        // This checkout's client, whatever else is installed.
+        command.env("PYTHONPATH", &python_path);
+        command.env("IDEMD_BEHAVIOUR_PYTHON", flavour);
+        async move { run_process(command, address, &case).await }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn behaviour_python_client() {
+    run_python_cases("Python", "sync").await;
+}
+
+#[tokio::test]
+async fn behaviour_python_asyncio_client() {
+    run_python_cases("Python asyncio", "asyncio").await;
 }
