@@ -7,7 +7,7 @@
 //! `run_rust_case` below, in-process, with the same output.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -347,4 +347,34 @@ async fn behaviour_python_client() {
 #[tokio::test]
 async fn behaviour_python_asyncio_client() {
     run_python_cases("Python asyncio", "asyncio").await;
+}
+
+/// Compiles the Node client and its runner into `dist-behaviour/` (not `dist/`, which the Node
+/// suite's `npm test` cleans and rebuilds, possibly at the same time).
+fn build_node_runner() -> PathBuf {
+    let dir = repository().join("clients/node");
+    assert!(
+        dir.join("node_modules").exists(),
+        "run `npm ci --prefix clients/node` first (CI's .ci/run does)"
+    );
+    let out = dir.join("dist-behaviour");
+    let status = Command::new("node")
+        .current_dir(&dir)
+        .args(["node_modules/typescript/bin/tsc", "-p", ".", "--outDir"])
+        .arg(&out)
+        .status()
+        .expect("run tsc");
+    assert!(status.success(), "tsc could not compile the Node client");
+    out.join("test/behaviour-runner.js")
+}
+
+#[tokio::test]
+async fn behaviour_node_client() {
+    let runner = build_node_runner();
+    run_every_case("Node", |address, case, _options, _work| {
+        let mut command = Command::new("node");
+        command.arg(&runner);
+        async move { run_process(command, address, &case).await }
+    })
+    .await;
 }
