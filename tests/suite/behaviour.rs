@@ -307,6 +307,7 @@ async fn run_rust_case(
             "error": rust_kind(&error),
             "work_runs": work_runs,
             "body": null, "replayed": null, "protected": null,
+            "detail": error.to_string(),
         }),
     })
 }

@@ -93,6 +93,9 @@ const BY_REASON: Record<string, ErrorClass> = {
 const BY_CODE: Partial<Record<number, ErrorClass>> = {
   [GrpcStatus.UNAVAILABLE]: IdemdUnavailableError,
   [GrpcStatus.DEADLINE_EXCEEDED]: IdemdUnavailableError,
+  // The helper never cancels its own calls: a CANCELLED is the other side giving up (tonic answers
+  // CANCELLED "Timeout expired" when the call's grpc-timeout passes first).
+  [GrpcStatus.CANCELLED]: IdemdUnavailableError,
   [GrpcStatus.RESOURCE_EXHAUSTED]: OverloadedError,
   [GrpcStatus.UNAUTHENTICATED]: UnauthenticatedError,
   [GrpcStatus.PERMISSION_DENIED]: PermissionDeniedError,

@@ -90,7 +90,8 @@ async function main(): Promise<void> {
       protected: outcome.protected,
     };
   } catch (err) {
-    line = { error: kindOf(err), work_runs: runs, body: null, replayed: null, protected: null };
+    const e = err as Error;
+    line = { error: kindOf(err), work_runs: runs, body: null, replayed: null, protected: null, detail: `${e?.name}: ${e?.message}` };
   } finally {
     client.close();
   }

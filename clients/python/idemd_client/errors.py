@@ -54,8 +54,8 @@ class IdemdError(Exception):
 
 
 class IdemdUnavailable(IdemdError):
-    """idemd (or its store) could not be reached: UNAVAILABLE, DEADLINE_EXCEEDED, or a connection
-    that failed or broke, after the helper's retries. The helper fails closed with this unless
+    """idemd (or its store) could not be reached: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED by the
+    server, or a connection that failed or broke, after the helper's retries. The helper fails closed with this unless
     ``fail_open=True``; it is the only error fail-open applies to."""
 
 
@@ -147,6 +147,9 @@ _BY_REASON = {
 _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: IdemdUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: IdemdUnavailable,
+    # The helper never cancels its own calls: a CANCELLED is the other side giving up (tonic
+    # answers CANCELLED "Timeout expired" when the call's grpc-timeout passes first).
+    grpc.StatusCode.CANCELLED: IdemdUnavailable,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,

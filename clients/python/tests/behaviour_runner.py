@@ -108,7 +108,14 @@ def main(argv: list) -> int:
             "protected": outcome.protected,
         }
     except Exception as exc:  # noqa: BLE001 - every failure is an outcome to report
-        line = {"error": kind_of(exc), "work_runs": runs, "body": None, "replayed": None, "protected": None}
+        line = {
+            "error": kind_of(exc),
+            "work_runs": runs,
+            "body": None,
+            "replayed": None,
+            "protected": None,
+            "detail": f"{type(exc).__name__}: {exc}",
+        }
     print(json.dumps(line))
     return 0
 

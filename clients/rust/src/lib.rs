@@ -226,11 +226,13 @@ fn reason(status: &Status) -> String {
 
 /// Whether idemd could not be reached or did not answer: the call may be retried. A connection
 /// that breaks under a call (a replica restarting) reaches us as UNKNOWN "transport error" or
-/// CANCELLED "operation was canceled", with the transport error as the source.
+/// CANCELLED "operation was canceled", with the transport error as the source. The helper never
+/// cancels its own calls, so any CANCELLED without a reason is the other side giving up (a tonic
+/// server answers CANCELLED "Timeout expired" when a call's grpc-timeout passes).
 fn unreachable_status(status: &Status) -> bool {
     use std::error::Error;
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
-        || (status.code() == Code::Unknown && reason(status).is_empty())
+        || (matches!(status.code(), Code::Unknown | Code::Cancelled) && reason(status).is_empty())
         || status
             .source()
             .is_some_and(|source| source.is::<tonic::transport::Error>())
