@@ -61,17 +61,7 @@ __all__ = [
     "pb",
 ]
 
-try:
-    from ._common import Options, Outcome, Result
-    from ._proto import pb
-    from .aio import AsyncClient, AsyncLease
-    from .client import Client, Lease
-except ImportError as _exc:  # generated modules missing: keep `python -m idemd_client.generate` usable
-    if "generated protobuf modules are missing" not in str(_exc):
-        raise
-    _IMPORT_ERROR = _exc
-
-    def __getattr__(name: str):
-        if name in __all__:
-            raise ImportError(str(_IMPORT_ERROR)) from _IMPORT_ERROR
-        raise AttributeError(name)
+from ._common import Options, Outcome, Result
+from ._proto import pb
+from .aio import AsyncClient, AsyncLease
+from .client import Client, Lease
