@@ -114,7 +114,8 @@ where
             }
             Err(why) => {
                 let call = Call::begin(rpc, request.headers(), &self.metrics);
-                audit("-", None, rpc, why);
+                // Decided from the headers before the message is read: no namespace to name.
+                audit("-", None, rpc, status::reason::UNAUTHENTICATED, why);
                 metrics::auth_denied("unauthenticated");
                 let refused = status::unauthenticated();
                 let response = refused.clone().into_http();

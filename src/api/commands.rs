@@ -29,6 +29,10 @@ pub(super) trait Command: Sized + Send {
     /// The request as a validated command, or every rule it breaks.
     fn decode(request: Self::Request, limits: &Limits) -> Result<Self, Vec<FieldViolation>>;
 
+    /// The namespace the request names, not yet validated: for the audit line of a call refused
+    /// before it is decoded.
+    fn requested_namespace(request: &Self::Request) -> &str;
+
     /// The record the command acts on.
     fn target(&self) -> (&Namespace, &Key);
 
@@ -48,6 +52,10 @@ impl Command for AcquireCommand {
 
     fn decode(request: Self::Request, limits: &Limits) -> Result<Self, Vec<FieldViolation>> {
         decode::acquire(request, limits)
+    }
+
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
     }
 
     fn target(&self) -> (&Namespace, &Key) {
@@ -83,6 +91,10 @@ impl Command for CompleteCommand {
         decode::complete(request, limits)
     }
 
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
+    }
+
     fn target(&self) -> (&Namespace, &Key) {
         (&self.namespace, &self.key)
     }
@@ -109,6 +121,10 @@ impl Command for ReleaseCommand {
         decode::release(request)
     }
 
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
+    }
+
     fn target(&self) -> (&Namespace, &Key) {
         (&self.namespace, &self.key)
     }
@@ -130,6 +146,10 @@ impl Command for RenewCommand {
 
     fn decode(request: Self::Request, limits: &Limits) -> Result<Self, Vec<FieldViolation>> {
         decode::renew(request, limits)
+    }
+
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
     }
 
     fn target(&self) -> (&Namespace, &Key) {
@@ -158,6 +178,10 @@ impl Command for GetCommand {
         decode::get(request)
     }
 
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
+    }
+
     fn target(&self) -> (&Namespace, &Key) {
         (&self.namespace, &self.key)
     }
@@ -182,6 +206,10 @@ impl Command for WaitCommand {
 
     fn decode(request: Self::Request, limits: &Limits) -> Result<Self, Vec<FieldViolation>> {
         decode::wait(request, limits)
+    }
+
+    fn requested_namespace(request: &Self::Request) -> &str {
+        &request.namespace
     }
 
     fn target(&self) -> (&Namespace, &Key) {

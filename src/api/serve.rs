@@ -103,7 +103,18 @@ impl<S: Store> IdempotencyApi<S> {
                             Throttled::Rate => "rate limit",
                             Throttled::Concurrency => "concurrency limit",
                         };
-                        audit(&caller.name, None, call.rpc, why);
+                        // Refused before decoding: the namespace the request names, if valid
+                        // (the log never carries one that breaks the rules).
+                        let namespace =
+                            Namespace::parse(C::requested_namespace(request.get_ref()).to_owned())
+                                .ok();
+                        audit(
+                            &caller.name,
+                            namespace.as_ref(),
+                            call.rpc,
+                            status::reason::CALLER_LIMITED,
+                            why,
+                        );
                         metrics::auth_denied("caller_limited");
                         return Err(status::caller_limited(&caller.name, why));
                     }
@@ -196,7 +207,13 @@ impl<'a> Call<'a> {
     fn authorize(&self, caller: Option<&Caller>, namespace: &Namespace) -> Result<(), Status> {
         match caller {
             Some(caller) if !caller.allows(self.rpc, namespace) => {
-                audit(&caller.name, Some(namespace), self.rpc, "not granted");
+                audit(
+                    &caller.name,
+                    Some(namespace),
+                    self.rpc,
+                    status::reason::PERMISSION_DENIED,
+                    "not granted",
+                );
                 metrics::auth_denied("permission_denied");
                 Err(status::permission_denied(&caller.name, self.rpc, namespace))
             }
@@ -261,14 +278,23 @@ impl Drop for Call<'_> {
     }
 }
 
-/// Logs a refused call for the audit trail: who, where, what, why. Never tokens or bodies.
-pub(super) fn audit(caller: &str, namespace: Option<&Namespace>, rpc: Rpc, reason: &str) {
+/// Logs a refused call for the audit trail: who, where, what, why. `reason` is the ErrorInfo
+/// reason the caller got (docs/SECURITY.md, "Answers"), `detail` what exactly was wrong; the
+/// namespace is "-" when none was read. Never tokens or bodies.
+pub(super) fn audit(
+    caller: &str,
+    namespace: Option<&Namespace>,
+    rpc: Rpc,
+    reason: &str,
+    detail: &str,
+) {
     tracing::warn!(
         target: "idemd::audit",
         caller,
         namespace = namespace.map(Namespace::as_str).unwrap_or("-"),
         rpc = rpc.name(),
         reason,
+        detail,
         "call denied"
     );
 }

@@ -132,3 +132,130 @@ fn summaries_are_read_and_skips_fail() {
         assert!(refused.is_err(), "a skip was let through: {counts:?}");
     }
 }
+
+/// Copies `from` into `to` (made), following no symlinks and skipping `skip` names at any depth.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path, skip: &[&str]) {
+    std::fs::create_dir_all(to).expect("make a directory");
+    for entry in std::fs::read_dir(from).expect("read a directory") {
+        let entry = entry.expect("directory entry");
+        let name = entry.file_name();
+        if skip.iter().any(|skipped| name == *skipped) {
+            continue;
+        }
+        let target = to.join(&name);
+        if entry.file_type().expect("file type").is_dir() {
+            copy_tree(&entry.path(), &target, skip);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
+/// Runs `command`, failing with its output unless it exits 0; returns its stdout.
+fn run_ok(what: &str, command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {what}: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The Node client as an application depends on it (clients/node/README.md, "Installing"):
+/// `npm pack` makes a tarball, a fresh project `npm install`s it, and both `require` and
+/// `import` load it and construct a client, which reads the proto the tarball ships (there is no
+/// repository around the project). The package is packed from a copy, so `prepack`'s clean of
+/// `dist/` cannot race the Node suite running from it.
+#[test]
+fn node_client_installs_from_its_packed_tarball() {
+    let repository = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_modules = repository.join("clients/node/node_modules");
+    assert!(
+        node_modules.exists(),
+        "run `npm ci --prefix clients/node` first (CI's .ci/run does)"
+    );
+    let scratch = tempfile::tempdir().expect("temporary directory");
+    let copy = scratch.path().join("repository");
+    copy_tree(&repository.join("proto"), &copy.join("proto"), &[]);
+    let package = copy.join("clients/node");
+    copy_tree(
+        &repository.join("clients/node"),
+        &package,
+        &["node_modules", "dist", "dist-behaviour", "proto"],
+    );
+    std::os::unix::fs::symlink(&node_modules, package.join("node_modules"))
+        .expect("link node_modules");
+    let packs = scratch.path().join("packs");
+    std::fs::create_dir_all(&packs).expect("packs directory");
+    let packed = run_ok(
+        "npm pack",
+        Command::new("npm")
+            .current_dir(&package)
+            .args(["pack", "--silent", "--pack-destination"])
+            .arg(&packs),
+    );
+    let tarball = packs.join(
+        packed
+            .lines()
+            .last()
+            .expect("npm pack names its tarball")
+            .trim(),
+    );
+    assert!(tarball.is_file(), "no tarball at {}", tarball.display());
+
+    let app = scratch.path().join("app");
+    std::fs::create_dir_all(&app).expect("app directory");
+    std::fs::write(
+        app.join("package.json"),
+        r#"{ "name": "app", "version": "1.0.0", "private": true }"#,
+    )
+    .expect("write package.json");
+    run_ok(
+        "npm install of the tarball",
+        Command::new("npm")
+            .current_dir(&app)
+            .args([
+                "install",
+                "--prefer-offline",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ])
+            .arg(&tarball),
+    );
+    let installed = app.join("node_modules/@idemd/client");
+    assert!(
+        installed
+            .join("proto/idempotency/v1/idempotency.proto")
+            .is_file(),
+        "the tarball does not ship the proto"
+    );
+    let check = "const client = new idemd.IdempotencyClient('127.0.0.1:1'); client.close();
+        if (typeof idemd.RateLimitedError !== 'function') throw new Error('no RateLimitedError');
+        if (idemd.fingerprint({ a: 1 }).length !== 32) throw new Error('bad fingerprint');
+        console.log('loaded');";
+    for (flavour, script) in [
+        (
+            "require",
+            format!("const idemd = require('@idemd/client'); {check}"),
+        ),
+        (
+            "import",
+            format!("const idemd = await import('@idemd/client'); {check}"),
+        ),
+    ] {
+        let mut node = Command::new("node");
+        node.current_dir(&app);
+        if flavour == "import" {
+            node.arg("--input-type=module");
+        }
+        // No IDEMD_PROTO_PATH: the client must find the proto inside the package.
+        node.env_remove("IDEMD_PROTO_PATH").args(["-e", &script]);
+        let out = run_ok(&format!("node ({flavour} of @idemd/client)"), &mut node);
+        assert!(out.contains("loaded"), "{flavour}: {out}");
+    }
+}

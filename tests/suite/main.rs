@@ -1,6 +1,7 @@
 //! idemd's integration suite: real gRPC on 127.0.0.1, real PostgreSQL (a fresh database per
 //! test on the shared server, or a throwaway cluster for outage tests).
 
+mod behaviour;
 mod chaos;
 mod client;
 mod clients;
@@ -8,6 +9,7 @@ mod concurrency;
 mod conformance;
 mod deploy;
 mod durability;
+mod fake_idemd;
 mod faults;
 mod fuzzing;
 mod go_client;

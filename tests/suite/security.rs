@@ -964,16 +964,23 @@ async fn database_connections_use_verified_tls_with_sslmode_require() {
 }
 
 /// With TLS on the API port, probes use the plaintext health listener; denied calls are audited
-/// (caller, namespace, RPC, reason; never the token) in the logs.
+/// (caller, namespace where one was asked for, RPC, the reason code of docs/SECURITY.md's
+/// Answers table and a detail; never the token) in the logs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_process_serves_plaintext_health_and_audits_denials() {
     use crate::processes::IdemdProcess;
+    const LIMITED_TOKEN: &str = "limited-token-0003";
 
     let ca = TestCa::new("idemd test CA");
     let dir = tempfile::tempdir().expect("temp dir");
     let files = write_tls_files(dir.path(), &ca.issue(&["localhost"], false), None);
     let policy_path = dir.path().join("policy.toml");
-    write(&policy_path, &policy(""));
+    // A caller allowed one call a second: its second call at once is CALLER_LIMITED.
+    let limited = format!(
+        "\n[[callers]]\nname = \"limited\"\ntoken_sha256 = [\"{}\"]\nrate_per_second = 1\n  [[callers.grants]]\n  namespaces = [\"limited\"]\n  rpcs = [\"*\"]\n",
+        sha256_hex(LIMITED_TOKEN)
+    );
+    write(&policy_path, &policy(&limited));
     let path = |p: &Path| p.to_str().expect("utf-8 path").to_string();
     let (cert, key, policy_file) = (path(&files.cert), path(&files.key), path(&policy_path));
     let server = IdemdProcess::start(&[
@@ -1026,6 +1033,20 @@ async fn tls_process_serves_plaintext_health_and_audits_denials() {
         .get(with_token(key_request("payments", "k"), "forged-token"))
         .await;
     assert_status(unknown, Code::Unauthenticated, "UNAUTHENTICATED");
+    let mut limited_status = None;
+    for _ in 0..2 {
+        if let Err(status) = client
+            .get(with_token(key_request("limited", "k"), LIMITED_TOKEN))
+            .await
+        {
+            limited_status = Some(status);
+        }
+    }
+    assert_status::<()>(
+        Err(limited_status.expect("the second call at once is limited")),
+        Code::ResourceExhausted,
+        "CALLER_LIMITED",
+    );
     let mut audit = Vec::new();
     eventually(Duration::from_secs(10), "audit lines", || {
         audit = server
@@ -1033,20 +1054,51 @@ async fn tls_process_serves_plaintext_health_and_audits_denials() {
             .into_iter()
             .filter(|line| line.contains("idemd::audit"))
             .collect();
-        let enough = audit.len() >= 2;
+        let enough = audit.len() >= 3;
         async move { enough }
     })
     .await;
-    let denial = audit
-        .iter()
-        .find(|line| line.contains("orders-api"))
-        .expect("the denial names the caller");
-    for field in [
-        r#""namespace":"payments""#,
-        r#""rpc":"Get""#,
-        r#""reason":"not granted""#,
+    let line_of = |caller: &str| {
+        audit
+            .iter()
+            .find(|line| line.contains(&format!(r#""caller":"{caller}""#)))
+            .unwrap_or_else(|| panic!("no audit line names {caller}: {audit:?}"))
+            .clone()
+    };
+    for (caller, fields) in [
+        (
+            "orders-api",
+            [
+                r#""namespace":"payments""#,
+                r#""rpc":"Get""#,
+                r#""reason":"PERMISSION_DENIED""#,
+                r#""detail":"not granted""#,
+            ],
+        ),
+        // Refused from the headers, before the message (and its namespace) is read.
+        (
+            "-",
+            [
+                r#""namespace":"-""#,
+                r#""rpc":"Get""#,
+                r#""reason":"UNAUTHENTICATED""#,
+                r#""detail":"unknown bearer token""#,
+            ],
+        ),
+        (
+            "limited",
+            [
+                r#""namespace":"limited""#,
+                r#""rpc":"Get""#,
+                r#""reason":"CALLER_LIMITED""#,
+                r#""detail":"rate limit""#,
+            ],
+        ),
     ] {
-        assert!(denial.contains(field), "audit line lacks {field}: {denial}");
+        let line = line_of(caller);
+        for field in fields {
+            assert!(line.contains(field), "audit line lacks {field}: {line}");
+        }
     }
     for line in server.logs() {
         assert!(
@@ -1054,4 +1106,33 @@ async fn tls_process_serves_plaintext_health_and_audits_denials() {
             "token in logs: {line}"
         );
     }
+}
+
+/// `Wait` is a grant of its own, like the other five RPCs: a caller granted only Wait may wait on
+/// a key but not read it, and one granted only Get may read but not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_is_granted_on_its_own() {
+    const WAITER_TOKEN: &str = "waiter-token-0004";
+    let waiter = format!(
+        "\n[[callers]]\nname = \"waiter\"\ntoken_sha256 = [\"{}\"]\n  [[callers.grants]]\n  namespaces = [\"payments\"]\n  rpcs = [\"Wait\"]\n",
+        sha256_hex(WAITER_TOKEN)
+    );
+    let secured = secured(&waiter, None).await;
+    let mut client = secured.server.client().await;
+    let wait = || pb::WaitRequest {
+        namespace: "payments".into(),
+        key: "k".into(),
+        timeout: ms(10),
+    };
+    let waited = client
+        .wait(with_token(wait(), WAITER_TOKEN))
+        .await
+        .expect("Wait is granted");
+    assert_eq!(waited.into_inner().outcome(), pb::WaitOutcome::Free);
+    let read = client
+        .get(with_token(key_request("payments", "k"), WAITER_TOKEN))
+        .await;
+    assert_status(read, Code::PermissionDenied, "PERMISSION_DENIED");
+    let operator_wait = client.wait(with_token(wait(), OPERATOR_TOKEN)).await;
+    assert_status(operator_wait, Code::PermissionDenied, "PERMISSION_DENIED");
 }

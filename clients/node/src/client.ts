@@ -10,6 +10,7 @@ import {
   LeaseLostError,
   RetryableError,
   fromServiceError,
+  isRetried,
   isUnavailable,
 } from "./errors.js";
 import { fingerprint } from "./fingerprint.js";
@@ -158,8 +159,17 @@ export interface IdempotentOptions {
   isRetryable?: (err: unknown) => boolean;
   /** For a non-retryable failure: the result to store (so retries replay it) before rethrowing. Default: release instead. */
   completeOnError?: (err: unknown) => ResultInput | Promise<ResultInput>;
-  /** When idemd is unreachable, run the work unprotected instead of throwing IdemdUnavailableError. Default false. */
+  /**
+   * When idemd is unreachable (after the retries), run the work unprotected instead of throwing IdemdUnavailableError. Default false.
+   * Never when idemd answered: RateLimitedError, OverloadedError, StoreFullError and the other refusals are thrown (clients/BEHAVIOUR.md).
+   */
   failOpen?: boolean;
+  /** Calls of Acquire (and of Complete) in all when idemd is unreachable, rate limited or overloaded. Default 4. */
+  maxAttempts?: number;
+  /** Before retry n the helper sleeps a random time in [0, min(backoffMaxMs, backoffInitialMs * 2^(n-1))] ("full jitter"). Default 100. */
+  backoffInitialMs?: number;
+  /** See backoffInitialMs. Default 2000. */
+  backoffMaxMs?: number;
 }
 
 export interface IdempotentResult {
@@ -178,7 +188,7 @@ export interface ClientOptions {
   credentials?: grpc.ChannelCredentials;
   /** Extra grpc-js channel options. */
   channelOptions?: grpc.ChannelOptions;
-  /** Deadline of each Acquire, Complete, Release, Renew and Get. Default 5000 ms. */
+  /** Deadline of each Acquire, Complete, Release, Renew and Get (a Wait's is its timeout plus this). Default 10000 ms. */
   rpcTimeoutMs?: number;
   /** Path of idempotency/v1/idempotency.proto. Default: env IDEMD_PROTO_PATH, then `proto/` in the package, then the repository's `proto/`. */
   protoPath?: string;
@@ -256,6 +266,33 @@ function defaultHolder(): string {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** A uniformly random time in [0, ceilingMs]: retries of a fleet spread out instead of hitting a recovering idemd at once. */
+const jitter = (ceilingMs: number) => Math.random() * Math.max(0, ceilingMs);
+
+interface RetryPolicy {
+  maxAttempts: number;
+  backoffInitialMs: number;
+  backoffMaxMs: number;
+}
+
+function retryPolicy(options: IdempotentOptions): RetryPolicy {
+  const maxAttempts = options.maxAttempts ?? 4;
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new RangeError("maxAttempts must be an integer >= 1");
+  return { maxAttempts, backoffInitialMs: options.backoffInitialMs ?? 100, backoffMaxMs: options.backoffMaxMs ?? 2000 };
+}
+
+/** `call()` until it succeeds, fails for good, or `maxAttempts` calls were made; retried: unreachable, rate limited, overloaded. */
+async function retrying<T>(policy: RetryPolicy, call: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      if (attempt >= policy.maxAttempts || !isRetried(err)) throw err;
+      await sleep(jitter(Math.min(policy.backoffMaxMs, policy.backoffInitialMs * 2 ** (attempt - 1))));
+    }
+  }
+}
+
 /** Client of idemd's idempotency.v1.IdempotencyService. */
 export class IdempotencyClient {
   private readonly stub: grpc.Client & Record<string, Function>;
@@ -266,7 +303,7 @@ export class IdempotencyClient {
     const Service = loadService(options.protoPath ?? defaultProtoPath());
     this.stub = new Service(target, options.credentials ?? grpc.credentials.createInsecure(), options.channelOptions) as any;
     this.token = options.token;
-    this.rpcTimeoutMs = options.rpcTimeoutMs ?? 5000;
+    this.rpcTimeoutMs = options.rpcTimeoutMs ?? 10_000;
   }
 
   /** Closes the channel. */
@@ -331,6 +368,7 @@ export class IdempotencyClient {
     const leaseTtlMs = options.leaseTtlMs ?? 30_000;
     const waitTimeoutMs = options.waitTimeoutMs ?? 30_000;
     const maxWaits = options.maxWaits ?? 10;
+    const policy = retryPolicy(options);
     const acquireReq: AcquireRequest = {
       namespace,
       key,
@@ -343,14 +381,14 @@ export class IdempotencyClient {
     for (let waits = 0; ; ) {
       let acq: AcquireResponse;
       try {
-        acq = await this.acquire(acquireReq);
+        acq = await retrying(policy, () => this.acquire(acquireReq));
       } catch (err) {
         return this.onAcquireFailure(err, namespace, key, work, options);
       }
 
       switch (acq.outcome) {
         case "OUTCOME_ACQUIRED":
-          return this.runLeased(namespace, key, acq.lease!, leaseTtlMs, work, options);
+          return this.runLeased(namespace, key, acq.lease!, leaseTtlMs, work, options, policy);
         case "OUTCOME_COMPLETED":
           return { result: storedResult(acq.record?.result), replayed: true, protected: true };
         case "OUTCOME_IN_PROGRESS": {
@@ -369,13 +407,21 @@ export class IdempotencyClient {
             w = await this.wait({ namespace, key, timeout: durationFromMs(timeoutMs) });
           } catch (err) {
             if (err instanceof IdemdError && err.code === grpc.status.DEADLINE_EXCEEDED) continue; // treat as TIMED_OUT
-            if (err instanceof IdemdError && err.code === grpc.status.RESOURCE_EXHAUSTED) {
-              await sleep(timeoutMs); // too many waiters on the server: poll instead
+            if (isRetried(err)) {
+              // Too many waiters, or idemd unreachable: back off, and let Acquire (with its retries) decide.
+              await sleep(jitter(Math.min(timeoutMs, 1000)));
               continue;
             }
-            return this.onAcquireFailure(err, namespace, key, work, options);
+            throw err;
           }
           if (w.outcome === "WAIT_OUTCOME_COMPLETED") {
+            if (w.record && !toBuffer(w.record.fingerprint).equals(fp)) {
+              throw new FingerprintMismatchError(
+                `${namespace}/${key} was completed for a different fingerprint`,
+                grpc.status.FAILED_PRECONDITION,
+                "FINGERPRINT_MISMATCH",
+              );
+            }
             return { result: storedResult(w.record?.result), replayed: true, protected: true };
           }
           continue; // FREE or TIMED_OUT: Acquire again
@@ -393,7 +439,8 @@ export class IdempotencyClient {
     work: (ctx: WorkContext) => ResultInput | Promise<ResultInput>,
     options: IdempotentOptions,
   ): Promise<IdempotentResult> {
-    if (err instanceof FingerprintMismatchError) throw err;
+    // Only an unreachable idemd may be bypassed: one that answered (rate limited, overloaded,
+    // full, refused) said no, and running anyway would ignore it.
     if (!isUnavailable(err)) throw err;
     if (!options.failOpen) throw err; // fail closed: IdemdUnavailableError
     const ctx: WorkContext = {
@@ -415,6 +462,7 @@ export class IdempotencyClient {
     leaseTtlMs: number,
     work: (ctx: WorkContext) => ResultInput | Promise<ResultInput>,
     options: IdempotentOptions,
+    policy: RetryPolicy,
   ): Promise<IdempotentResult> {
     const leaseToken = lease.token;
     const abort = new AbortController();
@@ -426,7 +474,7 @@ export class IdempotencyClient {
         await this.renew({ namespace, key, leaseToken, leaseTtl: durationFromMs(leaseTtlMs) });
       } catch (err) {
         // Transient failures: try again at the next tick. Anything else means the lease is gone.
-        if (!isUnavailable(err) && !(err instanceof IdemdError && err.code === grpc.status.RESOURCE_EXHAUSTED)) {
+        if (!isRetried(err)) {
           const e = err as IdemdError;
           abort.abort(new LeaseLostError(`lease on ${namespace}/${key} lost: ${e.message}`, e.code ?? grpc.status.UNKNOWN, e.reason ?? "LEASE_NOT_HELD", { cause: err }));
           clearInterval(timer);
@@ -455,7 +503,7 @@ export class IdempotencyClient {
         let stored = false;
         try {
           const res = toResult(await options.completeOnError(workErr));
-          await this.completeWithRetry({ namespace, key, leaseToken, result: res });
+          await this.completeWithRetry({ namespace, key, leaseToken, result: res }, policy);
           stored = true;
         } catch {
           // Could not store the error result: fall back to releasing.
@@ -477,10 +525,12 @@ export class IdempotencyClient {
       throw err;
     }
     try {
-      const resp = await this.completeWithRetry({ namespace, key, leaseToken, result });
+      const resp = await this.completeWithRetry({ namespace, key, leaseToken, result }, policy);
       return { result: storedResult(resp.record?.result ?? result), replayed: false, protected: true };
     } catch (err) {
-      if (err instanceof IdemdError && (err.reason === "LEASE_NOT_HELD" || err.reason === "RECORD_NOT_FOUND")) {
+      // The work ran but its result was not stored. No Release: that would hand the key to the
+      // next caller at once, to run the work again; an expiring lease at least delays it.
+      if (err instanceof IdemdError && ["LEASE_NOT_HELD", "RECORD_NOT_FOUND", "RECORD_COMPLETED"].includes(err.reason)) {
         throw new LeaseLostError(
           `lease on ${namespace}/${key} was lost before Complete; the result was not stored: ${err.message}`,
           err.code,
@@ -492,16 +542,8 @@ export class IdempotencyClient {
     }
   }
 
-  /** Complete is safe to retry with the same lease token: retry transient failures a few times. */
-  private async completeWithRetry(req: CompleteRequest): Promise<CompleteResponse> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return await this.complete(req);
-      } catch (err) {
-        if (attempt >= 3 || !isUnavailable(err)) throw err;
-        await sleep(100 * 2 ** attempt);
-      }
-    }
+  /** Complete is safe to retry with the same lease token (the first stored result stands). */
+  private completeWithRetry(req: CompleteRequest, policy: RetryPolicy): Promise<CompleteResponse> {
+    return retrying(policy, () => this.complete(req));
   }
 }
-

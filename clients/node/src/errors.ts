@@ -20,8 +20,29 @@ export class IdemdError extends Error {
   }
 }
 
-/** idemd could not be reached (UNAVAILABLE, connection failure, or an RPC deadline passed): the call failed closed. */
+/** idemd could not be reached (UNAVAILABLE, a connection that failed or broke, or an RPC deadline passed), after the helper's retries. The only error `failOpen` applies to. */
 export class IdemdUnavailableError extends IdemdError {}
+
+/** RESOURCE_EXHAUSTED `CALLER_LIMITED`: this caller is over its own limit (after the helper's retries). Not an IdemdUnavailableError: `failOpen` never applies. */
+export class RateLimitedError extends IdemdError {}
+
+/** RESOURCE_EXHAUSTED `OVERLOADED` (or `TOO_MANY_WAITERS`, or no reason): idemd is at its limit (after the helper's retries). `failOpen` never applies. */
+export class OverloadedError extends IdemdError {}
+
+/** RESOURCE_EXHAUSTED `STORE_FULL`: new keys are refused until records expire. Not retried; `failOpen` never applies. */
+export class StoreFullError extends IdemdError {}
+
+/** UNAUTHENTICATED: missing or unknown credentials. */
+export class UnauthenticatedError extends IdemdError {}
+
+/** PERMISSION_DENIED: the policy does not grant this caller the RPC in this namespace. */
+export class PermissionDeniedError extends IdemdError {}
+
+/** INVALID_ARGUMENT `INVALID_REQUEST`: `fieldViolations` names each broken field. */
+export class InvalidRequestError extends IdemdError {}
+
+/** INTERNAL: a bug or an unexpected database answer in idemd (see its logs). */
+export class IdemdInternalError extends IdemdError {}
 
 /** The key was already used with a different request fingerprint. */
 export class FingerprintMismatchError extends IdemdError {}
@@ -44,10 +65,45 @@ const codeName = (code: number): string => (GrpcStatus as unknown as Record<numb
 
 /** Whether the error means idemd is unreachable (fail closed / fail open). */
 export function isUnavailable(err: unknown): boolean {
-  return err instanceof IdemdError && (err.code === GrpcStatus.UNAVAILABLE || err.code === GrpcStatus.DEADLINE_EXCEEDED);
+  return err instanceof IdemdUnavailableError;
 }
 
-/** Converts a grpc-js ServiceError into an IdemdError (subclass where the reason says so). */
+/** Whether the helper retries a failed Acquire or Complete after this error (within its budget): unreachable, rate limited or overloaded. */
+export function isRetried(err: unknown): boolean {
+  return err instanceof IdemdUnavailableError || err instanceof RateLimitedError || err instanceof OverloadedError;
+}
+
+type ErrorClass = new (message: string, code: number, reason: string, opts: { cause?: unknown; errorInfo?: ErrorInfo; fieldViolations?: FieldViolation[] }) => IdemdError;
+
+const BY_REASON: Record<string, ErrorClass> = {
+  FINGERPRINT_MISMATCH: FingerprintMismatchError,
+  STORE_UNAVAILABLE: IdemdUnavailableError,
+  DEADLINE_EXCEEDED: IdemdUnavailableError,
+  CALLER_LIMITED: RateLimitedError,
+  OVERLOADED: OverloadedError,
+  TOO_MANY_WAITERS: OverloadedError,
+  STORE_FULL: StoreFullError,
+  UNAUTHENTICATED: UnauthenticatedError,
+  PERMISSION_DENIED: PermissionDeniedError,
+  INVALID_REQUEST: InvalidRequestError,
+  INTERNAL: IdemdInternalError,
+};
+
+// Without an ErrorInfo (a proxy's answer, or the transport's own).
+const BY_CODE: Partial<Record<number, ErrorClass>> = {
+  [GrpcStatus.UNAVAILABLE]: IdemdUnavailableError,
+  [GrpcStatus.DEADLINE_EXCEEDED]: IdemdUnavailableError,
+  // The helper never cancels its own calls: a CANCELLED is the other side giving up (tonic answers
+  // CANCELLED "Timeout expired" when the call's grpc-timeout passes first).
+  [GrpcStatus.CANCELLED]: IdemdUnavailableError,
+  [GrpcStatus.RESOURCE_EXHAUSTED]: OverloadedError,
+  [GrpcStatus.UNAUTHENTICATED]: UnauthenticatedError,
+  [GrpcStatus.PERMISSION_DENIED]: PermissionDeniedError,
+  [GrpcStatus.INVALID_ARGUMENT]: InvalidRequestError,
+  [GrpcStatus.INTERNAL]: IdemdInternalError,
+};
+
+/** Converts a grpc-js ServiceError into an IdemdError (the subclass clients/BEHAVIOUR.md names for its reason, else its code). */
 export function fromServiceError(err: ServiceError | Error): IdemdError {
   if (err instanceof IdemdError) return err;
   const se = err as Partial<ServiceError>;
@@ -58,9 +114,7 @@ export function fromServiceError(err: ServiceError | Error): IdemdError {
   const reason = info?.reason || codeName(code);
   const message = se.details || err.message;
   const opts = { cause: err, errorInfo: details.errorInfo, fieldViolations: details.fieldViolations };
-  if (reason === "FINGERPRINT_MISMATCH") return new FingerprintMismatchError(message, code, reason, opts);
-  if (code === GrpcStatus.UNAVAILABLE || code === GrpcStatus.DEADLINE_EXCEEDED) {
-    return new IdemdUnavailableError(`idemd unavailable (${codeName(code)}): ${message}`, code, reason, opts);
-  }
-  return new IdemdError(message, code, reason, opts);
+  const cls = (info?.reason ? BY_REASON[info.reason] : undefined) ?? BY_CODE[code] ?? IdemdError;
+  const text = cls === IdemdUnavailableError ? `idemd unavailable (${codeName(code)}): ${message}` : message;
+  return new cls(text, code, reason, opts);
 }

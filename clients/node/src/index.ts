@@ -30,10 +30,18 @@ export type {
 export {
   FingerprintMismatchError,
   IdemdError,
+  IdemdInternalError,
   IdemdUnavailableError,
   InProgressError,
+  InvalidRequestError,
   LeaseLostError,
+  OverloadedError,
+  PermissionDeniedError,
+  RateLimitedError,
   RetryableError,
+  StoreFullError,
+  UnauthenticatedError,
+  isRetried,
   isUnavailable,
 } from "./errors.js";
 export { canonicalJson, fingerprint } from "./fingerprint.js";

@@ -11,14 +11,21 @@ from __future__ import annotations
 from .errors import (
     FingerprintMismatch,
     IdemdError,
+    IdemdInternal,
     IdemdUnavailable,
     InProgressError,
     InvalidRequest,
+    LeaseLost,
     LeaseNotHeld,
     NotCanonicalizable,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
     RecordCompleted,
     RecordNotFound,
     Retryable,
+    StoreFull,
+    Unauthenticated,
 )
 from .fingerprint import canonical_json, fingerprint
 
@@ -30,34 +37,31 @@ __all__ = [
     "Client",
     "FingerprintMismatch",
     "IdemdError",
+    "IdemdInternal",
     "IdemdUnavailable",
     "InProgressError",
     "InvalidRequest",
     "Lease",
+    "LeaseLost",
     "LeaseNotHeld",
     "NotCanonicalizable",
     "Options",
     "Outcome",
+    "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
     "RecordCompleted",
     "RecordNotFound",
     "Result",
     "Retryable",
+    "StoreFull",
+    "Unauthenticated",
     "canonical_json",
     "fingerprint",
     "pb",
 ]
 
-try:
-    from ._common import Options, Outcome, Result
-    from ._proto import pb
-    from .aio import AsyncClient, AsyncLease
-    from .client import Client, Lease
-except ImportError as _exc:  # generated modules missing: keep `python -m idemd_client.generate` usable
-    if "generated protobuf modules are missing" not in str(_exc):
-        raise
-    _IMPORT_ERROR = _exc
-
-    def __getattr__(name: str):
-        if name in __all__:
-            raise ImportError(str(_IMPORT_ERROR)) from _IMPORT_ERROR
-        raise AttributeError(name)
+from ._common import Options, Outcome, Result
+from ._proto import pb
+from .aio import AsyncClient, AsyncLease
+from .client import Client, Lease

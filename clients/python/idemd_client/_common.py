@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Union
@@ -73,8 +74,15 @@ class Options:
     complete_on_error: ``callable(exc) -> Result | bytes | None`` for non-retryable failures:
                        the returned result is stored with Complete (so retries replay it) and
                        the exception re-raised; None releases instead.
-    fail_open:         when idemd is unreachable at Acquire, run the work unprotected instead
-                       of raising IdemdUnavailable (default False: fail closed).
+    fail_open:         when idemd is unreachable at Acquire (after the retries), run the work
+                       unprotected instead of raising IdemdUnavailable (default False: fail
+                       closed). Never when idemd answered: RateLimited, Overloaded, StoreFull and
+                       the other refusals are raised (clients/BEHAVIOUR.md).
+    max_attempts:      calls of Acquire (and of Complete) in all when idemd is unreachable, rate
+                       limited or overloaded (default 4).
+    backoff_initial:   before retry n the helper sleeps a random time in
+    backoff_max:       [0, min(backoff_max, backoff_initial * 2**(n-1))] ("full jitter";
+                       defaults 0.1 s and 2 s).
     """
 
     lease_ttl: Seconds = 30.0
@@ -85,6 +93,9 @@ class Options:
     retryable: Optional[Callable[[BaseException], bool]] = None
     complete_on_error: Optional[Callable[[BaseException], Any]] = None
     fail_open: bool = False
+    max_attempts: int = 4
+    backoff_initial: Seconds = 0.1
+    backoff_max: Seconds = 2.0
 
     def __post_init__(self) -> None:
         self.lease_ttl = to_seconds(self.lease_ttl)
@@ -97,6 +108,17 @@ class Options:
             raise ValueError("wait_timeout must be positive")
         if self.max_waits < 0:
             raise ValueError("max_waits must be >= 0")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.backoff_initial = to_seconds(self.backoff_initial)
+        self.backoff_max = to_seconds(self.backoff_max)
+        if self.backoff_initial < 0 or self.backoff_max < 0:
+            raise ValueError("backoffs must be >= 0")
+
+    def backoff(self, retry: int) -> float:
+        """The sleep before retry ``retry`` (1 for the first): full jitter, so that a fleet's
+        retries spread out instead of hitting a recovering idemd at once."""
+        return jitter(min(float(self.backoff_max), float(self.backoff_initial) * 2 ** (retry - 1)))
 
     @property
     def renew_interval(self) -> float:
@@ -111,6 +133,11 @@ class Options:
             except Exception:  # noqa: BLE001 - a broken predicate must not mask the failure
                 log.exception("idemd_client: retryable predicate raised; treating failure as not retryable")
         return False
+
+
+def jitter(ceiling: float) -> float:
+    """A uniformly random time in [0, ceiling]."""
+    return random.uniform(0.0, max(0.0, ceiling))
 
 
 def to_seconds(value: Seconds) -> float:

@@ -1,5 +1,10 @@
-"""Protobuf plumbing: the generated idemd messages, the service's method table, and a private
-decoder for google.rpc.Status / ErrorInfo / BadRequest error details.
+"""Protobuf plumbing: the idemd messages, the service's method table, and a private decoder for
+google.rpc.Status / ErrorInfo / BadRequest error details.
+
+The idemd messages are built at import time from the proto's serialized descriptor
+(``_descriptor.py``, committed and checked against ``proto/`` by tests/test_packaging.py) rather
+than from protoc-generated ``_pb2`` code: nothing is generated at install time (a read-only
+checkout or an sdist installs as it is), and no gencode ties users to one protobuf release.
 
 The google.rpc messages are declared here in a private descriptor pool (same field numbers, so
 the same wire format) so that idemd-client needs neither googleapis-common-protos nor
@@ -7,18 +12,33 @@ grpcio-status, and cannot clash with them when they are installed.
 """
 from __future__ import annotations
 
+import types
 from typing import Dict, List, Optional, Tuple
 
-from google.protobuf import descriptor_pb2, descriptor_pool
+# duration_pb2 and timestamp_pb2 register the well-known types the idemd proto imports in the
+# default pool; the idemd file joins them there, so its Duration fields take duration_pb2's class.
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, timestamp_pb2  # noqa: F401
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf.message_factory import GetMessageClass
 
-try:
-    from ._gen.idempotency.v1 import idempotency_pb2 as pb
-except ModuleNotFoundError as exc:  # pragma: no cover - only when the package was not built
-    raise ImportError(
-        "idemd_client's generated protobuf modules are missing; install the package with pip "
-        "(pip install clients/python) or run `python -m idemd_client.generate` "
-        f"(needs grpcio-tools): {exc}"
-    ) from exc
+from . import _descriptor
+
+
+def _load_messages() -> types.ModuleType:
+    file = descriptor_pool.Default().AddSerializedFile(_descriptor.FILE_DESCRIPTOR)
+    module = types.ModuleType("idemd_client.pb", "idemd's idempotency.v1 messages and enums.")
+    module.DESCRIPTOR = file
+    for name, message in file.message_types_by_name.items():
+        setattr(module, name, GetMessageClass(message))
+    for name, enum in file.enum_types_by_name.items():
+        setattr(module, name, EnumTypeWrapper(enum))
+        for value in enum.values:
+            setattr(module, value.name, value.number)
+    return module
+
+
+#: The idempotency.v1 messages (``pb.AcquireRequest``…) and enum values (``pb.OUTCOME_ACQUIRED``…).
+pb = _load_messages()
 
 SERVICE = "/idempotency.v1.IdempotencyService/"
 

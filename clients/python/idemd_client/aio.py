@@ -17,6 +17,7 @@ from ._common import (
     default_holder,
     duration,
     duration_seconds,
+    jitter,
     log,
     normalize_result,
     timestamp_datetime,
@@ -31,13 +32,14 @@ from .errors import (
     LeaseNotHeld,
     RecordCompleted,
     RecordNotFound,
+    RETRIED,
     error_from_rpc,
+    lease_lost,
 )
 from .fingerprint import to_fingerprint
 
 __all__ = ["AsyncClient", "AsyncLease"]
 
-_COMPLETE_ATTEMPTS = 3
 
 
 class AsyncClient:
@@ -229,15 +231,19 @@ class AsyncLease(LeaseBase):
         waits = 0
         while True:
             try:
-                resp = await client.acquire(
-                    self.namespace,
-                    self.key,
-                    self.fingerprint,
-                    lease_ttl=opts.lease_ttl,
-                    retention=opts.retention,
-                    holder=opts.holder,
+                resp = await self._retrying(
+                    lambda: client.acquire(
+                        self.namespace,
+                        self.key,
+                        self.fingerprint,
+                        lease_ttl=opts.lease_ttl,
+                        retention=opts.retention,
+                        holder=opts.holder,
+                    )
                 )
             except IdemdUnavailable as exc:
+                # Only an unreachable idemd may be bypassed: one that answered (RateLimited,
+                # Overloaded, StoreFull, a refusal) said no, and running anyway would ignore it.
                 if opts.fail_open:
                     log.warning(
                         "idemd_client: idemd unreachable, running %s/%s UNPROTECTED (fail_open): %s",
@@ -265,9 +271,11 @@ class AsyncLease(LeaseBase):
             timeout = wait_timeout_for(retry_after, opts)
             try:
                 w = await client.wait(self.namespace, self.key, timeout)
-            except IdemdUnavailable as exc:
+            except RETRIED as exc:
+                # A Wait out of time is a TIMED_OUT; too many waiters or idemd unreachable: back
+                # off, and let Acquire (with its retries) decide.
                 if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    await asyncio.sleep(min(timeout, 1.0))
+                    await asyncio.sleep(jitter(min(timeout, 1.0)))
                 continue
             if w.outcome == pb.WAIT_OUTCOME_COMPLETED:
                 if w.record.fingerprint != self.fingerprint:
@@ -278,6 +286,20 @@ class AsyncLease(LeaseBase):
                     )
                 self._set_replayed(w.record)
                 return
+
+    async def _retrying(self, call):
+        """``call()`` until it succeeds, fails for good, or ``max_attempts`` calls were made:
+        unreachable, rate limited and overloaded are retried after a jittered backoff."""
+        attempt = 1
+        while True:
+            try:
+                return await call()
+            except RETRIED as exc:
+                if attempt >= self.options.max_attempts:
+                    raise
+                log.debug("idemd_client: %s; retry %d after a backoff", exc, attempt)
+                await asyncio.sleep(self.options.backoff(attempt))
+                attempt += 1
 
     async def _renew_loop(self) -> None:
         interval = self.options.renew_interval
@@ -315,20 +337,18 @@ class AsyncLease(LeaseBase):
         if not self.protected:
             self.result, self.completed = result, True
             return result
-        for attempt in range(_COMPLETE_ATTEMPTS):
-            try:
-                resp = await self._client.complete(
+        try:
+            resp = await self._retrying(
+                lambda: self._client.complete(
                     self.namespace, self.key, self.lease_token, result, retention=self.options.retention
                 )
-                break
-            except IdemdUnavailable:
-                if attempt + 1 == _COMPLETE_ATTEMPTS:
-                    self._complete_failed = True
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
-            except BaseException:
-                self._complete_failed = True
-                raise
+            )
+        except (LeaseNotHeld, RecordNotFound, RecordCompleted) as exc:
+            self._complete_failed = True
+            raise lease_lost(exc, self.namespace, self.key) from exc
+        except BaseException:
+            self._complete_failed = True
+            raise
         self.record = resp.record
         self.result = Result.from_pb(resp.record.result)
         self.completed = True
@@ -348,6 +368,12 @@ class AsyncLease(LeaseBase):
     async def __aexit__(self, exc_type, exc, tb) -> bool:
         await self._stop_renewer()
         if not self.held:
+            return False
+        if self._complete_failed:
+            # The work ran but its result was not stored. Releasing would hand the key to the
+            # next caller at once, to run the work again; an expiring lease at least delays it.
+            log.warning("idemd_client: Complete of %s/%s failed; leaving the lease to expire",
+                        self.namespace, self.key)
             return False
         if exc is None:
             log.warning("idemd_client: lease block for %s/%s ended without complete(); releasing",

@@ -16,6 +16,7 @@ from ._common import (
     default_holder,
     duration,
     duration_seconds,
+    jitter,
     log,
     normalize_result,
     timestamp_datetime,
@@ -30,13 +31,14 @@ from .errors import (
     LeaseNotHeld,
     RecordCompleted,
     RecordNotFound,
+    RETRIED,
     error_from_rpc,
+    lease_lost,
 )
 from .fingerprint import to_fingerprint
 
 __all__ = ["Client", "Lease"]
 
-_COMPLETE_ATTEMPTS = 3
 
 
 class Client:
@@ -269,15 +271,19 @@ class Lease(LeaseBase):
         waits = 0
         while True:
             try:
-                resp = client.acquire(
-                    self.namespace,
-                    self.key,
-                    self.fingerprint,
-                    lease_ttl=opts.lease_ttl,
-                    retention=opts.retention,
-                    holder=opts.holder,
+                resp = self._retrying(
+                    lambda: client.acquire(
+                        self.namespace,
+                        self.key,
+                        self.fingerprint,
+                        lease_ttl=opts.lease_ttl,
+                        retention=opts.retention,
+                        holder=opts.holder,
+                    )
                 )
             except IdemdUnavailable as exc:
+                # Only an unreachable idemd may be bypassed: one that answered (RateLimited,
+                # Overloaded, StoreFull, a refusal) said no, and running anyway would ignore it.
                 if opts.fail_open:
                     log.warning(
                         "idemd_client: idemd unreachable, running %s/%s UNPROTECTED (fail_open): %s",
@@ -306,10 +312,12 @@ class Lease(LeaseBase):
             timeout = wait_timeout_for(retry_after, opts)
             try:
                 w = client.wait(self.namespace, self.key, timeout)
-            except IdemdUnavailable as exc:
+            except RETRIED as exc:
+                # A Wait out of time is a TIMED_OUT; too many waiters or idemd unreachable: back
+                # off, and let Acquire (with its retries) decide.
                 if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     # Overloaded or unreachable: back off, then let Acquire decide.
-                    time.sleep(min(timeout, 1.0))
+                    time.sleep(jitter(min(timeout, 1.0)))
                 continue
             if w.outcome == pb.WAIT_OUTCOME_COMPLETED:
                 if w.record.fingerprint != self.fingerprint:
@@ -321,6 +329,20 @@ class Lease(LeaseBase):
                 self._set_replayed(w.record)
                 return
             # FREE or TIMED_OUT: Acquire again.
+
+    def _retrying(self, call):
+        """``call()`` until it succeeds, fails for good, or ``max_attempts`` calls were made:
+        unreachable, rate limited and overloaded are retried after a jittered backoff."""
+        attempt = 1
+        while True:
+            try:
+                return call()
+            except RETRIED as exc:
+                if attempt >= self.options.max_attempts:
+                    raise
+                log.debug("idemd_client: %s; retry %d after a backoff", exc, attempt)
+                time.sleep(self.options.backoff(attempt))
+                attempt += 1
 
     # -- completion --------------------------------------------------------------------------
 
@@ -338,20 +360,18 @@ class Lease(LeaseBase):
         if not self.protected:
             self.result, self.completed = result, True
             return result
-        for attempt in range(_COMPLETE_ATTEMPTS):
-            try:
-                resp = self._client.complete(
+        try:
+            resp = self._retrying(
+                lambda: self._client.complete(
                     self.namespace, self.key, self.lease_token, result, retention=self.options.retention
                 )
-                break
-            except IdemdUnavailable:
-                if attempt + 1 == _COMPLETE_ATTEMPTS:
-                    self._complete_failed = True
-                    raise
-                time.sleep(0.1 * 2**attempt)
-            except BaseException:
-                self._complete_failed = True
-                raise
+            )
+        except (LeaseNotHeld, RecordNotFound, RecordCompleted) as exc:
+            self._complete_failed = True
+            raise lease_lost(exc, self.namespace, self.key) from exc
+        except BaseException:
+            self._complete_failed = True
+            raise
         self.record = resp.record
         self.result = Result.from_pb(resp.record.result)
         self.completed = True
@@ -376,6 +396,12 @@ class Lease(LeaseBase):
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop_renewer()
         if not self.held:
+            return False
+        if self._complete_failed:
+            # The work ran but its result was not stored. Releasing would hand the key to the
+            # next caller at once, to run the work again; an expiring lease at least delays it.
+            log.warning("idemd_client: Complete of %s/%s failed; leaving the lease to expire",
+                        self.namespace, self.key)
             return False
         if exc is None:
             log.warning("idemd_client: lease block for %s/%s ended without complete(); releasing",

@@ -8,6 +8,13 @@ import grpc
 __all__ = [
     "IdemdError",
     "IdemdUnavailable",
+    "RateLimited",
+    "Overloaded",
+    "StoreFull",
+    "Unauthenticated",
+    "PermissionDenied",
+    "IdemdInternal",
+    "LeaseLost",
     "FingerprintMismatch",
     "LeaseNotHeld",
     "RecordCompleted",
@@ -47,8 +54,41 @@ class IdemdError(Exception):
 
 
 class IdemdUnavailable(IdemdError):
-    """idemd (or its store) could not be reached: UNAVAILABLE, DEADLINE_EXCEEDED, overload, or a
-    connection failure. The helper fails closed with this unless ``fail_open=True``."""
+    """idemd (or its store) could not be reached: UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED by the
+    server, or a connection that failed or broke, after the helper's retries. The helper fails closed with this unless
+    ``fail_open=True``; it is the only error fail-open applies to."""
+
+
+class RateLimited(IdemdError):
+    """RESOURCE_EXHAUSTED ``CALLER_LIMITED``: this caller is over its own limit (after the
+    helper's retries). Not an :class:`IdemdUnavailable`: fail-open never applies to it."""
+
+
+class Overloaded(IdemdError):
+    """RESOURCE_EXHAUSTED ``OVERLOADED`` (or ``TOO_MANY_WAITERS``, or no reason): idemd is at its
+    limit and asks callers to back off (after the helper's retries). Fail-open never applies."""
+
+
+class StoreFull(IdemdError):
+    """RESOURCE_EXHAUSTED ``STORE_FULL``: new keys are refused until records expire. Not retried;
+    fail-open never applies."""
+
+
+class Unauthenticated(IdemdError):
+    """UNAUTHENTICATED: missing or unknown credentials."""
+
+
+class PermissionDenied(IdemdError):
+    """PERMISSION_DENIED: the policy does not grant this caller the RPC in this namespace."""
+
+
+class IdemdInternal(IdemdError):
+    """INTERNAL: a bug or an unexpected database answer in idemd (see its logs)."""
+
+
+class LeaseLost(IdemdError):
+    """The helper's Complete found the lease gone (LEASE_NOT_HELD, RECORD_NOT_FOUND or
+    RECORD_COMPLETED): the work ran, its result was not stored, and another caller may run it."""
 
 
 class FingerprintMismatch(IdemdError):
@@ -94,17 +134,46 @@ _BY_REASON = {
     "INVALID_REQUEST": InvalidRequest,
     "STORE_UNAVAILABLE": IdemdUnavailable,
     "DEADLINE_EXCEEDED": IdemdUnavailable,
-    "OVERLOADED": IdemdUnavailable,
-    "CALLER_LIMITED": IdemdUnavailable,
+    "OVERLOADED": Overloaded,
+    "TOO_MANY_WAITERS": Overloaded,
+    "CALLER_LIMITED": RateLimited,
+    "STORE_FULL": StoreFull,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+    "INTERNAL": IdemdInternal,
 }
 
+# Without an ErrorInfo (a proxy's answer, or the transport's own).
 _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: IdemdUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: IdemdUnavailable,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: IdemdUnavailable,
+    # The helper never cancels its own calls: a CANCELLED is the other side giving up (tonic
+    # answers CANCELLED "Timeout expired" when the call's grpc-timeout passes first).
+    grpc.StatusCode.CANCELLED: IdemdUnavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.INTERNAL: IdemdInternal,
     grpc.StatusCode.NOT_FOUND: RecordNotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
 }
+
+#: What the helper retries (with backoff and jitter, within its budget) at Acquire and Complete.
+RETRIED = (IdemdUnavailable, RateLimited, Overloaded)
+
+
+def lease_lost(err: IdemdError, namespace: str, key: str) -> LeaseLost:
+    """The helper's error for a Complete refused because the lease is gone."""
+    exc = LeaseLost(
+        f"idemd: the lease on {namespace}/{key} was lost before Complete; the work ran but its "
+        f"result was not stored: {err.message}",
+        code=err.code,
+        reason=err.reason,
+        domain=err.domain,
+        metadata=err.metadata,
+    )
+    exc.__cause__ = err
+    return exc
 
 
 def error_from_rpc(err: grpc.RpcError, method: str = "") -> IdemdError:

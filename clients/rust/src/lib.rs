@@ -17,11 +17,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The behaviour is the same in every idemd client (Rust, Python, Node):
-//! Acquire → ACQUIRED: run the work while the lease is renewed in the background, then Complete
-//! (or Release on a retryable failure); IN_PROGRESS: Wait, then replay or try again;
-//! COMPLETED: return the stored result without running the work. idemd unreachable: an error,
-//! unless `fail_open` is set.
+//! The behaviour is the same in every idemd client (Rust, Python, Node, Go, Java), as
+//! clients/BEHAVIOUR.md specifies and its behaviour suite checks: Acquire → ACQUIRED: run the work
+//! while the lease is renewed in the background, then Complete (or Release on a retryable
+//! failure); IN_PROGRESS: Wait, then replay or try again; COMPLETED: return the stored result
+//! without running the work. Acquire and Complete are retried with backoff and jitter when idemd
+//! is unreachable, rate limited or overloaded. idemd unreachable after the retries: an error,
+//! unless `fail_open` is set; every other refusal is an error of its own kind, never an
+//! unprotected run.
 //!
 //! Traces: with the default `opentelemetry` feature, every call [`IdempotencyClient::idempotent`]
 //! makes (Acquire, Wait, Renew, Complete, Release) carries the caller's current OpenTelemetry
@@ -71,8 +74,60 @@ pub struct Options {
     pub max_waits: u32,
     /// Longest single Wait.
     pub wait_timeout: Duration,
-    /// Run the work unprotected when idemd cannot be reached (default: fail closed).
+    /// Run the work unprotected when idemd cannot be reached (default: fail closed). Never
+    /// applies when idemd answered (rate limited, overloaded, full, refused…): see
+    /// clients/BEHAVIOUR.md.
     pub fail_open: bool,
+    /// The deadline of each call (a Wait's is its wait timeout plus this). A call without an
+    /// answer by then counts as idemd being unreachable.
+    pub rpc_timeout: Duration,
+    /// How Acquire and Complete are retried when idemd is unreachable, rate limited or
+    /// overloaded.
+    pub retry: RetryPolicy,
+}
+
+/// Retries with exponential backoff and full jitter: before retry `n` (1, 2, …) the helper sleeps
+/// a random time in `[0, min(max_backoff, initial_backoff · 2^(n-1))]`, so that a fleet's retries
+/// spread out instead of hitting a recovering idemd at the same instant.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Calls of one RPC in all, the first included (at least 1).
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The sleep before retry `retry` (1 for the first retry).
+    fn backoff(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1)))
+            .min(self.max_backoff);
+        jitter(ceiling)
+    }
+}
+
+/// A uniformly random duration in `[0, ceiling]` ("full jitter"). The randomness is std's
+/// per-process random hash keys, mixed with a counter: enough to spread retries, no extra crate.
+fn jitter(ceiling: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(hasher.finish() % nanos.saturating_add(1))
 }
 
 impl Default for Options {
@@ -88,6 +143,8 @@ impl Default for Options {
             max_waits: 10,
             wait_timeout: Duration::from_secs(30),
             fail_open: false,
+            rpc_timeout: Duration::from_secs(10),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -125,17 +182,44 @@ pub struct Outcome {
     pub protected: bool,
 }
 
-/// Why `idempotent` failed.
+/// Why `idempotent` failed. Each variant is a kind of clients/BEHAVIOUR.md, the same in every
+/// idemd client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError<E: std::fmt::Debug> {
+    /// idemd could not be reached (UNAVAILABLE, a connection that failed or broke, no answer in
+    /// time), after the retries. The only error `fail_open` turns into an unprotected run.
     #[error("idemd is unreachable: {0}")]
     Unavailable(Status),
+    /// RESOURCE_EXHAUSTED `CALLER_LIMITED`: this caller is over its limit, after the retries.
+    #[error("idemd rate-limits this caller: {0}")]
+    RateLimited(Status),
+    /// RESOURCE_EXHAUSTED `OVERLOADED` (or without a reason): idemd is at its limit, after the
+    /// retries.
+    #[error("idemd is overloaded: {0}")]
+    Overloaded(Status),
+    /// RESOURCE_EXHAUSTED `STORE_FULL`: new keys are refused until records expire.
+    #[error("the idempotency store is full: {0}")]
+    StoreFull(Status),
+    #[error("idemd does not know these credentials: {0}")]
+    Unauthenticated(Status),
+    #[error("idemd's policy refuses this call: {0}")]
+    PermissionDenied(Status),
+    /// INVALID_ARGUMENT `INVALID_REQUEST`: the status details name each broken field.
+    #[error("idemd refused the request as invalid: {0}")]
+    InvalidRequest(Status),
     #[error("the key was used before with a different request (fingerprint mismatch)")]
     FingerprintMismatch,
+    /// The lease was taken over or the record vanished before Complete: the work ran, its result
+    /// was not stored.
+    #[error("the lease was lost before Complete; the work ran but its result was not stored: {0}")]
+    LeaseLost(Status),
     #[error("another caller is still working on the key after {0} waits")]
     InProgress(u32),
+    #[error("idemd failed internally: {0}")]
+    Internal(Status),
     #[error("the work failed: {0:?}")]
     Work(E),
+    /// Any other status (one idemd does not send).
     #[error("idemd refused: {0}")]
     Rpc(Status),
 }
@@ -149,14 +233,84 @@ fn reason(status: &Status) -> String {
 
 /// Whether idemd could not be reached or did not answer: the call may be retried. A connection
 /// that breaks under a call (a replica restarting) reaches us as UNKNOWN "transport error" or
-/// CANCELLED "operation was canceled", with the transport error as the source.
+/// CANCELLED "operation was canceled", with the transport error as the source. The helper never
+/// cancels its own calls, so any CANCELLED without a reason is the other side giving up (a tonic
+/// server answers CANCELLED "Timeout expired" when a call's grpc-timeout passes).
 fn unreachable_status(status: &Status) -> bool {
     use std::error::Error;
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
-        || (status.code() == Code::Unknown && reason(status).is_empty())
+        || (matches!(status.code(), Code::Unknown | Code::Cancelled) && reason(status).is_empty())
         || status
             .source()
             .is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
+/// Whether Acquire or Complete is tried again after `status` (within the retry budget):
+/// unreachable, rate limited or overloaded; a full store clears in minutes, not milliseconds.
+fn retryable_status(status: &Status) -> bool {
+    unreachable_status(status)
+        || (status.code() == Code::ResourceExhausted && reason(status) != "STORE_FULL")
+}
+
+/// The error of a status, as clients/BEHAVIOUR.md's table says.
+fn error_of<E: std::fmt::Debug>(status: Status) -> ClientError<E> {
+    if unreachable_status(&status) {
+        return ClientError::Unavailable(status);
+    }
+    match (status.code(), reason(&status).as_str()) {
+        (Code::ResourceExhausted, "CALLER_LIMITED") => ClientError::RateLimited(status),
+        (Code::ResourceExhausted, "STORE_FULL") => ClientError::StoreFull(status),
+        (Code::ResourceExhausted, _) => ClientError::Overloaded(status),
+        (Code::Unauthenticated, _) => ClientError::Unauthenticated(status),
+        (Code::PermissionDenied, _) => ClientError::PermissionDenied(status),
+        (Code::InvalidArgument, _) => ClientError::InvalidRequest(status),
+        (_, "FINGERPRINT_MISMATCH") => ClientError::FingerprintMismatch,
+        (Code::Internal, _) => ClientError::Internal(status),
+        _ => ClientError::Rpc(status),
+    }
+}
+
+/// The error of a failed Complete: a lease that is no longer ours is `LeaseLost`.
+fn complete_error_of<E: std::fmt::Debug>(status: Status) -> ClientError<E> {
+    match reason(&status).as_str() {
+        "LEASE_NOT_HELD" | "RECORD_NOT_FOUND" | "RECORD_COMPLETED" => {
+            ClientError::LeaseLost(status)
+        }
+        _ => error_of(status),
+    }
+}
+
+/// One call with a deadline: no answer in `timeout` is DEADLINE_EXCEEDED, as from the transport.
+async fn with_deadline<R>(
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<R>, Status>>,
+) -> Result<R, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => answer.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "idemd did not answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// Calls `call` until it succeeds, fails for good, or the retry budget is spent (backoff with
+/// full jitter between attempts); the last status otherwise.
+async fn with_retries<R, F, Fut>(options: &Options, mut call: F) -> Result<R, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, Status>>,
+{
+    let mut attempt = 1;
+    loop {
+        match with_deadline(options.rpc_timeout, call()).await {
+            Err(status) if retryable_status(&status) && attempt < options.retry.max_attempts => {
+                tracing::debug!(%status, attempt, "idemd call failed; retrying after a backoff");
+                tokio::time::sleep(options.retry.backoff(attempt)).await;
+                attempt += 1;
+            }
+            answer => return answer,
+        }
+    }
 }
 
 fn duration(value: Duration) -> Option<prost_types::Duration> {
@@ -251,7 +405,8 @@ impl IdempotencyClient {
         self.inner.clone()
     }
 
-    /// Runs `work` at most once for (namespace, key) — see the module documentation.
+    /// Runs `work` at most once for (namespace, key) — see the module documentation and
+    /// clients/BEHAVIOUR.md for every answer and failure.
     pub async fn idempotent<F, Fut, E>(
         &self,
         namespace: &str,
@@ -265,23 +420,28 @@ impl IdempotencyClient {
         Fut: Future<Output = Result<pb::Result, WorkError<E>>>,
         E: std::fmt::Debug,
     {
-        let mut client = self.inner.clone();
+        let acquire = pb::AcquireRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            fingerprint: fingerprint.clone(),
+            lease_ttl: duration(options.lease_ttl),
+            retention: options.retention.and_then(duration),
+            holder: options.holder.clone(),
+        };
         let mut waits = 0;
         loop {
-            let acquire = pb::AcquireRequest {
-                namespace: namespace.into(),
-                key: key.into(),
-                fingerprint: fingerprint.clone(),
-                lease_ttl: duration(options.lease_ttl),
-                retention: options.retention.and_then(duration),
-                holder: options.holder.clone(),
-            };
-            let response = match client.acquire(self.request(acquire)).await {
-                Ok(response) => response.into_inner(),
-                Err(status) if unreachable_status(&status) => {
-                    if !options.fail_open {
-                        return Err(ClientError::Unavailable(status));
-                    }
+            let acquired = with_retries(&options, || {
+                let mut client = self.inner.clone();
+                let request = self.request(acquire.clone());
+                async move { client.acquire(request).await }
+            })
+            .await;
+            let response = match acquired.map_err(error_of::<E>) {
+                Ok(response) => response,
+                // Only an unreachable idemd may be bypassed: one that answered (rate limited,
+                // overloaded, full, refused) said no, and running anyway would ignore it.
+                Err(ClientError::Unavailable(status)) if options.fail_open => {
+                    tracing::warn!(%status, namespace, key, "idemd unreachable: running the work UNPROTECTED (fail_open)");
                     let lease = Lease {
                         fencing_token: 0,
                         token: String::new(),
@@ -297,10 +457,7 @@ impl IdempotencyClient {
                         }
                     };
                 }
-                Err(status) if reason(&status) == "FINGERPRINT_MISMATCH" => {
-                    return Err(ClientError::FingerprintMismatch)
-                }
-                Err(status) => return Err(ClientError::Rpc(status)),
+                Err(error) => return Err(error),
             };
             match response.outcome() {
                 pb::Outcome::Completed => {
@@ -324,33 +481,47 @@ impl IdempotencyClient {
                         .retry_after
                         .and_then(|d| Duration::try_from(d).ok())
                         .unwrap_or(options.wait_timeout);
+                    let timeout = retry_after
+                        .min(options.wait_timeout)
+                        .max(Duration::from_millis(1));
                     let wait = pb::WaitRequest {
                         namespace: namespace.into(),
                         key: key.into(),
-                        timeout: duration(
-                            retry_after
-                                .min(options.wait_timeout)
-                                .max(Duration::from_millis(1)),
-                        ),
+                        timeout: duration(timeout),
                     };
-                    match client.wait(self.request(wait)).await {
+                    let mut client = self.inner.clone();
+                    let waited = with_deadline(
+                        timeout + options.rpc_timeout,
+                        client.wait(self.request(wait)),
+                    )
+                    .await;
+                    match waited {
                         Ok(waited) => {
-                            let waited = waited.into_inner();
                             if waited.outcome() == pb::WaitOutcome::Completed {
-                                let result =
-                                    waited.record.and_then(|r| r.result).unwrap_or_default();
+                                let record = waited.record.unwrap_or_default();
+                                if record.fingerprint != fingerprint {
+                                    return Err(ClientError::FingerprintMismatch);
+                                }
                                 return Ok(Outcome {
-                                    result,
+                                    result: record.result.unwrap_or_default(),
                                     replayed: true,
                                     protected: true,
                                 });
                             }
                             // FREE or TIMED_OUT: try to acquire again.
                         }
-                        Err(status) if unreachable_status(&status) => {
-                            return Err(ClientError::Unavailable(status))
+                        // A Wait that ran out of time is a TIMED_OUT.
+                        Err(status) if status.code() == Code::DeadlineExceeded => {}
+                        // Too many waiters, or idemd unreachable: back off, and let Acquire (with
+                        // its retries) decide.
+                        Err(status)
+                            if unreachable_status(&status)
+                                || status.code() == Code::ResourceExhausted =>
+                        {
+                            tracing::debug!(%status, "Wait failed; acquiring again after a backoff");
+                            tokio::time::sleep(jitter(timeout.min(Duration::from_secs(1)))).await;
                         }
-                        Err(status) => return Err(ClientError::Rpc(status)),
+                        Err(status) => return Err(error_of(status)),
                     }
                 }
             }
@@ -381,13 +552,15 @@ impl IdempotencyClient {
             });
             let (metadata, _, message) = renew.into_parts();
             let every = (options.lease_ttl / 3).max(Duration::from_millis(10));
+            let rpc_timeout = options.rpc_timeout;
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
                     tick.tick().await;
                     let request =
                         Request::from_parts(metadata.clone(), Default::default(), message.clone());
-                    if let Err(status) = client.renew(request).await {
+                    // A failure is retried at the next tick; a lost lease shows at Complete.
+                    if let Err(status) = with_deadline(rpc_timeout, client.renew(request)).await {
                         tracing::warn!(%status, "could not renew the lease");
                     }
                 }
@@ -401,39 +574,38 @@ impl IdempotencyClient {
         })
         .await;
         drop(renewer);
-        let mut client = self.inner.clone();
-        let release = |client: &mut IdempotencyServiceClient<Channel>| {
+        let release = || async {
+            let mut client = self.inner.clone();
             let request = self.request(pb::ReleaseRequest {
                 namespace: namespace.into(),
                 key: key.into(),
                 lease_token: lease.token.clone(),
             });
-            let mut client = client.clone();
-            async move { client.release(request).await }
+            // Best effort and not retried: an unreleased lease expires by itself.
+            if let Err(status) = with_deadline(options.rpc_timeout, client.release(request)).await {
+                tracing::warn!(%status, "could not release the lease; it expires by itself");
+            }
         };
-        let complete = |client: &mut IdempotencyServiceClient<Channel>, result: pb::Result| {
-            let request = self.request(pb::CompleteRequest {
+        // Complete is safe to repeat with the same lease token (the first stored result stands).
+        let complete = |result: pb::Result| {
+            let request = pb::CompleteRequest {
                 namespace: namespace.into(),
                 key: key.into(),
                 lease_token: lease.token.clone(),
                 result: Some(result),
                 retention: options.retention.and_then(duration),
-            });
-            let mut client = client.clone();
-            async move { client.complete(request).await }
+            };
+            with_retries(options, move || {
+                let mut client = self.inner.clone();
+                let request = self.request(request.clone());
+                async move { client.complete(request).await }
+            })
         };
         match outcome {
             Ok(result) => {
-                let record = complete(&mut client, result)
+                let record = complete(result)
                     .await
-                    .map_err(|status| {
-                        if unreachable_status(&status) {
-                            ClientError::Unavailable(status)
-                        } else {
-                            ClientError::Rpc(status)
-                        }
-                    })?
-                    .into_inner()
+                    .map_err(complete_error_of)?
                     .record
                     .unwrap_or_default();
                 Ok(Outcome {
@@ -443,19 +615,23 @@ impl IdempotencyClient {
                 })
             }
             Err(WorkError::Retryable(error)) => {
-                if let Err(status) = release(&mut client).await {
-                    tracing::warn!(%status, "could not release the lease; it expires by itself");
+                release().await;
+                Err(ClientError::Work(error))
+            }
+            Err(WorkError::Terminal {
+                error,
+                result: Some(result),
+            }) => {
+                if let Err(status) = complete(result).await {
+                    tracing::warn!(%status, "could not store the result of a terminal failure");
                 }
                 Err(ClientError::Work(error))
             }
-            Err(WorkError::Terminal { error, result }) => {
-                let settled = match result {
-                    Some(result) => complete(&mut client, result).await.map(|_| ()),
-                    None => release(&mut client).await.map(|_| ()),
-                };
-                if let Err(status) = settled {
-                    tracing::warn!(%status, "could not settle the lease after a failure");
-                }
+            Err(WorkError::Terminal {
+                error,
+                result: None,
+            }) => {
+                release().await;
                 Err(ClientError::Work(error))
             }
         }
