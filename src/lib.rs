@@ -20,5 +20,11 @@ pub mod proto {
             #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
             tonic::include_proto!("idempotency.v1");
         }
+        pub mod admin {
+            pub mod v1 {
+                #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
+                tonic::include_proto!("idempotency.admin.v1");
+            }
+        }
     }
 }

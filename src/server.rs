@@ -1,5 +1,5 @@
-//! The gRPC server: the idempotency service, standard health, reflection (v1 and v1alpha), the
-//! reaper, and a shutdown that is injected by the caller and bounded by a grace period.
+//! The gRPC server: the idempotency service, the admin service, standard health, reflection (v1
+//! and v1alpha), the reaper, and a shutdown that is injected by the caller and bounded by a grace period.
 
 use std::{
     future::Future,
@@ -19,15 +19,15 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-use crate::api::IdempotencyApi;
+use crate::api::{AdminApi, IdempotencyApi};
 use crate::auth::AuthState;
 use crate::defaults;
 use crate::domain::Limits;
-use crate::store::Store;
+use crate::store::{AdminStore, Store};
 use crate::telemetry::metrics;
 use crate::tls::{self, TlsState};
 
-/// Encoded descriptors of `idempotency.v1`, served by reflection.
+/// Encoded descriptors of `idempotency.v1` and `idempotency.admin.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("idempotency_descriptor");
 
@@ -120,7 +120,7 @@ type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> 
 /// (new connections are refused; open ones take no new RPCs), and in-flight RPCs get at most
 /// `settings.shutdown_grace` to finish. The health-only listener, if any, keeps answering
 /// (readiness NOT_SERVING) until that drain is over.
-pub async fn serve<S: Store>(
+pub async fn serve<S: Store + AdminStore>(
     listeners: Listeners,
     store: Arc<S>,
     settings: ServerSettings,
@@ -152,6 +152,7 @@ pub async fn serve<S: Store>(
              namespace. Set --auth-config (and --require-auth) for anything but local use"
         );
     }
+    let admin_api = AdminApi::new(store.clone(), settings.auth.clone());
     let api = IdempotencyApi::new(
         store.clone(),
         settings.limits,
@@ -215,7 +216,8 @@ pub async fn serve<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(api.into_service(settings.max_message_bytes));
+        .add_service(api.into_service(settings.max_message_bytes))
+        .add_service(admin_api.into_service(settings.max_message_bytes));
     let server: Serving = match &settings.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(listeners.grpc, tls.clone()),

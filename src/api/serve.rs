@@ -207,6 +207,11 @@ impl<'a> Call<'a> {
         self.span.record("outcome", outcome);
     }
 
+    /// The call's span, to record fields in and run its work under.
+    pub(super) fn span(&self) -> &Span {
+        &self.span
+    }
+
     pub(super) fn finish<T>(mut self, result: &Result<T, Status>) {
         let code = match result {
             Ok(_) => Code::Ok,
