@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// (Kubernetes `grpc:` probes) when the API listener uses TLS.
     #[arg(long, env = "IDEMD_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Address of the web console (plain HTTP; off unless set). Bind it to loopback and reach
+    /// it through an SSH tunnel or `kubectl port-forward`: it has no TLS of its own.
+    #[arg(long, env = "IDEMD_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
     /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]

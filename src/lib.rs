@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod defaults;
 pub mod domain;
 pub mod server;

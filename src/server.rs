@@ -101,6 +101,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// Plaintext gRPC health only, for probes that cannot speak TLS (Kubernetes `grpc:` probes).
     pub health: Option<TcpListener>,
+    /// The web console (`crate::console`), over the same admin API.
+    pub console: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -110,6 +112,7 @@ impl Listeners {
             grpc: listener,
             metrics: None,
             health: None,
+            console: None,
         }
     }
 }
@@ -196,6 +199,20 @@ pub async fn serve<S: Store + AdminStore>(
         }
     };
 
+    // The console stops taking requests when shutdown begins, like the API.
+    let console_task = listeners.console.map(|listener| {
+        let serving = crate::console::serve(
+            listener,
+            admin_api.clone(),
+            settings.auth.clone(),
+            until_stopped(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = serving.await {
+                tracing::error!(%error, "console listener failed");
+            }
+        })
+    });
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(metrics::serve(listener, metrics_handle, until_stopped())));
@@ -242,6 +259,7 @@ pub async fn serve<S: Store + AdminStore>(
     upkeep.abort();
     for task in [
         metrics_task,
+        console_task,
         health_task.map(|task| {
             tokio::spawn(async move {
                 let _ = task.await;

@@ -44,6 +44,19 @@ pub struct AdminApi<S> {
     metrics: Arc<metrics::RpcMetrics>,
 }
 
+// By hand: a derive would ask `S: Clone`, and the store is shared through its `Arc`. The console
+// holds a clone, so its calls share the admission bound and metrics of the gRPC service.
+impl<S> Clone for AdminApi<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            auth: self.auth.clone(),
+            admission: self.admission.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
 /// Who is calling, as the commands need to know it: for the audit log, for result bodies, and
 /// for ListNamespaces' filter.
 pub struct View {
