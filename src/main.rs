@@ -128,7 +128,7 @@ async fn serve(
                 .await
                 .map_err(|error| format!("--console-listen {addr}: {error}"))?;
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "serving the web console on http://{addr}/");
+                tracing::info!(%addr, "serving the web console on {addr}");
             }
             Some(listener)
         }

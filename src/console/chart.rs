@@ -27,12 +27,12 @@ pub fn minutes(namespace: &str, minutes: &[admin::MinuteCounts]) -> Markup {
     html! {
         figure.chart {
             svg viewBox=(format!("0 0 {} {}", WIDTH + LEFT, HEIGHT)) role="img"
-                aria-label=(format!("{namespace}: {total_created} created, {total_completed} completed in the last {} minutes", minutes.len())) {
+                aria-label=(format!("{namespace}: {total_created} created, {total_completed} completed in the last hour")) {
                 line.axis x1=(LEFT) y1=(plot_height) x2=(LEFT + WIDTH) y2=(plot_height) {}
                 line.axis x1=(LEFT) y1="0" x2=(LEFT) y2=(plot_height) {}
                 text.tick x=(LEFT - 4) y="10" text-anchor="end" { (peak) }
                 text.tick x=(LEFT - 4) y=(plot_height) text-anchor="end" { "0" }
-                text.tick x=(LEFT) y=(HEIGHT - 2) { (format!("-{} min", minutes.len())) }
+                text.tick x=(LEFT) y=(HEIGHT - 2) { (format!("-{} min", minutes.len().saturating_sub(1))) }
                 text.tick x=(LEFT + WIDTH) y=(HEIGHT - 2) text-anchor="end" { "now" }
                 polyline.created points=(points(&created, peak, plot_height)) {}
                 polyline.completed points=(points(&completed, peak, plot_height)) {}

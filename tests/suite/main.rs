@@ -6,6 +6,7 @@ mod client;
 mod clients;
 mod concurrency;
 mod conformance;
+mod console;
 mod deploy;
 mod durability;
 mod faults;

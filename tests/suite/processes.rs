@@ -339,6 +339,29 @@ impl IdemdProcess {
         health_addr.expect("health address")
     }
 
+    /// The address of the web console (started with `--console-listen`), once idemd has
+    /// announced it.
+    pub async fn console_addr(&self) -> SocketAddr {
+        let mut console_addr = None;
+        crate::harness::eventually(
+            Duration::from_secs(10),
+            "console listener announced",
+            || {
+                console_addr = self
+                    .logs()
+                    .iter()
+                    .find_map(|line| address_after(line, "serving the web console on "));
+                let found = console_addr.is_some();
+                async move { found }
+            },
+        )
+        .await;
+        console_addr
+            .expect("console address")
+            .parse()
+            .expect("console address parses")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
