@@ -499,6 +499,63 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     let gone = get(&mut client, &key).await.expect_err("purged");
     assert_eq!(gone.code(), Code::NotFound);
 
+    // Bulk purge: a dry-run count first, then the purge of at most `limit` records.
+    for n in 0..3 {
+        completed(&mut client, &format!("bulk-{n}"), b"bulk").await;
+    }
+    acquire(&mut client, "bulk-held", Duration::from_secs(300)).await;
+    let counted = http(
+        console,
+        "GET",
+        "/bulk-purge?namespace=console-orders&state=completed&key_prefix=bulk-",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(counted.status, 200, "{}", counted.body);
+    assert!(
+        counted
+            .body
+            .contains("<strong>3</strong> records match now"),
+        "{}",
+        counted.body
+    );
+    get(&mut client, "bulk-0")
+        .await
+        .expect("a dry run deletes nothing");
+    let bulk = |limit: &str, reason: &str| {
+        http(
+            console,
+            "POST",
+            "/actions/purge-records",
+            &[("Cookie", cookie.as_str())],
+            &form(&[
+                ("csrf", &csrf),
+                ("namespace", NAMESPACE),
+                ("state", "completed"),
+                ("key_prefix", "bulk-"),
+                ("limit", limit),
+                ("reason", reason),
+            ]),
+        )
+    };
+    for (limit, field) in [("0", "limit"), ("10001", "limit"), ("many", "limit")] {
+        let response = bulk(limit, "cleanup");
+        assert_eq!(response.status, 400, "limit {limit}: {}", response.body);
+        assert!(response.body.contains(&format!("<code>{field}</code>")));
+    }
+    assert_eq!(bulk("2", "").status, 400, "a bulk purge needs a reason");
+    let purged = bulk("2", "INC-1: test data");
+    assert_eq!(purged.status, 200, "{}", purged.body);
+    assert!(purged.body.contains("Purged 2 records"), "{}", purged.body);
+    let mut left = 0;
+    for n in 0..3 {
+        left += usize::from(get(&mut client, &format!("bulk-{n}")).await.is_ok());
+    }
+    assert_eq!(left, 1, "the limit held");
+    get(&mut client, "bulk-held")
+        .await
+        .expect("the state filter kept the in-progress record");
+
     // Sign-out needs the token too, then the session is over.
     let out = http(
         console,
