@@ -1183,3 +1183,108 @@ async fn a_purge_on_one_replica_empties_the_others_cache() {
     replica_a.stop().await;
     replica_b.stop().await;
 }
+
+/// A listener session that never acknowledges (a hung replica) does not hold a purge forever:
+/// after `ACK_LIMIT` its session is ended, so its replica stops answering from a cache that
+/// missed the invalidation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_listener_is_cut_off_after_the_ack_limit() {
+    const NS: &str = "adm-silent";
+    let database = TestDatabase::create().await;
+    let server = TestServer::on_database(&database, test_settings()).await;
+    let mut client = server.client().await;
+    let mut admin_client = server.admin().await;
+    // A session that looks like a replica's listener but never answers invalidations.
+    let silent = database.connect().await;
+    silent
+        .batch_execute("SET application_name = 'idemd-listener'")
+        .await
+        .expect("pose as a listener");
+    let lease = acquire(&mut client, NS, "paid", 60_000, "w").await;
+    complete(&mut client, NS, "paid", &lease.token).await;
+    let started = std::time::Instant::now();
+    admin_client
+        .purge_record(purge(NS, "paid", "support case"))
+        .await
+        .expect("the purge completes");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+        "the purge should wait out the 2 s acknowledgement limit, took {took:?}"
+    );
+    let error = silent
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the silent session was terminated");
+    assert!(error.is_closed() || error.code().is_some(), "{error}");
+    // The server's own listener answered: a second purge needs no wait.
+    let lease = acquire(&mut client, NS, "paid-2", 60_000, "w").await;
+    complete(&mut client, NS, "paid-2", &lease.token).await;
+    let started = std::time::Instant::now();
+    admin_client
+        .purge_record(purge(NS, "paid-2", "support case"))
+        .await
+        .expect("purge");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await;
+}
+
+/// ForceRelease wakes the key's Waits on every replica at once (not at their next re-read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_release_wakes_waits_on_another_replica() {
+    const NS: &str = "adm-wake";
+    let database = TestDatabase::create().await;
+    let replica_a = TestServer::on_database(&database, test_settings()).await;
+    let replica_b = TestServer::on_database(&database, test_settings()).await;
+    let mut client = replica_a.client().await;
+    acquire(&mut client, NS, "held", 3_600_000, "stuck-worker").await;
+    let mut waiter = replica_b.client().await;
+    let wait = tokio::spawn(async move {
+        let outcome = waiter
+            .wait(pb::WaitRequest {
+                namespace: NS.into(),
+                key: "held".into(),
+                timeout: ms(30_000),
+            })
+            .await
+            .expect("wait")
+            .into_inner()
+            .outcome();
+        (outcome, std::time::Instant::now())
+    });
+    // The Wait is waiting once it marked the record.
+    let sql = database.connect().await;
+    eventually(Duration::from_secs(10), "the Wait marks the record", || {
+        let sql = &sql;
+        async move {
+            sql.query_one(
+                "SELECT has_waiters FROM idemd_records WHERE namespace = $1 AND key = 'held'",
+                &[&NS],
+            )
+            .await
+            .expect("row")
+            .get::<_, bool>(0)
+        }
+    })
+    .await;
+    let mut admin_client = replica_a.admin().await;
+    admin_client
+        .force_release(force_release(NS, "held", "worker hung"))
+        .await
+        .expect("force release");
+    let released_at = std::time::Instant::now();
+    let (outcome, woken_at) = wait.await.expect("wait task");
+    assert_eq!(outcome, pb::WaitOutcome::Free);
+    // Woken by the release's NOTIFY, not by the Wait's re-read every 2 s.
+    let delay = woken_at.saturating_duration_since(released_at);
+    assert!(
+        delay < Duration::from_millis(1000),
+        "woken {delay:?} after the release"
+    );
+    replica_a.stop().await;
+    replica_b.stop().await;
+}
