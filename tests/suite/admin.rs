@@ -1288,3 +1288,46 @@ async fn force_release_wakes_waits_on_another_replica() {
     replica_a.stop().await;
     replica_b.stop().await;
 }
+
+/// Every admin change is logged on the `idemd::audit` target too, with caller, action, namespace,
+/// target and reason, and without result bodies or lease tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_are_logged_on_the_audit_target() {
+    const NS: &str = "adm-log";
+    let server = crate::processes::IdemdProcess::start(&["--log-format", "json"]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = Client::new(channel.clone());
+    let mut admin_client = AdminClient::new(channel);
+    let lease = acquire(&mut client, NS, "logged", 60_000, "w").await;
+    complete(&mut client, NS, "logged", &lease.token).await;
+    admin_client
+        .purge_record(purge(NS, "logged", "ticket 77 for the log"))
+        .await
+        .expect("purge");
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(10), "the audit log line", || {
+        lines = server.logs();
+        let found = lines.iter().any(|line| line.contains("admin change"));
+        async move { found }
+    })
+    .await;
+    let line = lines
+        .iter()
+        .find(|line| line.contains("admin change"))
+        .expect("line");
+    let entry: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(entry["target"], "idemd::audit", "{line}");
+    let fields = &entry["fields"];
+    assert_eq!(fields["action"], "PurgeRecord", "{line}");
+    assert_eq!(fields["namespace"], NS, "{line}");
+    assert_eq!(fields["target_records"], "logged", "{line}");
+    assert_eq!(fields["reason"], "ticket 77 for the log", "{line}");
+    assert_eq!(fields["caller"], "-", "{line}");
+    for line in &lines {
+        assert!(!line.contains(&lease.token), "lease token logged: {line}");
+    }
+}
