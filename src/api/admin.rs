@@ -287,6 +287,9 @@ fn page_size(value: i32) -> Result<u32, String> {
 
 fn timestamp(value: Option<prost_types::Timestamp>) -> Result<Option<SystemTime>, String> {
     let Some(value) = value else { return Ok(None) };
+    if !(0..=999_999_999).contains(&value.nanos) {
+        return Err(format!("nanos must be 0-999999999, got {}", value.nanos));
+    }
     SystemTime::try_from(value)
         .map(Some)
         .map_err(|_| "must be a valid timestamp (nanos 0-999999999, after year 0)".to_string())

@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 pub type Client = IdempotencyServiceClient<Channel>;
+pub type AdminClient =
+    idemd::proto::idempotency::admin::v1::admin_service_client::AdminServiceClient<Channel>;
 
 /// Logs are silent unless TEST_LOG is set (to a filter, e.g. `debug`).
 pub fn init_logs() {
@@ -235,6 +237,10 @@ impl TestServer {
         IdempotencyServiceClient::connect(format!("http://{}", self.addr))
             .await
             .expect("connect to test server")
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::new(self.channel().await)
     }
 
     pub async fn channel(&self) -> Channel {

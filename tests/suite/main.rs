@@ -1,6 +1,8 @@
 //! idemd's integration suite: real gRPC on 127.0.0.1, real PostgreSQL (a fresh database per
 //! test on the shared server, or a throwaway cluster for outage tests).
 
+mod admin;
+mod admin_auth;
 mod chaos;
 mod client;
 mod clients;
