@@ -562,6 +562,19 @@ mod tests {
     }
 
     #[test]
+    fn every_page_says_when_auth_is_off() {
+        let header = |auth_off| Header {
+            caller: "anyone",
+            csrf: "t",
+            auth_off,
+        };
+        let open = layout("x", Some(&header(true)), html! {}).into_string();
+        assert!(open.contains("Authentication is off"));
+        let closed = layout("x", Some(&header(false)), html! {}).into_string();
+        assert!(!closed.contains("Authentication is off"));
+    }
+
+    #[test]
     fn caller_text_is_escaped() {
         let record = pb::Record {
             namespace: "orders".into(),

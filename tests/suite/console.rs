@@ -68,6 +68,7 @@ token_sha256 = ["{writer}"]
 struct ConsoleServer {
     server: IdemdProcess,
     console: SocketAddr,
+    policy_path: PathBuf,
     _database: TestDatabase,
     _dir: tempfile::TempDir,
 }
@@ -91,6 +92,7 @@ impl ConsoleServer {
         Self {
             server,
             console,
+            policy_path,
             _database: database,
             _dir: dir,
         }
@@ -327,6 +329,24 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
         assert!(response.header("set-cookie").is_none());
     }
 
+    // Refused sign-ins are logged on the audit target, without the token.
+    eventually(Duration::from_secs(10), "refused sign-ins logged", || {
+        let logged = server
+            .server
+            .logs()
+            .iter()
+            .filter(|line| line.contains("console sign-in refused"))
+            .count();
+        async move { logged >= 2 }
+    })
+    .await;
+    for line in server.server.logs() {
+        assert!(
+            !line.contains("not-a-token") && !line.contains(WRITER_TOKEN),
+            "a token in the log: {line}"
+        );
+    }
+
     // The session cookie: a 256-bit random id, HttpOnly, SameSite=Strict, Path=/, expiring.
     let response = http(
         console,
@@ -555,6 +575,31 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     get(&mut client, "bulk-held")
         .await
         .expect("the state filter kept the in-progress record");
+
+    // A token taken out of the policy ends its sessions at the next request.
+    let without_reader: String = policy()
+        .split("[[callers]]")
+        .filter(|caller| !caller.contains("name = \"reader\""))
+        .collect::<Vec<_>>()
+        .join("[[callers]]");
+    assert!(!without_reader.contains("reader"));
+    std::fs::write(&server.policy_path, without_reader).expect("rewrite policy");
+    let hangup = Command::new("kill")
+        .args(["-HUP", &server.server.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(hangup.success());
+    eventually(
+        Duration::from_secs(10),
+        "the reader's session ended",
+        || {
+            let status = http(console, "GET", "/namespaces", &[("Cookie", &reader)], "").status;
+            async move { status == 303 }
+        },
+    )
+    .await;
+    let still = http(console, "GET", "/namespaces", &[("Cookie", &cookie)], "");
+    assert_eq!(still.status, 200, "the on-call session is unaffected");
 
     // Sign-out needs the token too, then the session is over.
     let out = http(
