@@ -567,6 +567,7 @@ struct RecordsQuery {
     stuck: String,
     created_after: String,
     created_before: String,
+    page_size: String,
     page_token: String,
 }
 
@@ -658,6 +659,16 @@ async fn records<S: AdminStore>(
     let query = query_input(query)?;
     let form = query.form();
     let parsed = filters(&form)?;
+    // Empty: the console's 50 a page; the admin API checks the range.
+    let page_size = match query.page_size.trim() {
+        "" => 50,
+        text => text.parse::<i32>().map_err(|_| {
+            Refusal::BadInput(
+                "How many records a page?".into(),
+                vec![("page_size".into(), "must be a whole number".into())],
+            )
+        })?,
+    };
     let page = console
         .admin
         .call::<ListRecords>(
@@ -670,7 +681,7 @@ async fn records<S: AdminStore>(
                 stuck_only: form.stuck,
                 created_after: parsed.created_after,
                 created_before: parsed.created_before,
-                page_size: 50,
+                page_size,
                 page_token: query.page_token.clone(),
             },
         )
@@ -680,6 +691,7 @@ async fn records<S: AdminStore>(
         pages::records(
             &form,
             &page.records,
+            &query.page_size,
             &page.next_page_token,
             SystemTime::now(),
         ),

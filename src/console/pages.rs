@@ -217,10 +217,12 @@ fn filter_form(filters: &FilterForm) -> Markup {
 pub fn records(
     filters: &FilterForm,
     records: &[pb::Record],
+    page_size: &str,
     next_page_token: &str,
     now: SystemTime,
 ) -> Markup {
     let mut next = filters.pairs();
+    next.push(("page_size", page_size));
     next.push(("page_token", next_page_token));
     html! {
         h1 { "Records in " (filters.namespace) }

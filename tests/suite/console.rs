@@ -542,6 +542,37 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     get(&mut client, "bulk-0")
         .await
         .expect("a dry run deletes nothing");
+
+    // Paging: pages of two follow the "Next page" link, none repeated or missed.
+    let mut path = "/records?namespace=console-orders&key_prefix=bulk-&page_size=2".to_string();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let page = http(console, "GET", &path, &[("Cookie", &cookie)], "");
+        assert_eq!(page.status, 200, "{path}: {}", page.body);
+        for n in ["bulk-0", "bulk-1", "bulk-2", "bulk-held"] {
+            if page.body.contains(&format!(">{n}</a>")) {
+                seen.push(n);
+            }
+        }
+        let marker = "<a class=\"next\" href=\"";
+        let Some(start) = page.body.find(marker) else {
+            break;
+        };
+        let rest = &page.body[start + marker.len()..];
+        path = rest[..rest.find('"').expect("link end")].replace("&amp;", "&");
+        assert!(path.contains("page_size=2"), "{path}");
+    }
+    seen.sort();
+    assert_eq!(seen, ["bulk-0", "bulk-1", "bulk-2", "bulk-held"]);
+    let bad_size = http(
+        console,
+        "GET",
+        "/records?namespace=console-orders&page_size=501",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(bad_size.status, 400);
+    assert!(bad_size.body.contains("<code>page_size</code>"));
     let bulk = |limit: &str, reason: &str| {
         http(
             console,
