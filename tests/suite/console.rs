@@ -271,6 +271,19 @@ fn csrf_of(page: &str) -> String {
         .to_string()
 }
 
+/// Off unless set: idemd announces the console (after its metrics address, before its gRPC
+/// address, which `start` waits for) only with --console-listen.
+#[test]
+fn the_console_is_off_unless_set() {
+    let server = IdemdProcess::start(&[]);
+    let logs = server.logs();
+    assert!(logs.iter().any(|line| line.contains("serving metrics on")));
+    assert!(
+        !logs.iter().any(|line| line.contains("web console")),
+        "{logs:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     let server = ConsoleServer::start().await;
