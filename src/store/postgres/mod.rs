@@ -343,7 +343,8 @@ impl Store for PostgresStore {
 impl PostgresStore {
     /// Returns once every replica's listener dropped what invalidation `id` names from its cache
     /// (see `admin` for why and how), or had its session ended for not answering in time.
-    async fn await_invalidation(&self, id: i64) {
+    async fn await_invalidation(&self, expected: listener::Expected) {
+        let id = expected.id;
         let sessions = self
             .connections
             .run(None, async |client| admin::listener_sessions(client).await)
@@ -351,13 +352,12 @@ impl PostgresStore {
         let sessions = match sessions {
             Ok(sessions) => sessions,
             Err(error) => {
-                self.acks.done(id);
                 tracing::error!(%error, audit_id = id, "cannot list the replicas' listeners after a purge: their caches may answer the purged records until their listeners reconnect");
                 return;
             }
         };
         let silent = self.acks.wait(id, &sessions, admin::ACK_LIMIT).await;
-        self.acks.done(id);
+        drop(expected);
         if silent.is_empty() {
             return;
         }
@@ -413,8 +413,8 @@ impl AdminStore for PostgresStore {
         // Its own cache at once, whether or not its listener is up.
         self.completed
             .forget(change.namespace.as_str(), change.key.as_str());
-        if let Some(id) = invalidation {
-            self.await_invalidation(id).await;
+        if let Some(expected) = invalidation {
+            self.await_invalidation(expected).await;
         }
         Ok(record)
     }
@@ -437,9 +437,9 @@ impl AdminStore for PostgresStore {
                 admin::purge_records(client, &purge, &self.acks).await
             })
             .await?;
-        if let Some(id) = invalidation {
+        if let Some(expected) = invalidation {
             self.completed.clear();
-            self.await_invalidation(id).await;
+            self.await_invalidation(expected).await;
         }
         Ok(count)
     }
