@@ -37,6 +37,8 @@ pub struct Listened {
     pub acks: Arc<Acks>,
     /// Whether the connection is listening.
     pub listening: Arc<AtomicBool>,
+    /// Notified each time the connection starts listening.
+    pub up: Arc<Notify>,
 }
 
 /// Acknowledgements of this replica's invalidations: by audit id, the listener sessions (backend
@@ -160,6 +162,7 @@ where
     // let every Wait look again.
     listened.completed.clear();
     listened.listening.store(true, Ordering::SeqCst);
+    listened.up.notify_waiters();
     listened.waiters.wake_all();
     while let Some(message) = messages.recv().await {
         if let AsyncMessage::Notification(notification) = message? {

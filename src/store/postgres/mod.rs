@@ -73,6 +73,8 @@ pub struct PostgresStore {
     listener_started: Arc<std::sync::Once>,
     /// Acknowledgements of this replica's cache invalidations (see `admin`).
     acks: Arc<listener::Acks>,
+    /// Notified each time the LISTEN connection starts listening.
+    listener_up: Arc<tokio::sync::Notify>,
     wait_poll: Duration,
     /// Acquires and Completes go through these when batching is on (see `batch`).
     batchers: Option<Arc<Batchers>>,
@@ -134,6 +136,7 @@ impl PostgresStore {
             listening: Arc::default(),
             listener_started: Arc::new(std::sync::Once::new()),
             acks: Arc::default(),
+            listener_up: Arc::default(),
             wait_poll: config.wait_poll,
             batchers,
             insert_races,
@@ -181,6 +184,7 @@ impl PostgresStore {
                 completed: self.completed.clone(),
                 acks: self.acks.clone(),
                 listening: self.listening.clone(),
+                up: self.listener_up.clone(),
             };
             tokio::spawn(listener::run(
                 self.driver_config.clone(),
@@ -341,6 +345,22 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
+    /// Starts this replica's listener and waits (at most `admin::ACK_LIMIT`) until it listens:
+    /// the acknowledgements of a purge arrive through it. Without it they would all be missed,
+    /// and every other replica's listener cut off as silent.
+    async fn ensure_listening(&self) {
+        self.start_listener();
+        let up = self.listener_up.notified();
+        tokio::pin!(up);
+        up.as_mut().enable();
+        if self.listening.load(Ordering::SeqCst) {
+            return;
+        }
+        if tokio::time::timeout(admin::ACK_LIMIT, up).await.is_err() {
+            tracing::warn!("this replica's LISTEN connection is down: a purge cannot hear the other replicas acknowledge, and will end their listeners' sessions");
+        }
+    }
+
     /// Returns once every replica's listener dropped what invalidation `id` names from its cache
     /// (see `admin` for why and how), or had its session ended for not answering in time.
     async fn await_invalidation(&self, expected: listener::Expected) {
@@ -402,8 +422,7 @@ impl AdminStore for PostgresStore {
     }
 
     async fn purge_record(&self, change: RecordChange) -> Result<Record, StoreError> {
-        // This replica must hear the acknowledgements.
-        self.start_listener();
+        self.ensure_listening().await;
         let (record, invalidation) = self
             .connections
             .run(None, async |client| {
@@ -430,7 +449,9 @@ impl AdminStore for PostgresStore {
     }
 
     async fn purge_records(&self, purge: BulkPurge) -> Result<u64, StoreError> {
-        self.start_listener();
+        if !purge.dry_run {
+            self.ensure_listening().await;
+        }
         let (count, invalidation) = self
             .connections
             .run(None, async |client| {
