@@ -694,6 +694,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_audit_log_keeps_the_newest_entries() {
+        let mut log = AuditLog::default();
+        let entry = AuditEntry {
+            id: 0,
+            time: SystemTime::UNIX_EPOCH,
+            caller: "-".into(),
+            action: AuditAction::PurgeRecords,
+            namespace: Namespace::parse("n".into()).expect("namespace"),
+            key: None,
+            filter: Some("all records".into()),
+            reason: "why".into(),
+            count: 0,
+            state_before: None,
+            fencing_token_before: None,
+        };
+        for _ in 0..=AUDIT_ENTRIES_KEPT {
+            log.append(entry.clone());
+        }
+        assert_eq!(log.entries.len(), AUDIT_ENTRIES_KEPT);
+        assert_eq!(log.entries.front().map(|entry| entry.id), Some(2));
+        assert_eq!(
+            log.entries.back().map(|entry| entry.id),
+            Some(AUDIT_ENTRIES_KEPT as u64 + 1)
+        );
+    }
+
     #[tokio::test]
     async fn a_full_store_sweeps_expired_records_before_refusing_a_new_key() {
         let start = SystemTime::now();

@@ -1331,3 +1331,58 @@ async fn admin_changes_are_logged_on_the_audit_target() {
         assert!(!line.contains(&lease.token), "lease token logged: {line}");
     }
 }
+
+/// A replica whose listener is not running yet (its replay cache is off, so nothing started it)
+/// starts it and waits for it before its first purge: it hears the other replicas acknowledge,
+/// instead of missing every acknowledgement and cutting their listeners off as silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_purge_listens_before_it_waits_for_acknowledgements() {
+    const NS: &str = "adm-first";
+    let database = TestDatabase::create().await;
+    let cached = TestServer::on_database(&database, test_settings()).await;
+    let uncached = TestServer::uncached(&database.url).await;
+    let sql = database.connect().await;
+    let listeners = || {
+        let sql = &sql;
+        async move {
+            let rows = sql
+                .query(
+                    "SELECT pid FROM pg_stat_activity
+                     WHERE datname = current_database() AND application_name = 'idemd-listener'",
+                    &[],
+                )
+                .await
+                .expect("listeners");
+            rows.iter()
+                .map(|row| row.get::<_, i32>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the cached replica listens",
+        || async { listeners().await.len() == 1 },
+    )
+    .await;
+    let cached_listener = listeners().await[0];
+    let mut client = cached.client().await;
+    let lease = acquire(&mut client, NS, "paid", 60_000, "w").await;
+    complete(&mut client, NS, "paid", &lease.token).await;
+    let mut admin_client = uncached.admin().await;
+    let started = std::time::Instant::now();
+    admin_client
+        .purge_record(purge(NS, "paid", "first purge"))
+        .await
+        .expect("purge");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "the purge waited out the acknowledgement limit: {took:?}"
+    );
+    assert!(
+        listeners().await.contains(&cached_listener),
+        "the other replica's listener was cut off"
+    );
+    cached.stop().await;
+    uncached.stop().await;
+}

@@ -23,13 +23,14 @@
 //! reachable again. ForceRelease needs no invalidation: only completed records are cached, and
 //! ForceRelease refuses them.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Object;
 use tokio_postgres::{types::ToSql, Row};
 
 use super::errors::from_db;
-use super::listener::Acks;
+use super::listener::{Acks, Expected};
 use super::row::{db_now, micros, record_from_row};
 use super::sql;
 use crate::domain::admin::{
@@ -230,14 +231,14 @@ async fn insert_audit(
 }
 
 /// PurgeRecord or ForceRelease in one transaction. Returns the record (as it was, for a purge;
-/// as it is now, for a release) and, for a purge, the audit id its invalidation carries: the
-/// caller must then `await_invalidation` it (and `acks.done` it).
+/// as it is now, for a release) and, for a purge, its invalidation, whose acknowledgements the
+/// caller then awaits.
 pub async fn change_record(
     client: &mut Object,
     change: &RecordChange,
     action: AuditAction,
-    acks: &Acks,
-) -> Result<(Record, Option<i64>), StoreError> {
+    acks: &Arc<Acks>,
+) -> Result<(Record, Option<Expected>), StoreError> {
     let (namespace, key) = (change.namespace.as_str(), change.key.as_str());
     let transaction = client.transaction().await.map_err(from_db)?;
     let lock = transaction
@@ -311,28 +312,21 @@ pub async fn change_record(
             )
             .await
             .map_err(from_db)?;
-        acks.expect(id);
-        Some(id)
+        Some(acks.expect(id))
     } else {
         None
     };
-    if let Err(error) = transaction.commit().await {
-        if let Some(id) = invalidation {
-            acks.done(id);
-        }
-        return Err(from_db(error));
-    }
+    transaction.commit().await.map_err(from_db)?;
     Ok((after, invalidation))
 }
 
 /// PurgeRecords: a dry run counts; a real run deletes and writes its audit entry in one
-/// transaction, and returns the audit id of its invalidation (every cached record, `*`) when it
-/// deleted any.
+/// transaction, and returns its invalidation (every cached record, `*`) when it deleted any.
 pub async fn purge_records(
     client: &mut Object,
     purge: &BulkPurge,
-    acks: &Acks,
-) -> Result<(u64, Option<i64>), StoreError> {
+    acks: &Arc<Acks>,
+) -> Result<(u64, Option<Expected>), StoreError> {
     let filter = FilterParams::of(&purge.filter);
     let limit = i64::from(purge.limit);
     let mut params = filter.params();
@@ -375,17 +369,11 @@ pub async fn purge_records(
             .execute(sql::NOTIFY_INVALIDATE, &[&format!("{id} *")])
             .await
             .map_err(from_db)?;
-        acks.expect(id);
-        Some(id)
+        Some(acks.expect(id))
     } else {
         None
     };
-    if let Err(error) = transaction.commit().await {
-        if let Some(id) = invalidation {
-            acks.done(id);
-        }
-        return Err(from_db(error));
-    }
+    transaction.commit().await.map_err(from_db)?;
     Ok((deleted, invalidation))
 }
 

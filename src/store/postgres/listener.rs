@@ -37,6 +37,8 @@ pub struct Listened {
     pub acks: Arc<Acks>,
     /// Whether the connection is listening.
     pub listening: Arc<AtomicBool>,
+    /// Notified each time the connection starts listening.
+    pub up: Arc<Notify>,
 }
 
 /// Acknowledgements of this replica's invalidations: by audit id, the listener sessions (backend
@@ -47,16 +49,28 @@ pub struct Acks {
     arrived: Notify,
 }
 
+/// Acknowledgements of one invalidation are collected for as long as this lives: dropped (the
+/// purge failed, finished, or its caller went away), it stops collecting.
+pub struct Expected {
+    acks: Arc<Acks>,
+    pub id: i64,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        self.acks.lock().remove(&self.id);
+    }
+}
+
 impl Acks {
     /// Starts collecting acknowledgements of invalidation `id`; call before it is committed, so
     /// none can arrive unseen.
-    pub fn expect(&self, id: i64) {
+    pub fn expect(self: &Arc<Self>, id: i64) -> Expected {
         self.lock().insert(id, HashSet::new());
-    }
-
-    /// Stops collecting for `id`.
-    pub fn done(&self, id: i64) {
-        self.lock().remove(&id);
+        Expected {
+            acks: self.clone(),
+            id,
+        }
     }
 
     fn received(&self, id: i64, session: i32) {
@@ -148,6 +162,7 @@ where
     // let every Wait look again.
     listened.completed.clear();
     listened.listening.store(true, Ordering::SeqCst);
+    listened.up.notify_waiters();
     listened.waiters.wake_all();
     while let Some(message) = messages.recv().await {
         if let AsyncMessage::Notification(notification) = message? {

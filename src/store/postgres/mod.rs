@@ -73,6 +73,8 @@ pub struct PostgresStore {
     listener_started: Arc<std::sync::Once>,
     /// Acknowledgements of this replica's cache invalidations (see `admin`).
     acks: Arc<listener::Acks>,
+    /// Notified each time the LISTEN connection starts listening.
+    listener_up: Arc<tokio::sync::Notify>,
     wait_poll: Duration,
     /// Acquires and Completes go through these when batching is on (see `batch`).
     batchers: Option<Arc<Batchers>>,
@@ -134,6 +136,7 @@ impl PostgresStore {
             listening: Arc::default(),
             listener_started: Arc::new(std::sync::Once::new()),
             acks: Arc::default(),
+            listener_up: Arc::default(),
             wait_poll: config.wait_poll,
             batchers,
             insert_races,
@@ -181,6 +184,7 @@ impl PostgresStore {
                 completed: self.completed.clone(),
                 acks: self.acks.clone(),
                 listening: self.listening.clone(),
+                up: self.listener_up.clone(),
             };
             tokio::spawn(listener::run(
                 self.driver_config.clone(),
@@ -341,9 +345,26 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
+    /// Starts this replica's listener and waits (at most `admin::ACK_LIMIT`) until it listens:
+    /// the acknowledgements of a purge arrive through it. Without it they would all be missed,
+    /// and every other replica's listener cut off as silent.
+    async fn ensure_listening(&self) {
+        self.start_listener();
+        let up = self.listener_up.notified();
+        tokio::pin!(up);
+        up.as_mut().enable();
+        if self.listening.load(Ordering::SeqCst) {
+            return;
+        }
+        if tokio::time::timeout(admin::ACK_LIMIT, up).await.is_err() {
+            tracing::warn!("this replica's LISTEN connection is down: a purge cannot hear the other replicas acknowledge, and will end their listeners' sessions");
+        }
+    }
+
     /// Returns once every replica's listener dropped what invalidation `id` names from its cache
     /// (see `admin` for why and how), or had its session ended for not answering in time.
-    async fn await_invalidation(&self, id: i64) {
+    async fn await_invalidation(&self, expected: listener::Expected) {
+        let id = expected.id;
         let sessions = self
             .connections
             .run(None, async |client| admin::listener_sessions(client).await)
@@ -351,13 +372,12 @@ impl PostgresStore {
         let sessions = match sessions {
             Ok(sessions) => sessions,
             Err(error) => {
-                self.acks.done(id);
                 tracing::error!(%error, audit_id = id, "cannot list the replicas' listeners after a purge: their caches may answer the purged records until their listeners reconnect");
                 return;
             }
         };
         let silent = self.acks.wait(id, &sessions, admin::ACK_LIMIT).await;
-        self.acks.done(id);
+        drop(expected);
         if silent.is_empty() {
             return;
         }
@@ -402,8 +422,7 @@ impl AdminStore for PostgresStore {
     }
 
     async fn purge_record(&self, change: RecordChange) -> Result<Record, StoreError> {
-        // This replica must hear the acknowledgements.
-        self.start_listener();
+        self.ensure_listening().await;
         let (record, invalidation) = self
             .connections
             .run(None, async |client| {
@@ -413,8 +432,8 @@ impl AdminStore for PostgresStore {
         // Its own cache at once, whether or not its listener is up.
         self.completed
             .forget(change.namespace.as_str(), change.key.as_str());
-        if let Some(id) = invalidation {
-            self.await_invalidation(id).await;
+        if let Some(expected) = invalidation {
+            self.await_invalidation(expected).await;
         }
         Ok(record)
     }
@@ -430,16 +449,18 @@ impl AdminStore for PostgresStore {
     }
 
     async fn purge_records(&self, purge: BulkPurge) -> Result<u64, StoreError> {
-        self.start_listener();
+        if !purge.dry_run {
+            self.ensure_listening().await;
+        }
         let (count, invalidation) = self
             .connections
             .run(None, async |client| {
                 admin::purge_records(client, &purge, &self.acks).await
             })
             .await?;
-        if let Some(id) = invalidation {
+        if let Some(expected) = invalidation {
             self.completed.clear();
-            self.await_invalidation(id).await;
+            self.await_invalidation(expected).await;
         }
         Ok(count)
     }
