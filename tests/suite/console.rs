@@ -645,6 +645,92 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     let still = http(console, "GET", "/namespaces", &[("Cookie", &cookie)], "");
     assert_eq!(still.status, 200, "the on-call session is unaffected");
 
+    // Hostile input anywhere: a 4xx page, never a 5xx.
+    let long = "k".repeat(10_000);
+    let gets = [
+        "/records?namespace=console-orders&namespace=other".to_string(),
+        "/records?namespace=console-orders&key_prefix=%00%01".to_string(),
+        format!("/records?namespace=console-orders&key_prefix={long}"),
+        format!("/records?namespace=console-orders&holder={long}"),
+        "/records?namespace=console-orders&page_size=-1".to_string(),
+        "/records?namespace=console-orders&page_size=99999999999".to_string(),
+        "/records?namespace=console-orders&created_before=9999-99-99T99:99:99Z".to_string(),
+        "/records?namespace=%E2%80%AE%FF".to_string(),
+        format!("/record?namespace=console-orders&key={long}"),
+        "/confirm/purge?namespace=console-orders&key=".to_string(),
+        "/confirm/force-release?namespace=console-orders&key=no-such-key".to_string(),
+        "/bulk-purge?namespace=console-orders&state=nope".to_string(),
+        "/audit?namespace=".to_string(),
+        "/audit?namespace=console-orders&page_token=%25%25%25".to_string(),
+    ];
+    for path in &gets {
+        let response = http(console, "GET", path, &[("Cookie", &cookie)], "");
+        let shown: String = path.chars().take(80).collect();
+        assert!(
+            (400..500).contains(&response.status),
+            "{shown}: {} {}",
+            response.status,
+            response.body
+        );
+        assert!(response.body.starts_with("<!DOCTYPE html>"), "{shown}");
+    }
+    completed(&mut client, "done-1", b"done").await;
+    let posts: [(&str, String); 6] = [
+        (
+            "/actions/purge",
+            format!("csrf={csrf}&namespace=console-orders&key=%00&reason=x"),
+        ),
+        ("/actions/purge", format!("csrf={csrf}&csrf={csrf}&key=a")),
+        (
+            "/actions/force-release",
+            format!(
+                "csrf={csrf}&namespace=console-orders&key=nope&reason=x&expected_fencing_token=-5"
+            ),
+        ),
+        (
+            "/actions/force-release",
+            format!("csrf={csrf}&namespace=console-orders&key=done-1&reason=x"),
+        ),
+        (
+            "/actions/purge-records",
+            format!("csrf={csrf}&namespace=console-orders&limit=5&reason={long}"),
+        ),
+        ("/sign-in", format!("token={long}&token=b")),
+    ];
+    for (path, body) in &posts {
+        let response = http(console, "POST", path, &[("Cookie", &cookie)], body);
+        assert!(
+            (400..500).contains(&response.status),
+            "{path}: {} {}",
+            response.status,
+            response.body
+        );
+    }
+    let json = http(
+        console,
+        "POST",
+        "/actions/purge",
+        &[("Cookie", &cookie), ("Content-Type", "application/json")],
+        "{}",
+    );
+    assert!((400..500).contains(&json.status), "{}", json.status);
+    let completed_release = http(
+        console,
+        "POST",
+        "/actions/force-release",
+        &[("Cookie", &cookie)],
+        &form(&[
+            ("csrf", &csrf),
+            ("namespace", NAMESPACE),
+            ("key", "done-1"),
+            ("reason", "x"),
+        ]),
+    );
+    assert_eq!(
+        completed_release.status, 409,
+        "a completed record is not force-released"
+    );
+
     // Sign-out needs the token too, then the session is over.
     let out = http(
         console,
