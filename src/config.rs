@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// it through an SSH tunnel or `kubectl port-forward`: it has no TLS of its own.
     #[arg(long, env = "IDEMD_CONSOLE_LISTEN")]
     pub console_listen: Option<SocketAddr>,
+    /// Serve the console over TLS with --tls-cert and --tls-key (and, with --tls-client-ca,
+    /// only to clients with a certificate it signed); its session cookie is then `Secure`.
+    #[arg(long, env = "IDEMD_CONSOLE_TLS", requires_all = ["console_listen", "tls_cert"])]
+    pub console_tls: bool,
     /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
@@ -238,6 +242,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes as usize,
             metrics_interval: self.metrics_interval,
             reload_interval: self.reload_interval,
+            console_tls: self.console_tls,
             ..ServerSettings::default()
         })
     }

@@ -60,6 +60,8 @@ pub struct ServerSettings {
     pub tls: Option<Arc<TlsState>>,
     /// How often the policy and certificate files are checked for changes (SIGHUP checks now).
     pub reload_interval: Duration,
+    /// Serve the console over TLS with `tls` (ignored without it).
+    pub console_tls: bool,
 }
 
 impl Default for ServerSettings {
@@ -78,6 +80,7 @@ impl Default for ServerSettings {
             auth: None,
             tls: None,
             reload_interval: defaults::RELOAD_INTERVAL.value,
+            console_tls: false,
         }
     }
 }
@@ -201,8 +204,10 @@ pub async fn serve<S: Store + AdminStore>(
 
     // The console stops taking requests when shutdown begins, like the API.
     let console_task = listeners.console.map(|listener| {
+        let tls = settings.tls.clone().filter(|_| settings.console_tls);
         let serving = crate::console::serve(
             listener,
+            tls,
             admin_api.clone(),
             settings.auth.clone(),
             until_stopped(),

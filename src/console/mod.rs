@@ -27,7 +27,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use maud::Markup;
 use serde::Deserialize;
+use std::net::SocketAddr;
+
+use futures_util::StreamExt;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -41,6 +45,7 @@ use crate::domain::Namespace;
 use crate::proto::idempotency::admin::v1 as admin;
 use crate::proto::idempotency::v1 as pb;
 use crate::store::AdminStore;
+use crate::tls::{TlsConnection, TlsState};
 use pages::{Action, Body, FilterForm, Header};
 use session::{Session, Sessions};
 
@@ -62,14 +67,22 @@ struct Console<S> {
     admin: AdminApi<S>,
     auth: Option<Arc<AuthState>>,
     sessions: Sessions,
+    /// Served over TLS: cookies are `Secure`.
+    secure: bool,
 }
 
 /// The console's routes over `admin` (the same `AdminApi` the gRPC server mounts).
-pub fn router<S: AdminStore>(admin: AdminApi<S>, auth: Option<Arc<AuthState>>) -> Router {
+/// `secure`: the listener has TLS, so the session cookie is `Secure`.
+pub fn router<S: AdminStore>(
+    admin: AdminApi<S>,
+    auth: Option<Arc<AuthState>>,
+    secure: bool,
+) -> Router {
     let console = Arc::new(Console {
         admin,
         auth,
         sessions: Sessions::default(),
+        secure,
     });
     Router::new()
         .route("/", get(|| async { Redirect::to("/namespaces") }))
@@ -94,16 +107,55 @@ pub fn router<S: AdminStore>(admin: AdminApi<S>, auth: Option<Arc<AuthState>>) -
         .with_state(console)
 }
 
-/// Serves the console on `listener` until `shutdown` resolves.
+/// Serves the console on `listener` (over TLS with `tls`) until `shutdown` resolves.
 pub async fn serve<S: AdminStore>(
     listener: TcpListener,
+    tls: Option<Arc<TlsState>>,
     admin: AdminApi<S>,
     auth: Option<Arc<AuthState>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(admin, auth))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let routes = router(admin, auth, tls.is_some());
+    match tls {
+        None => {
+            axum::serve(listener, routes)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(tls) => {
+            let local = listener.local_addr()?;
+            let connections = crate::tls::incoming_http1(listener, tls);
+            axum::serve(TlsListener { connections, local }, routes)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
+/// Connections that completed the TLS handshake (`tls::incoming_http1`), as axum accepts them.
+struct TlsListener {
+    connections: ReceiverStream<std::io::Result<TlsConnection>>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.connections.next().await {
+                Some(Ok(connection)) => return (connection, self.local),
+                Some(Err(error)) => tracing::debug!(%error, "console TLS accept failed"),
+                // The accept loop ended: nothing more will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 // ---- Errors: one place turns every refusal into a readable page. ----
@@ -438,11 +490,12 @@ fn refused_sign_in(caller: &str, reason: &str) {
     );
 }
 
-fn session_cookie(id: &str) -> String {
+/// The session cookie; `max_age` 0 ends it.
+fn session_cookie(id: &str, max_age: u64, secure: bool) -> String {
     format!(
-        "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+        "{}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{}",
         session::COOKIE,
-        session::MAX_AGE.as_secs()
+        if secure { "; Secure" } else { "" }
     )
 }
 
@@ -484,7 +537,8 @@ async fn sign_in<S: AdminStore>(
     match console.sessions.create(token) {
         Ok(id) => {
             let mut response = Redirect::to("/namespaces").into_response();
-            match HeaderValue::from_str(&session_cookie(&id)) {
+            let cookie = session_cookie(&id, session::MAX_AGE.as_secs(), console.secure);
+            match HeaderValue::from_str(&cookie) {
                 Ok(cookie) => {
                     response.headers_mut().insert(header::SET_COOKIE, cookie);
                     response
@@ -512,10 +566,9 @@ async fn sign_out<S: AdminStore>(
     signed.check_csrf(&form.csrf)?;
     console.sessions.end(&signed.id);
     let mut response = Redirect::to("/sign-in").into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("idemd_console=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    let cookie = HeaderValue::from_str(&session_cookie("", 0, console.secure))
+        .map_err(|error| Refusal::Internal(error.to_string()))?;
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(response)
 }
 
@@ -1018,10 +1071,12 @@ mod tests {
         let found = headers(&[("cookie", "a=1; idemd_console=abc; b=2")]);
         assert_eq!(cookie_session_id(&found), Some("abc"));
         assert_eq!(cookie_session_id(&headers(&[("cookie", "x=1")])), None);
-        let cookie = session_cookie("abc");
-        for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        let cookie = session_cookie("abc", 60, false);
+        for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=60"] {
             assert!(cookie.contains(part), "{cookie} lacks {part}");
         }
+        assert!(!cookie.contains("Secure"));
+        assert!(session_cookie("abc", 60, true).ends_with("; Secure"));
     }
 
     #[test]

@@ -197,6 +197,18 @@ fn http(
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
+    exchange(&mut stream, addr, method, path, headers, body)
+}
+
+/// Sends one request on `stream` (plain TCP or TLS) and reads the whole response.
+fn exchange(
+    stream: &mut (impl Read + Write),
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -209,7 +221,10 @@ fn http(
     request.push_str(body);
     stream.write_all(request.as_bytes()).expect("send");
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read");
+    if let Err(error) = stream.read_to_end(&mut raw) {
+        // A TLS peer that closes without close_notify still sent the whole response.
+        assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof, "{error}");
+    }
     let text = String::from_utf8(raw).expect("UTF-8 response");
     let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
     let mut lines = head.lines();
@@ -916,4 +931,79 @@ async fn console_on_call_workflow_in_chromium() {
             bytes.len()
         );
     }
+}
+
+/// With --console-tls the console speaks HTTPS with the API's certificate (HTTP/1.1 in ALPN) and
+/// its session cookie is `Secure`; plaintext on its port gets no HTTP answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_over_tls_sets_secure_cookies() {
+    use rustls_pki_types::pem::PemObject;
+
+    let ca = crate::security::TestCa::new("console test CA");
+    let (cert, key) = ca.issue(&["localhost"], false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8 path").to_string()
+    };
+    let (cert_path, key_path) = (write("tls.crt", &cert), write("tls.key", &key));
+    let policy_path = write("policy.toml", &policy());
+    let server = IdemdProcess::start(&[
+        "--auth-config",
+        &policy_path,
+        "--tls-cert",
+        &cert_path,
+        "--tls-key",
+        &key_path,
+        "--console-listen",
+        "127.0.0.1:0",
+        "--console-tls",
+    ]);
+    let console = server.console_addr().await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+        roots.add(der.expect("CA PEM")).expect("CA certificate");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = std::sync::Arc::new(config);
+    let https = |method: &str, path: &str, body: &str| {
+        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+        let connection = rustls::ClientConnection::new(config.clone(), name).expect("TLS client");
+        let tcp = std::net::TcpStream::connect(console).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut stream = rustls::StreamOwned::new(connection, tcp);
+        exchange(&mut stream, console, method, path, &[], body)
+    };
+    let page = https("GET", "/sign-in", "");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Sign in"));
+    let signed_in = https("POST", "/sign-in", &form(&[("token", ONCALL_TOKEN)]));
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    let cookie = signed_in.header("set-cookie").expect("cookie");
+    assert!(cookie.ends_with("; Secure"), "{cookie}");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+
+    let mut plain = std::net::TcpStream::connect(console).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    plain
+        .write_all(b"GET /sign-in HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer"
+    );
 }

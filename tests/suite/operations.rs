@@ -65,6 +65,10 @@ fn invalid_settings_exit_nonzero_naming_the_setting() {
             &["serve", "--console-listen", "not-an-address"],
             "--console-listen",
         ),
+        (
+            &["serve", "--console-listen", "127.0.0.1:0", "--console-tls"],
+            "--tls-cert",
+        ),
         (&["serve", "--reaper-interval", "soon"], "--reaper-interval"),
         (
             &["serve", "--database-url", "postgres://[bad"],
