@@ -18,18 +18,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use axum::Router;
+use futures_util::StreamExt;
 use maud::Markup;
 use serde::Deserialize;
-use std::net::SocketAddr;
-
-use futures_util::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -40,14 +40,14 @@ use crate::api::admin::{
     PurgeRecords,
 };
 use crate::api::AdminApi;
-use crate::auth::{AdminAccess, AuthState, Caller, Credentials};
+use crate::auth::{AdminAccess, AuthState, Caller, Credentials, PeerIdentities};
 use crate::domain::Namespace;
 use crate::proto::idempotency::admin::v1 as admin;
 use crate::proto::idempotency::v1 as pb;
 use crate::store::AdminStore;
 use crate::tls::{TlsConnection, TlsState};
 use pages::{Action, Body, FilterForm, Header};
-use session::{Session, Sessions};
+use session::{Credential, Session, Sessions};
 
 /// The Content-Security-Policy of every response: only the console's own stylesheet and script,
 /// no inline script or style, no framing, forms only to the console itself.
@@ -118,14 +118,15 @@ pub async fn serve<S: AdminStore>(
     let routes = router(admin, auth, tls.is_some());
     match tls {
         None => {
-            axum::serve(listener, routes)
+            let service = routes.into_make_service_with_connect_info::<ConsolePeer>();
+            axum::serve(listener, service)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
         Some(tls) => {
-            let local = listener.local_addr()?;
             let connections = crate::tls::incoming_http1(listener, tls);
-            axum::serve(TlsListener { connections, local }, routes)
+            let service = routes.into_make_service_with_connect_info::<ConsolePeer>();
+            axum::serve(TlsListener { connections }, service)
                 .with_graceful_shutdown(shutdown)
                 .await
         }
@@ -135,17 +136,20 @@ pub async fn serve<S: AdminStore>(
 /// Connections that completed the TLS handshake (`tls::incoming_http1`), as axum accepts them.
 struct TlsListener {
     connections: ReceiverStream<std::io::Result<TlsConnection>>,
-    local: SocketAddr,
 }
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsConnection;
-    type Addr = SocketAddr;
+    /// What axum calls the remote address: here, who the client's certificate names.
+    type Addr = PeerIdentities;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             match self.connections.next().await {
-                Some(Ok(connection)) => return (connection, self.local),
+                Some(Ok(connection)) => {
+                    let peer = connection.peer().clone();
+                    return (connection, peer);
+                }
                 Some(Err(error)) => tracing::debug!(%error, "console TLS accept failed"),
                 // The accept loop ended: nothing more will come.
                 None => std::future::pending::<()>().await,
@@ -154,7 +158,8 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        // axum asks only for logging; the address is in idemd's start-up log.
+        Ok(PeerIdentities::default())
     }
 }
 
@@ -343,6 +348,48 @@ fn cookie_session_id(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, value)| value)
 }
 
+/// Who sent a request: its headers (the session cookie) and the identities of the client
+/// certificate its connection presented (none without TLS or without a certificate).
+struct Requester {
+    headers: HeaderMap,
+    peer: Arc<Vec<String>>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Requester {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<ConsolePeer>>()
+            .map(|info| info.0 .0.clone())
+            .unwrap_or_default();
+        Ok(Requester {
+            headers: parts.headers.clone(),
+            peer,
+        })
+    }
+}
+
+/// The client certificate's identities of a console connection, as axum's connect info.
+#[derive(Clone, Default)]
+struct ConsolePeer(Arc<Vec<String>>);
+
+impl Connected<IncomingStream<'_, TcpListener>> for ConsolePeer {
+    fn connect_info(_stream: IncomingStream<'_, TcpListener>) -> Self {
+        ConsolePeer::default()
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for ConsolePeer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        ConsolePeer(stream.remote_addr().0.clone())
+    }
+}
+
 /// A signed-in request: its session and the caller the session's token resolves to now.
 struct Signed {
     id: String,
@@ -392,25 +439,31 @@ impl Signed {
 }
 
 impl<S: AdminStore> Console<S> {
-    fn signed(&self, headers: &HeaderMap) -> Result<Signed, Refusal> {
-        let id = cookie_session_id(headers).ok_or(Refusal::SignIn)?;
+    fn signed(&self, from: &Requester) -> Result<Signed, Refusal> {
+        let id = cookie_session_id(&from.headers).ok_or(Refusal::SignIn)?;
         let session = self.sessions.get(id).ok_or(Refusal::SignIn)?;
-        let caller = match (&self.auth, &session.token) {
-            (None, _) => None,
-            (Some(auth), Some(token)) => {
-                match auth.policy().authenticate(Credentials::Bearer(token)) {
-                    Some(caller) => Some(caller),
-                    None => {
-                        // The token left the policy: its sessions end with it.
-                        self.sessions.end(id);
-                        return Err(Refusal::SignIn);
-                    }
+        let credentials = match &session.credential {
+            Credential::Token(token) => Credentials::Bearer(token),
+            Credential::Certificate(names) => {
+                // A certificate session is good only on a connection with that certificate: a
+                // copied cookie is no use without the client's key.
+                if from.peer.as_slice() != names.as_slice() {
+                    return Err(Refusal::SignIn);
                 }
+                Credentials::Certificate(names)
             }
-            (Some(_), None) => {
-                self.sessions.end(id);
-                return Err(Refusal::SignIn);
-            }
+            Credential::Open => Credentials::None,
+        };
+        let caller = match &self.auth {
+            None => None,
+            Some(auth) => match auth.policy().authenticate(credentials) {
+                Some(caller) => Some(caller),
+                None => {
+                    // The token or certificate left the policy: its sessions end with it.
+                    self.sessions.end(id);
+                    return Err(Refusal::SignIn);
+                }
+            },
         };
         Ok(Signed {
             id: id.to_string(),
@@ -469,14 +522,16 @@ type Shared<S> = State<Arc<Console<S>>>;
 #[serde(default)]
 struct SignInForm {
     token: String,
+    /// `certificate`: sign in as the connection's client certificate.
+    with: String,
 }
 
-async fn sign_in_page<S: AdminStore>(State(console): Shared<S>) -> Response {
+async fn sign_in_page<S: AdminStore>(State(console): Shared<S>, from: Requester) -> Response {
     page(
         StatusCode::OK,
         "Sign in",
         None,
-        pages::sign_in(None, console.auth.is_none()),
+        pages::sign_in(None, console.auth.is_none(), from.peer.first()),
     )
 }
 
@@ -501,6 +556,7 @@ fn session_cookie(id: &str, max_age: u64, secure: bool) -> String {
 
 async fn sign_in<S: AdminStore>(
     State(console): Shared<S>,
+    from: Requester,
     form: Result<Form<SignInForm>, FormRejection>,
 ) -> Response {
     let Ok(Form(form)) = form else {
@@ -512,11 +568,32 @@ async fn sign_in<S: AdminStore>(
             StatusCode::UNAUTHORIZED,
             "Sign in",
             None,
-            pages::sign_in(Some(message), false),
+            pages::sign_in(Some(message), false, from.peer.first()),
         )
     };
-    let token = match &console.auth {
-        None => None,
+    let credential = match &console.auth {
+        None => Credential::Open,
+        Some(auth) if form.with == "certificate" => {
+            if from.peer.is_empty() {
+                return refused("This connection has no client certificate.");
+            }
+            match auth
+                .policy()
+                .authenticate(Credentials::Certificate(&from.peer))
+            {
+                None => {
+                    refused_sign_in("-", "unknown client certificate");
+                    return refused("The policy does not know this certificate.");
+                }
+                Some(caller) if !caller.has_any_admin(AdminAccess::Read) => {
+                    refused_sign_in(&caller.name, "no admin grant");
+                    return refused(
+                        "This certificate has no admin grant: the console needs admin_read.",
+                    );
+                }
+                Some(_) => Credential::Certificate(from.peer.to_vec()),
+            }
+        }
         Some(auth) => {
             if token.is_empty() {
                 return refused("Paste a bearer token.");
@@ -530,11 +607,11 @@ async fn sign_in<S: AdminStore>(
                     refused_sign_in(&caller.name, "no admin grant");
                     return refused("This token has no admin grant: the console needs admin_read.");
                 }
-                Some(_) => Some(token),
+                Some(_) => Credential::Token(token),
             }
         }
     };
-    match console.sessions.create(token) {
+    match console.sessions.create(credential) {
         Ok(id) => {
             let mut response = Redirect::to("/namespaces").into_response();
             let cookie = session_cookie(&id, session::MAX_AGE.as_secs(), console.secure);
@@ -558,10 +635,10 @@ struct CsrfForm {
 
 async fn sign_out<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let Form(form) = form.map_err(|_| bad_input("The form could not be read."))?;
     signed.check_csrf(&form.csrf)?;
     console.sessions.end(&signed.id);
@@ -576,9 +653,9 @@ async fn sign_out<S: AdminStore>(
 
 async fn namespaces<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let listing = console
         .admin
         .call::<ListNamespaces>(signed.caller.clone(), admin::ListNamespacesRequest {})
@@ -705,10 +782,10 @@ fn form_input<T>(form: Result<Form<T>, FormRejection>) -> Result<T, Refusal> {
 
 async fn records<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<RecordsQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let query = query_input(query)?;
     let form = query.form();
     let parsed = filters(&form)?;
@@ -760,10 +837,10 @@ struct RecordQuery {
 
 async fn record<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<RecordQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let query = query_input(query)?;
     let record = console
         .find_record(&signed, &query.namespace, &query.key)
@@ -787,11 +864,11 @@ async fn record<S: AdminStore>(
 
 async fn confirm<S: AdminStore>(
     console: &Console<S>,
-    headers: &HeaderMap,
+    from: &Requester,
     query: Result<Query<RecordQuery>, QueryRejection>,
     action: Action,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(headers)?;
+    let signed = console.signed(from)?;
     let query = query_input(query)?;
     let record = console
         .find_record(&signed, &query.namespace, &query.key)
@@ -804,18 +881,18 @@ async fn confirm<S: AdminStore>(
 
 async fn confirm_force_release<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<RecordQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    confirm(&console, &headers, query, Action::ForceRelease).await
+    confirm(&console, &from, query, Action::ForceRelease).await
 }
 
 async fn confirm_purge<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<RecordQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    confirm(&console, &headers, query, Action::Purge).await
+    confirm(&console, &from, query, Action::Purge).await
 }
 
 #[derive(Deserialize, Default)]
@@ -846,10 +923,10 @@ fn expected_token(text: &str) -> Result<u64, Refusal> {
 
 async fn force_release<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     form: Result<Form<ChangeForm>, FormRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let form = form_input(form)?;
     signed.check_csrf(&form.csrf)?;
     let answer = console
@@ -873,10 +950,10 @@ async fn force_release<S: AdminStore>(
 
 async fn purge<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     form: Result<Form<ChangeForm>, FormRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let form = form_input(form)?;
     signed.check_csrf(&form.csrf)?;
     let answer = console
@@ -929,10 +1006,10 @@ fn describe(form: &FilterForm) -> String {
 
 async fn bulk_purge_page<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<RecordsQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let form = query_input(query)?.form();
     let parsed = filters(&form)?;
     let counted = console
@@ -965,10 +1042,10 @@ struct BulkForm {
 
 async fn purge_records<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     form: Result<Form<BulkForm>, FormRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let bulk = form_input(form)?;
     signed.check_csrf(&bulk.csrf)?;
     let form = bulk.filters.form();
@@ -1003,10 +1080,10 @@ struct AuditQuery {
 
 async fn audit<S: AdminStore>(
     State(console): Shared<S>,
-    headers: HeaderMap,
+    from: Requester,
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {
-    let signed = console.signed(&headers)?;
+    let signed = console.signed(&from)?;
     let query = query_input(query)?;
     let page = console
         .admin

@@ -104,10 +104,18 @@ fn encode(text: &str) -> String {
         .collect()
 }
 
-pub fn sign_in(message: Option<&str>, auth_off: bool) -> Markup {
+/// `certificate`: the name on the connection's client certificate, if it presented one.
+pub fn sign_in(message: Option<&str>, auth_off: bool, certificate: Option<&String>) -> Markup {
     html! {
         h1 { "Sign in" }
         @if let Some(message) = message { p.error { (message) } }
+        @if let (false, Some(name)) = (auth_off, certificate) {
+            form.card method="post" action="/sign-in" {
+                input type="hidden" name="with" value="certificate";
+                p { "Your browser presented a client certificate for " strong { (name) } "." }
+                button type="submit" { "Sign in with this certificate" }
+            }
+        }
         form.card method="post" action="/sign-in" autocomplete="off" {
             @if auth_off {
                 p { "Authentication is off on this idemd: no token is needed." }

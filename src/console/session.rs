@@ -18,12 +18,22 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// of sign-ins cannot grow memory without bound.
 pub const MAX_SESSIONS: usize = 1_000;
 
+/// What a session signed in with, checked against the policy in force on every request (so a
+/// token or certificate removed from the policy ends its sessions).
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// Auth is off: nothing to check.
+    Open,
+    /// A bearer token.
+    Token(String),
+    /// The identities of a client certificate; the session holds only on a connection with it.
+    Certificate(Vec<String>),
+}
+
 /// What the server remembers of a signed-in browser.
 #[derive(Clone)]
 pub struct Session {
-    /// The bearer token signed in with, checked against the policy in force on every request
-    /// (so a token removed from the policy ends its sessions); `None` with auth off.
-    pub token: Option<String>,
+    pub credential: Credential,
     /// The synchronizer token every state-changing form carries.
     pub csrf: String,
     signed_in: Instant,
@@ -61,15 +71,15 @@ fn random_id() -> Result<String, RandomFailed> {
 }
 
 impl Sessions {
-    /// Starts a session for `token`; returns its id (the cookie's value).
-    pub fn create(&self, token: Option<String>) -> Result<String, RandomFailed> {
-        self.create_at(token, Instant::now())
+    /// Starts a session for `credential`; returns its id (the cookie's value).
+    pub fn create(&self, credential: Credential) -> Result<String, RandomFailed> {
+        self.create_at(credential, Instant::now())
     }
 
-    fn create_at(&self, token: Option<String>, now: Instant) -> Result<String, RandomFailed> {
+    fn create_at(&self, credential: Credential, now: Instant) -> Result<String, RandomFailed> {
         let id = random_id()?;
         let session = Session {
-            token,
+            credential,
             csrf: random_id()?,
             signed_in: now,
             last_seen: now,
@@ -121,8 +131,8 @@ mod tests {
     #[test]
     fn ids_are_random_and_256_bits() {
         let sessions = Sessions::default();
-        let a = sessions.create(None).expect("random");
-        let b = sessions.create(None).expect("random");
+        let a = sessions.create(Credential::Open).expect("random");
+        let b = sessions.create(Credential::Open).expect("random");
         assert_eq!(a.len(), 64);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
@@ -134,7 +144,7 @@ mod tests {
     fn sessions_expire_when_idle_and_at_their_maximum_age() {
         let sessions = Sessions::default();
         let start = Instant::now();
-        let idle = sessions.create_at(None, start).expect("random");
+        let idle = sessions.create_at(Credential::Open, start).expect("random");
         assert!(sessions
             .get_at(&idle, start + IDLE_TIMEOUT - Duration::from_secs(1))
             .is_some());
@@ -143,7 +153,7 @@ mod tests {
             .is_some());
         assert!(sessions.get_at(&idle, start + 3 * IDLE_TIMEOUT).is_none());
 
-        let busy = sessions.create_at(None, start).expect("random");
+        let busy = sessions.create_at(Credential::Open, start).expect("random");
         let mut now = start;
         while now + Duration::from_secs(600) < start + MAX_AGE {
             now += Duration::from_secs(600);
@@ -155,7 +165,7 @@ mod tests {
     #[test]
     fn csrf_tokens_must_match_exactly() {
         let sessions = Sessions::default();
-        let id = sessions.create(None).expect("random");
+        let id = sessions.create(Credential::Open).expect("random");
         let session = sessions.get(&id).expect("live");
         assert!(session.csrf_matches(&session.csrf.clone()));
         assert!(!session.csrf_matches(""));
@@ -167,10 +177,10 @@ mod tests {
     fn the_store_is_bounded() {
         let sessions = Sessions::default();
         let start = Instant::now();
-        let first = sessions.create_at(None, start).expect("random");
+        let first = sessions.create_at(Credential::Open, start).expect("random");
         for n in 1..=MAX_SESSIONS {
             let at = start + Duration::from_millis(n as u64);
-            sessions.create_at(None, at).expect("random");
+            sessions.create_at(Credential::Open, at).expect("random");
         }
         assert!(
             sessions.get(&first).is_none(),

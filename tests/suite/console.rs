@@ -937,8 +937,6 @@ async fn console_on_call_workflow_in_chromium() {
 /// its session cookie is `Secure`; plaintext on its port gets no HTTP answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_over_tls_sets_secure_cookies() {
-    use rustls_pki_types::pem::PemObject;
-
     let ca = crate::security::TestCa::new("console test CA");
     let (cert, key) = ca.issue(&["localhost"], false);
     let dir = tempfile::tempdir().expect("temp dir");
@@ -962,28 +960,9 @@ async fn console_over_tls_sets_secure_cookies() {
     ]);
     let console = server.console_addr().await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for der in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
-        roots.add(der.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let config = std::sync::Arc::new(config);
-    let https = |method: &str, path: &str, body: &str| {
-        let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let connection = rustls::ClientConnection::new(config.clone(), name).expect("TLS client");
-        let tcp = std::net::TcpStream::connect(console).expect("connect");
-        tcp.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut stream = rustls::StreamOwned::new(connection, tcp);
-        exchange(&mut stream, console, method, path, &[], body)
-    };
+    let config = tls_client(&ca, None);
+    let https =
+        |method: &str, path: &str, body: &str| https(&config, console, method, path, &[], body);
     let page = https("GET", "/sign-in", "");
     assert_eq!(page.status, 200);
     assert!(page.body.contains("Sign in"));
@@ -1006,4 +985,160 @@ async fn console_over_tls_sets_secure_cookies() {
         !answer.starts_with(b"HTTP/"),
         "plaintext got an HTTP answer"
     );
+}
+
+/// A TLS client configuration trusting `ca`, presenting `identity` (certificate and key PEM).
+fn tls_client(
+    ca: &crate::security::TestCa,
+    identity: Option<&(String, String)>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls_pki_types::CertificateDer::pem_slice_iter(ca.pem.as_bytes()) {
+        roots.add(der.expect("CA PEM")).expect("CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = rustls_pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("certificate PEM");
+            let key =
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key PEM");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client identity")
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+fn https(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let connection = rustls::ClientConnection::new(config.clone(), name).expect("TLS client");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    exchange(&mut stream, addr, method, path, headers, body)
+}
+
+/// With --tls-client-ca a caller signs in with its client certificate (no token), and the
+/// session holds only on connections presenting that certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sign_in_with_a_client_certificate() {
+    let ca = crate::security::TestCa::new("console mTLS CA");
+    let server_cert = ca.issue(&["localhost"], false);
+    let oncall = ca.issue(&["oncall.example"], false);
+    let stranger = ca.issue(&["stranger.example"], false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8 path").to_string()
+    };
+    let policy = format!(
+        "{}\n[[callers]]\nname = \"oncall-cert\"\ntls_identities = [\"oncall.example\"]\n  [[callers.admin_grants]]\n  namespaces = [\"console-*\"]\n  access = [\"admin_read\"]\n",
+        policy()
+    );
+    let args = [
+        "--auth-config".to_string(),
+        write("policy.toml", &policy),
+        "--tls-cert".to_string(),
+        write("tls.crt", &server_cert.0),
+        "--tls-key".to_string(),
+        write("tls.key", &server_cert.1),
+        "--tls-client-ca".to_string(),
+        write("ca.crt", &ca.pem),
+        "--console-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--console-tls".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = IdemdProcess::start(&args);
+    let console = server.console_addr().await;
+    let as_oncall = tls_client(&ca, Some(&oncall));
+    let as_stranger = tls_client(&ca, Some(&stranger));
+
+    let page = https(&as_oncall, console, "GET", "/sign-in", &[], "");
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("<strong>oncall.example</strong>"),
+        "{}",
+        page.body
+    );
+    let signed_in = https(
+        &as_oncall,
+        console,
+        "POST",
+        "/sign-in",
+        &[],
+        "with=certificate",
+    );
+    assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+    let set_cookie = signed_in.header("set-cookie").expect("cookie");
+    assert!(set_cookie.ends_with("; Secure"));
+    let cookie = set_cookie
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string();
+    let namespaces = https(
+        &as_oncall,
+        console,
+        "GET",
+        "/namespaces",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(namespaces.status, 200, "{}", namespaces.body);
+    assert!(namespaces.body.contains("<strong>oncall-cert</strong>"));
+
+    // The cookie without the certificate is no session; an unknown certificate cannot sign in.
+    let copied = https(
+        &as_stranger,
+        console,
+        "GET",
+        "/namespaces",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(copied.status, 303);
+    assert_eq!(copied.header("location"), Some("/sign-in"));
+    let unknown = https(
+        &as_stranger,
+        console,
+        "POST",
+        "/sign-in",
+        &[],
+        "with=certificate",
+    );
+    assert_eq!(unknown.status, 401, "{}", unknown.body);
+    assert!(unknown.body.contains("does not know this certificate"));
+    assert!(unknown.header("set-cookie").is_none());
+    // The real holder's session goes on.
+    let again = https(
+        &as_oncall,
+        console,
+        "GET",
+        "/namespaces",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(again.status, 200);
 }
