@@ -1,10 +1,11 @@
 //! The web console (`--console-listen`): server-rendered pages over the admin API's own code.
 //!
-//! Every page calls `AdminApi::call` with the caller its session's bearer token resolves to in
-//! the policy in force, so the console has the admin API's authorisation, limits, metrics and
-//! audit, and no other way to the store. Pages are plain HTML that work without scripts; the one
-//! script (`static/console.js`) only adds the browser's time zone. Pages, styles and the script
-//! are compiled into the binary.
+//! Every page calls `AdminApi::call` with the caller that its session's bearer token (or client
+//! certificate) resolves to in the policy in force, so the console has the admin API's
+//! authorisation, limits, metrics and audit, and no other way to the store. Pages are plain HTML
+//! that work without scripts; the one script (`static/console.js`) only adds the browser's time
+//! zone and keeps a confirmation from being sent twice. Pages, styles and the script are compiled
+//! into the binary.
 //!
 //! Defences: sessions on the server (`session`), a CSRF synchronizer token in every form that
 //! changes something plus a same-origin check of `Origin` / `Sec-Fetch-Site` on every POST, a
