@@ -6,7 +6,10 @@ use std::{env, error::Error, fs, path::PathBuf};
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["proto/idempotency/v1/idempotency.proto"];
+const PROTOS: &[&str] = &[
+    "proto/idempotency/v1/idempotency.proto",
+    "proto/idempotency/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");

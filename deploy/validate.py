@@ -212,6 +212,15 @@ def check_config(documents):
         value = config.get(setting, "")
         if not value.endswith(f":{ports.get(port)}"):
             problem(f"ConfigMap {setting}={value!r} does not match the {port} container port {ports.get(port)}")
+    # The console speaks plain HTTP: it stays on the pod's loopback, reached with
+    # `kubectl port-forward`, and no container port, Service or NetworkPolicy exposes it.
+    console = config.get("IDEMD_CONSOLE_LISTEN")
+    if console is not None:
+        host, _, port = console.rpartition(":")
+        if host != "127.0.0.1":
+            problem(f"ConfigMap IDEMD_CONSOLE_LISTEN={console!r} must bind 127.0.0.1 (plain HTTP)")
+        if port and int(port) in ports.values():
+            problem(f"the console's port {port} must not be a container port")
     mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
     if not config.get("IDEMD_AUTH_CONFIG", "").startswith(mounts.get("auth", "/nonexistent") + "/"):
         problem("IDEMD_AUTH_CONFIG does not point into the mounted auth Secret")

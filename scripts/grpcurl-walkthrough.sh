@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's grpcurl walkthrough: list, describe, Acquire → Complete → Acquire (replay), Get,
-# and a health check, against a live idemd. CI runs it (tests/suite/grpcurl.rs).
+# a health check, and the admin API (list, purge, audit), against a live idemd with auth off. CI
+# runs it (tests/suite/grpcurl.rs).
 #
 #   scripts/grpcurl-walkthrough.sh [ADDR] [KEY]     (defaults: 127.0.0.1:50051, order-4711)
 set -euo pipefail
@@ -47,3 +48,14 @@ run -d '{"namespace":"payments","key":"'"$key"'","fingerprint":"c2hhMjU2OmFiYw==
 run -d '{"namespace":"payments","key":"'"$key"'"}' "$addr" idempotency.v1.IdempotencyService/Get
 
 run -d '{"service":"idempotency.v1.IdempotencyService"}' "$addr" grpc.health.v1.Health/Check
+
+# The admin API: find the completed records of the namespace, purge the key for a support case,
+# and read the audit entry. The key then behaves as never seen: Acquire gets it anew.
+run -d '{"namespace":"payments","states":["RECORD_STATE_COMPLETED"],"page_size":10}' \
+  "$addr" idempotency.admin.v1.AdminService/ListRecords
+run "$addr" idempotency.admin.v1.AdminService/ListNamespaces
+run -d '{"namespace":"payments","key":"'"$key"'","reason":"support ticket 1234: customer asked to retry"}' \
+  "$addr" idempotency.admin.v1.AdminService/PurgeRecord
+run -d '{"namespace":"payments","key":"'"$key"'","fingerprint":"c2hhMjU2OmFiYw=="}' \
+  "$addr" idempotency.v1.IdempotencyService/Acquire
+run -d '{"namespace":"payments"}' "$addr" idempotency.admin.v1.AdminService/ListAuditEntries

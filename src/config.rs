@@ -62,6 +62,14 @@ pub struct ServeArgs {
     /// (Kubernetes `grpc:` probes) when the API listener uses TLS.
     #[arg(long, env = "IDEMD_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Address of the web console (plain HTTP; off unless set). Bind it to loopback and reach
+    /// it through an SSH tunnel or `kubectl port-forward`: it has no TLS of its own.
+    #[arg(long, env = "IDEMD_CONSOLE_LISTEN")]
+    pub console_listen: Option<SocketAddr>,
+    /// Serve the console over TLS with --tls-cert and --tls-key (and, with --tls-client-ca,
+    /// only to clients with a certificate it signed); its session cookie is then `Secure`.
+    #[arg(long, env = "IDEMD_CONSOLE_TLS", requires_all = ["console_listen", "tls_cert"])]
+    pub console_tls: bool,
     /// PostgreSQL URL (e.g. postgres://idemd@db:5432/idemd). Unset: serve from memory, which is
     /// neither durable nor shared between replicas.
     #[arg(long, env = "IDEMD_DATABASE_URL", hide_env_values = true)]
@@ -256,6 +264,7 @@ impl ServeArgs {
             max_message_bytes: self.max_message_bytes as usize,
             metrics_interval: self.metrics_interval,
             reload_interval: self.reload_interval,
+            console_tls: self.console_tls,
             ..ServerSettings::default()
         })
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod defaults;
 pub mod domain;
 pub mod server;
@@ -19,6 +20,12 @@ pub mod proto {
         pub mod v1 {
             #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
             tonic::include_proto!("idempotency.v1");
+        }
+        pub mod admin {
+            pub mod v1 {
+                #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
+                tonic::include_proto!("idempotency.admin.v1");
+            }
         }
     }
 }

@@ -165,6 +165,18 @@ async fn serve(
         }
         None => None,
     };
+    let console_listener = match args.console_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|error| format!("--console-listen {addr}: {error}"))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving the web console on {addr}");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
     let tls = if settings.tls.is_some() {
         "TLS"
     } else {
@@ -174,6 +186,7 @@ async fn serve(
         grpc: listener,
         metrics: Some(metrics_listener),
         health: health_listener,
+        console: console_listener,
     };
     let shutdown = shutdown_signal();
     let served = match postgres_config {

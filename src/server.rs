@@ -1,5 +1,5 @@
-//! The gRPC server: the idempotency service, standard health, reflection (v1 and v1alpha), the
-//! reaper, and a shutdown that is injected by the caller and bounded by a grace period.
+//! The gRPC server: the idempotency service, the admin service, standard health, reflection (v1
+//! and v1alpha), the reaper, and a shutdown that is injected by the caller and bounded by a grace period.
 
 use std::{
     future::Future,
@@ -19,15 +19,15 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-use crate::api::IdempotencyApi;
+use crate::api::{AdminApi, IdempotencyApi};
 use crate::auth::AuthState;
 use crate::defaults;
 use crate::domain::Limits;
-use crate::store::Store;
+use crate::store::{AdminStore, Store};
 use crate::telemetry::metrics;
 use crate::tls::{self, TlsState};
 
-/// Encoded descriptors of `idempotency.v1`, served by reflection.
+/// Encoded descriptors of `idempotency.v1` and `idempotency.admin.v1`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("idempotency_descriptor");
 
@@ -60,6 +60,8 @@ pub struct ServerSettings {
     pub tls: Option<Arc<TlsState>>,
     /// How often the policy and certificate files are checked for changes (SIGHUP checks now).
     pub reload_interval: Duration,
+    /// Serve the console over TLS with `tls` (ignored without it).
+    pub console_tls: bool,
 }
 
 impl Default for ServerSettings {
@@ -78,6 +80,7 @@ impl Default for ServerSettings {
             auth: None,
             tls: None,
             reload_interval: defaults::RELOAD_INTERVAL.value,
+            console_tls: false,
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// Plaintext gRPC health only, for probes that cannot speak TLS (Kubernetes `grpc:` probes).
     pub health: Option<TcpListener>,
+    /// The web console (`crate::console`), over the same admin API.
+    pub console: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -110,6 +115,7 @@ impl Listeners {
             grpc: listener,
             metrics: None,
             health: None,
+            console: None,
         }
     }
 }
@@ -120,7 +126,7 @@ type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> 
 /// (new connections are refused; open ones take no new RPCs), and in-flight RPCs get at most
 /// `settings.shutdown_grace` to finish. The health-only listener, if any, keeps answering
 /// (readiness NOT_SERVING) until that drain is over.
-pub async fn serve<S: Store>(
+pub async fn serve<S: Store + AdminStore>(
     listeners: Listeners,
     store: Arc<S>,
     settings: ServerSettings,
@@ -152,6 +158,7 @@ pub async fn serve<S: Store>(
              namespace. Set --auth-config (and --require-auth) for anything but local use"
         );
     }
+    let admin_api = AdminApi::new(store.clone(), settings.auth.clone());
     let api = IdempotencyApi::new(
         store.clone(),
         settings.limits,
@@ -195,6 +202,22 @@ pub async fn serve<S: Store>(
         }
     };
 
+    // The console stops taking requests when shutdown begins, like the API.
+    let console_task = listeners.console.map(|listener| {
+        let tls = settings.tls.clone().filter(|_| settings.console_tls);
+        let serving = crate::console::serve(
+            listener,
+            tls,
+            admin_api.clone(),
+            settings.auth.clone(),
+            until_stopped(),
+        );
+        tokio::spawn(async move {
+            if let Err(error) = serving.await {
+                tracing::error!(%error, "console listener failed");
+            }
+        })
+    });
     let metrics_task = listeners
         .metrics
         .map(|listener| tokio::spawn(metrics::serve(listener, metrics_handle, until_stopped())));
@@ -215,7 +238,8 @@ pub async fn serve<S: Store>(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(api.into_service(settings.max_message_bytes));
+        .add_service(api.into_service(settings.max_message_bytes))
+        .add_service(admin_api.into_service(settings.max_message_bytes));
     let server: Serving = match &settings.tls {
         Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
             tls::incoming(listeners.grpc, tls.clone()),
@@ -240,6 +264,7 @@ pub async fn serve<S: Store>(
     upkeep.abort();
     for task in [
         metrics_task,
+        console_task,
         health_task.map(|task| {
             tokio::spawn(async move {
                 let _ = task.await;

@@ -248,6 +248,54 @@ pub fn incoming(
     listener: TcpListener,
     tls: Arc<TlsState>,
 ) -> ReceiverStream<io::Result<TlsConnection>> {
+    accept(listener, tls, Protocol::Grpc)
+}
+
+/// As `incoming`, for the web console: the same certificates (and client CA), with HTTP/1.1
+/// offered in ALPN instead of the gRPC listener's h2.
+pub fn incoming_http1(
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+) -> ReceiverStream<io::Result<TlsConnection>> {
+    accept(listener, tls, Protocol::Http1)
+}
+
+#[derive(Clone, Copy)]
+enum Protocol {
+    Grpc,
+    Http1,
+}
+
+impl TlsState {
+    fn acceptor_for(&self, protocol: Protocol) -> TlsAcceptor {
+        match protocol {
+            Protocol::Grpc => self.acceptor(),
+            Protocol::Http1 => {
+                let mut config = (*self
+                    .config
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone())
+                .clone();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                TlsAcceptor::from(Arc::new(config))
+            }
+        }
+    }
+}
+
+impl TlsConnection {
+    /// The identities of the client's certificate (empty without one).
+    pub fn peer(&self) -> &PeerIdentities {
+        &self.peer
+    }
+}
+
+fn accept(
+    listener: TcpListener,
+    tls: Arc<TlsState>,
+    protocol: Protocol,
+) -> ReceiverStream<io::Result<TlsConnection>> {
     let (sender, receiver) = mpsc::channel(64);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
@@ -270,7 +318,7 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
+            let acceptor = tls.acceptor_for(protocol);
             let sender = sender.clone();
             tokio::spawn(async move {
                 let _permit = permit;

@@ -6,7 +6,11 @@
 //! Acquires of completed keys, 10 % fresh pairs; one operation = one request), `contended` (all
 //! clients on a few hot keys that change every 200 ms: Acquire, then Complete if acquired or
 //! Wait if in progress; one operation = one request seen through), `echo` (the standard health
-//! Check, which never touches a store: the gRPC ceiling of the same server). Prints one line:
+//! Check, which never touches a store: the gRPC ceiling of the same server), `admin-list`
+//! (ListRecords pages of 50 of `--namespace`, each client walking the listing from its newest
+//! record and starting over at its end; one operation = one page) and `admin-stats`
+//! (GetNamespaceStats of `--namespace` over `--stats-window`); `bench/admin.sh` runs the admin
+//! workloads on a namespace of a million records. Prints one line:
 //! throughput, latency percentiles, errors, its own CPU seconds, and, with --server-pid, the
 //! server's CPU seconds and peak RSS from /proc.
 
@@ -20,6 +24,8 @@ use std::{
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use idemd_client::proto::idempotency::admin::v1 as admin;
+use idemd_client::proto::idempotency::admin::v1::admin_service_client::AdminServiceClient;
 use idemd_client::proto::idempotency::v1 as pb;
 use idemd_client::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
 use tonic::transport::{Channel, Endpoint};
@@ -30,6 +36,8 @@ enum Workload {
     Replay,
     Contended,
     Echo,
+    AdminList,
+    AdminStats,
 }
 
 #[derive(Debug, Parser)]
@@ -57,6 +65,12 @@ struct Args {
     /// Hot keys at a time in the contended workload.
     #[arg(long, default_value_t = 8)]
     hot_keys: u64,
+    /// Namespace of the admin workloads.
+    #[arg(long, default_value = "bench-admin")]
+    namespace: String,
+    /// Window of the admin-stats workload.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    stats_window: Duration,
     /// Server process to read CPU time and peak RSS of.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -194,6 +208,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut health = tonic_health::pb::health_client::HealthClient::new(
             channels[worker % channels.len()].clone(),
         );
+        let mut admin_client = AdminServiceClient::new(channels[worker % channels.len()].clone());
+        let namespace = args.namespace.clone();
+        let stats_window = prost_types::Duration::try_from(args.stats_window).ok();
+        let mut page_token = String::new();
         tasks.push(tokio::spawn(async move {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -221,6 +239,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         )
                         .await
                     }
+                    Workload::AdminList => match admin_client
+                        .list_records(admin::ListRecordsRequest {
+                            namespace: namespace.clone(),
+                            page_size: 50,
+                            page_token: std::mem::take(&mut page_token),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(page) => {
+                            page_token = page.into_inner().next_page_token;
+                            true
+                        }
+                        Err(_) => false,
+                    },
+                    Workload::AdminStats => admin_client
+                        .get_namespace_stats(admin::GetNamespaceStatsRequest {
+                            namespace: namespace.clone(),
+                            window: stats_window,
+                        })
+                        .await
+                        .is_ok(),
                     Workload::Echo => health
                         .check(tonic_health::pb::HealthCheckRequest {
                             service: String::new(),

@@ -4,7 +4,10 @@
 use std::error::Error;
 
 const PROTO_ROOT: &str = "../../proto";
-const PROTOS: &[&str] = &["../../proto/idempotency/v1/idempotency.proto"];
+const PROTOS: &[&str] = &[
+    "../../proto/idempotency/v1/idempotency.proto",
+    "../../proto/idempotency/admin/v1/admin.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");

@@ -24,7 +24,8 @@ use crate::telemetry::metrics;
 #[derive(Clone)]
 pub(super) struct Authenticated(pub(super) Arc<Caller>);
 
-/// Wraps the idempotency service (see `IdempotencyApi::into_service`).
+/// Wraps the idempotency service (see `IdempotencyApi::into_service`) or the admin service
+/// (`AdminApi::into_service`).
 #[derive(Clone)]
 pub struct Authenticate<S> {
     inner: S,
@@ -51,13 +52,10 @@ impl<S: NamedService> NamedService for Authenticate<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// The RPC a request's path names (`/idempotency.v1.IdempotencyService/Acquire`), if any.
+/// The RPC of `service` a request's path names (`/idempotency.v1.IdempotencyService/Acquire`),
+/// if any.
 fn rpc_of(path: &str, service: &str) -> Option<Rpc> {
-    let method = path
-        .strip_prefix('/')?
-        .strip_prefix(service)?
-        .strip_prefix('/')?;
-    Rpc::parse(method)
+    Rpc::of_path(path).filter(|rpc| rpc.service() == service)
 }
 
 /// The token of an `authorization: Bearer <token>` header.
@@ -141,10 +139,19 @@ mod tests {
             rpc_of("/idempotency.v1.IdempotencyService/Wait", service),
             Some(Rpc::Wait)
         );
+        assert_eq!(
+            rpc_of(
+                "/idempotency.admin.v1.AdminService/PurgeRecord",
+                "idempotency.admin.v1.AdminService"
+            ),
+            Some(Rpc::PurgeRecord)
+        );
         for other in [
             "/idempotency.v1.IdempotencyService/Nope",
             "/idempotency.v1.IdempotencyServiceX/Acquire",
             "/grpc.health.v1.Health/Check",
+            "/idempotency.v1.IdempotencyService/ListRecords",
+            "/idempotency.admin.v1.AdminService/ListRecords",
             "idempotency.v1.IdempotencyService/Acquire",
             "/",
         ] {

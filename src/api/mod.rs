@@ -4,17 +4,20 @@
 //! (one span, metrics). What each RPC decodes, targets and runs is in `commands`; rules live in
 //! `domain`, storage in `store`.
 
+pub mod admin;
 pub mod authenticate;
 mod commands;
 pub mod content_type;
 mod deadline;
 pub mod decode;
 mod encode;
+mod page_token;
 mod serve;
 pub mod status;
 
 use tonic::{Request, Response, Status};
 
+pub use admin::AdminApi;
 pub use serve::IdempotencyApi;
 
 use crate::domain::{

@@ -189,7 +189,7 @@ impl<'a> Call<'a> {
             otel.kind = field::Empty,
         );
         if traces::enabled() {
-            traces::begin_rpc(&span, rpc.path(), rpc.name(), headers);
+            traces::begin_rpc(&span, rpc, headers);
         }
         Self {
             rpc,
@@ -235,6 +235,11 @@ impl<'a> Call<'a> {
         if traces::enabled() {
             traces::rpc_outcome(&self.span, outcome);
         }
+    }
+
+    /// The call's span, to record fields in and run its work under.
+    pub(super) fn span(&self) -> &Span {
+        &self.span
     }
 
     pub(super) fn finish<T>(mut self, result: &Result<T, Status>) {

@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::Rpc;
+use crate::domain::admin::AdminRejection;
 use crate::domain::{FieldViolation, LeaseRejection, Namespace};
 use crate::store::StoreError;
 use crate::telemetry::metrics;
@@ -19,6 +20,7 @@ pub mod reason {
     pub const LEASE_NOT_HELD: &str = "LEASE_NOT_HELD";
     pub const RECORD_COMPLETED: &str = "RECORD_COMPLETED";
     pub const RECORD_NOT_FOUND: &str = "RECORD_NOT_FOUND";
+    pub const STALE_RECORD: &str = "STALE_RECORD";
     pub const STORE_UNAVAILABLE: &str = "STORE_UNAVAILABLE";
     pub const DEADLINE_EXCEEDED: &str = "DEADLINE_EXCEEDED";
     pub const OVERLOADED: &str = "OVERLOADED";
@@ -91,6 +93,16 @@ pub fn from_store(error: StoreError) -> Status {
             };
             with_reason(code, error.to_string(), reason)
         }
+        StoreError::AdminRejected(rejection) => {
+            let (code, reason) = match rejection {
+                AdminRejection::NotFound => (Code::NotFound, reason::RECORD_NOT_FOUND),
+                AdminRejection::StaleRecord => (Code::FailedPrecondition, reason::STALE_RECORD),
+                AdminRejection::RecordCompleted => {
+                    (Code::FailedPrecondition, reason::RECORD_COMPLETED)
+                }
+            };
+            with_reason(code, error.to_string(), reason)
+        }
         StoreError::Full(max_records) => {
             metrics::store_error("full");
             tracing::debug!(max_records, "store full: refusing a new key");
@@ -158,6 +170,15 @@ pub fn permission_denied(caller: &str, rpc: Rpc, namespace: &Namespace) -> Statu
             rpc.name(),
             namespace.as_str()
         ),
+        reason::PERMISSION_DENIED,
+    )
+}
+
+/// PERMISSION_DENIED: a known caller without the admin grant an RPC needs anywhere.
+pub fn admin_denied(caller: &str, rpc: Rpc) -> Status {
+    with_reason(
+        Code::PermissionDenied,
+        format!("caller {caller:?} has no admin grant for {}", rpc.name()),
         reason::PERMISSION_DENIED,
     )
 }

@@ -12,7 +12,9 @@ use std::{
 };
 
 pub use limits::{CallerLimiter, CallerPermit, Throttled};
-pub use policy::{Caller, CallerLimits, Credentials, Policy, Rpc};
+pub use policy::{
+    AdminAccess, Caller, CallerLimits, Credentials, Policy, Rpc, ADMIN_SERVICE, DATA_PLANE_SERVICE,
+};
 
 use crate::telemetry::metrics;
 

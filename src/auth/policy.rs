@@ -11,6 +11,11 @@
 //!   [[callers.grants]]
 //!   namespaces = ["payments", "payments-eu-*"]   # exact names, or prefixes ending in "*"
 //!   rpcs = ["*"]                                 # or some of Acquire, Complete, Release, Renew, Get, Wait
+//!
+//!   # The admin API (idempotency.admin.v1), granted apart: "*" in `rpcs` never includes it.
+//!   [[callers.admin_grants]]
+//!   namespaces = ["payments*"]
+//!   access = ["admin_read", "admin_write"]       # admin_read, admin_read_results, admin_write
 //! ```
 
 use std::{
@@ -24,7 +29,8 @@ use subtle::ConstantTimeEq;
 
 use crate::domain::Namespace;
 
-/// The RPCs a grant can allow.
+/// The RPCs idemd serves: the data plane's, which a grant's `rpcs` can allow, and the admin
+/// API's, which only admin grants allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rpc {
     Acquire,
@@ -33,9 +39,22 @@ pub enum Rpc {
     Renew,
     Get,
     Wait,
+    ListRecords,
+    ListNamespaces,
+    GetNamespaceStats,
+    PurgeRecord,
+    ForceRelease,
+    PurgeRecords,
+    ListAuditEntries,
 }
 
+/// The gRPC service of the data plane.
+pub const DATA_PLANE_SERVICE: &str = "idempotency.v1.IdempotencyService";
+/// The gRPC service of the admin API.
+pub const ADMIN_SERVICE: &str = "idempotency.admin.v1.AdminService";
+
 impl Rpc {
+    /// The data plane's RPCs: what `rpcs = ["*"]` grants.
     pub const ALL: [Rpc; 6] = [
         Rpc::Acquire,
         Rpc::Complete,
@@ -43,6 +62,17 @@ impl Rpc {
         Rpc::Renew,
         Rpc::Get,
         Rpc::Wait,
+    ];
+
+    /// The admin API's RPCs.
+    pub const ADMIN: [Rpc; 7] = [
+        Rpc::ListRecords,
+        Rpc::ListNamespaces,
+        Rpc::GetNamespaceStats,
+        Rpc::PurgeRecord,
+        Rpc::ForceRelease,
+        Rpc::PurgeRecords,
+        Rpc::ListAuditEntries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +83,13 @@ impl Rpc {
             Rpc::Renew => "Renew",
             Rpc::Get => "Get",
             Rpc::Wait => "Wait",
+            Rpc::ListRecords => "ListRecords",
+            Rpc::ListNamespaces => "ListNamespaces",
+            Rpc::GetNamespaceStats => "GetNamespaceStats",
+            Rpc::PurgeRecord => "PurgeRecord",
+            Rpc::ForceRelease => "ForceRelease",
+            Rpc::PurgeRecords => "PurgeRecords",
+            Rpc::ListAuditEntries => "ListAuditEntries",
         }
     }
 
@@ -66,12 +103,68 @@ impl Rpc {
             Rpc::Renew => "idempotency.v1.IdempotencyService/Renew",
             Rpc::Get => "idempotency.v1.IdempotencyService/Get",
             Rpc::Wait => "idempotency.v1.IdempotencyService/Wait",
+            Rpc::ListRecords => "idempotency.admin.v1.AdminService/ListRecords",
+            Rpc::ListNamespaces => "idempotency.admin.v1.AdminService/ListNamespaces",
+            Rpc::GetNamespaceStats => "idempotency.admin.v1.AdminService/GetNamespaceStats",
+            Rpc::PurgeRecord => "idempotency.admin.v1.AdminService/PurgeRecord",
+            Rpc::ForceRelease => "idempotency.admin.v1.AdminService/ForceRelease",
+            Rpc::PurgeRecords => "idempotency.admin.v1.AdminService/PurgeRecords",
+            Rpc::ListAuditEntries => "idempotency.admin.v1.AdminService/ListAuditEntries",
         }
     }
 
-    /// The RPC of a method name (`Acquire`), as in policy files and gRPC paths.
+    /// The gRPC service the RPC belongs to.
+    pub fn service(self) -> &'static str {
+        if Rpc::ADMIN.contains(&self) {
+            ADMIN_SERVICE
+        } else {
+            DATA_PLANE_SERVICE
+        }
+    }
+
+    /// The data-plane RPC of a method name (`Acquire`), as in policy files' `rpcs`.
     pub fn parse(name: &str) -> Option<Self> {
         Rpc::ALL.into_iter().find(|rpc| rpc.name() == name)
+    }
+
+    /// The RPC a gRPC path names (`/idempotency.v1.IdempotencyService/Acquire`), if any.
+    pub fn of_path(path: &str) -> Option<Self> {
+        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+        Rpc::ALL
+            .into_iter()
+            .chain(Rpc::ADMIN)
+            .find(|rpc| rpc.name() == method && rpc.service() == service)
+    }
+}
+
+/// What an admin grant allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AdminAccess {
+    /// ListRecords, ListNamespaces, GetNamespaceStats, ListAuditEntries, without result bodies.
+    Read,
+    /// As `Read`, with result bodies.
+    ReadResults,
+    /// PurgeRecord, ForceRelease, PurgeRecords.
+    Write,
+}
+
+impl AdminAccess {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminAccess::Read => "admin_read",
+            AdminAccess::ReadResults => "admin_read_results",
+            AdminAccess::Write => "admin_write",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [
+            AdminAccess::Read,
+            AdminAccess::ReadResults,
+            AdminAccess::Write,
+        ]
+        .into_iter()
+        .find(|access| access.name() == name)
     }
 }
 
@@ -94,6 +187,15 @@ struct CallerFile {
     rate_per_second: Option<f64>,
     #[serde(default)]
     grants: Vec<GrantFile>,
+    #[serde(default)]
+    admin_grants: Vec<AdminGrantFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminGrantFile {
+    namespaces: Vec<String>,
+    access: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +227,12 @@ struct Grant {
     rpcs: BTreeSet<Rpc>,
 }
 
+#[derive(Debug, Clone)]
+struct AdminGrant {
+    namespaces: Vec<NamespacePattern>,
+    access: BTreeSet<AdminAccess>,
+}
+
 /// Per-caller limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallerLimits {
@@ -138,13 +246,34 @@ pub struct Caller {
     pub name: String,
     pub limits: CallerLimits,
     grants: Vec<Grant>,
+    admin_grants: Vec<AdminGrant>,
 }
 
 impl Caller {
-    /// Whether this caller may call `rpc` in `namespace`.
+    /// Whether this caller may call the data-plane `rpc` in `namespace`.
     pub fn allows(&self, rpc: Rpc, namespace: &Namespace) -> bool {
         self.grants.iter().any(|grant| {
             grant.rpcs.contains(&rpc) && grant.namespaces.iter().any(|p| p.matches(namespace))
+        })
+    }
+
+    /// Whether some admin grant of this caller gives `access` (ListNamespaces then shows only
+    /// the namespaces it covers).
+    pub fn has_any_admin(&self, access: AdminAccess) -> bool {
+        self.admin_grants.iter().any(|grant| {
+            grant.access.contains(&access)
+                || (access == AdminAccess::Read && grant.access.contains(&AdminAccess::ReadResults))
+        })
+    }
+
+    /// Whether this caller has `access` to `namespace` in the admin API. `admin_read_results`
+    /// includes `admin_read`.
+    pub fn has_admin(&self, access: AdminAccess, namespace: &Namespace) -> bool {
+        self.admin_grants.iter().any(|grant| {
+            let granted = grant.access.contains(&access)
+                || (access == AdminAccess::Read
+                    && grant.access.contains(&AdminAccess::ReadResults));
+            granted && grant.namespaces.iter().any(|p| p.matches(namespace))
         })
     }
 }
@@ -282,6 +411,30 @@ impl Policy {
                 }
                 grants.push(Grant { namespaces, rpcs });
             }
+            let mut admin_grants = Vec::new();
+            for grant in caller.admin_grants {
+                if grant.namespaces.is_empty() || grant.access.is_empty() {
+                    return Err(format!(
+                        "caller {name:?}: every admin grant needs namespaces and access"
+                    ));
+                }
+                let namespaces = grant
+                    .namespaces
+                    .iter()
+                    .map(|pattern| parse_pattern(pattern))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|error| format!("caller {name:?}: {error}"))?;
+                let access = grant
+                    .access
+                    .iter()
+                    .map(|access| {
+                        AdminAccess::parse(access).ok_or_else(|| {
+                            format!("caller {name:?}: unknown admin access {access:?} (use admin_read, admin_read_results, admin_write)")
+                        })
+                    })
+                    .collect::<Result<BTreeSet<_>, _>>()?;
+                admin_grants.push(AdminGrant { namespaces, access });
+            }
             callers.push(Arc::new(Caller {
                 name,
                 limits: CallerLimits {
@@ -289,6 +442,7 @@ impl Policy {
                     rate_per_second: caller.rate_per_second,
                 },
                 grants,
+                admin_grants,
             }));
         }
         if callers.is_empty() {
@@ -337,6 +491,14 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rpc_path_is_its_service_and_name() {
+        for rpc in Rpc::ALL.into_iter().chain(Rpc::ADMIN) {
+            assert_eq!(rpc.path(), format!("{}/{}", rpc.service(), rpc.name()));
+            assert_eq!(Rpc::of_path(&format!("/{}", rpc.path())), Some(rpc));
+        }
+    }
 
     fn sha(token: &str) -> String {
         Sha256::digest(token.as_bytes())
@@ -387,6 +549,50 @@ mod tests {
             .expect("known identity");
         assert!(operator.allows(Rpc::Get, &ns("payments")));
         assert!(!operator.allows(Rpc::Release, &ns("payments")));
+    }
+
+    #[test]
+    fn admin_grants_are_apart_from_data_plane_grants() {
+        let policy = Policy::parse(
+            "[[callers]]\nname = \"app\"\ntls_identities = [\"app\"]\n\
+             [[callers.grants]]\nnamespaces = [\"*\"]\nrpcs = [\"*\"]\n\
+             [[callers]]\nname = \"oncall\"\ntls_identities = [\"oncall\"]\n\
+             [[callers.admin_grants]]\nnamespaces = [\"pay*\"]\naccess = [\"admin_read_results\"]\n\
+             [[callers.admin_grants]]\nnamespaces = [\"payments\"]\naccess = [\"admin_write\"]\n",
+        )
+        .expect("valid");
+        let ns = |name: &str| Namespace::parse(name.to_string()).expect("namespace");
+        let who = |name: &str| {
+            let names = vec![name.to_string()];
+            policy
+                .authenticate(Credentials::Certificate(&names))
+                .expect("known")
+        };
+        let app = who("app");
+        assert!(app.allows(Rpc::Acquire, &ns("payments")));
+        assert!(!app.has_any_admin(AdminAccess::Read));
+        assert!(!app.has_admin(AdminAccess::Read, &ns("payments")));
+        let oncall = who("oncall");
+        assert!(!oncall.allows(Rpc::Get, &ns("payments")));
+        assert!(
+            oncall.has_admin(AdminAccess::Read, &ns("pay-eu")),
+            "read_results includes read"
+        );
+        assert!(oncall.has_admin(AdminAccess::ReadResults, &ns("payments")));
+        assert!(oncall.has_admin(AdminAccess::Write, &ns("payments")));
+        assert!(!oncall.has_admin(AdminAccess::Write, &ns("pay-eu")));
+        assert!(!oncall.has_admin(AdminAccess::Read, &ns("orders")));
+        // An admin RPC is no data-plane rpc.
+        let error = Policy::parse(
+            "[[callers]]\nname = \"a\"\ntls_identities = [\"x\"]\n[[callers.grants]]\nnamespaces = [\"n\"]\nrpcs = [\"PurgeRecord\"]\n",
+        )
+        .expect_err("admin rpc in rpcs");
+        assert!(error.contains("unknown rpc"), "{error}");
+        let error = Policy::parse(
+            "[[callers]]\nname = \"a\"\ntls_identities = [\"x\"]\n[[callers.admin_grants]]\nnamespaces = [\"n\"]\naccess = [\"admin_everything\"]\n",
+        )
+        .expect_err("unknown access");
+        assert!(error.contains("unknown admin access"), "{error}");
     }
 
     #[test]

@@ -16,8 +16,13 @@ use std::{
 use tokio::time::Instant;
 
 use super::waiters::{self, Waiters};
-use super::{Store, StoreError};
+use super::{AdminStore, Store, StoreError};
 use crate::defaults;
+use crate::domain::admin::{
+    count_minutes, decide_change, is_stuck, AuditAction, AuditEntry, AuditPage, BulkPurge,
+    ListAuditQuery, ListRecordsQuery, MinuteCounts, NamespaceSummary, RecordChange, RecordPage,
+    RecordPosition,
+};
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
     AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, CompleteDecision, GetCommand,
@@ -53,6 +58,31 @@ pub struct MemoryStore {
     earliest_expiry: AtomicU64,
     /// One sweep at a time: a sweep in progress holds `earliest_expiry` above its true value.
     sweeping: Mutex<()>,
+    /// The admin changes, oldest first, at most `AUDIT_ENTRIES_KEPT`. An admin change holds this
+    /// lock from before it reads the record until its entry is in, so no change is without its
+    /// entry. Lock order: this, then a shard.
+    audit: Mutex<AuditLog>,
+}
+
+/// Audit entries the memory store keeps (the oldest go first); PostgreSQL keeps them all.
+pub const AUDIT_ENTRIES_KEPT: usize = 100_000;
+
+#[derive(Default)]
+struct AuditLog {
+    entries: std::collections::VecDeque<AuditEntry>,
+    last_id: u64,
+}
+
+impl AuditLog {
+    fn append(&mut self, mut entry: AuditEntry) -> AuditEntry {
+        self.last_id += 1;
+        entry.id = self.last_id;
+        if self.entries.len() >= AUDIT_ENTRIES_KEPT {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(entry.clone());
+        entry
+    }
 }
 
 /// Where the memory store reads the time.
@@ -76,6 +106,7 @@ impl MemoryStore {
             records: AtomicU64::new(0),
             earliest_expiry: AtomicU64::new(u64::MAX),
             sweeping: Mutex::new(()),
+            audit: Mutex::new(AuditLog::default()),
         }
     }
 
@@ -425,6 +456,225 @@ impl Store for MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Every live record, cloned, under each shard's lock in turn.
+    fn live_records(&self, now: SystemTime, mut keep: impl FnMut(&Record) -> bool) -> Vec<Record> {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            found.extend(
+                shard
+                    .values()
+                    .filter(|record| record.is_live(now) && keep(record))
+                    .cloned(),
+            );
+        }
+        found
+    }
+
+    fn audit_log(&self) -> MutexGuard<'_, AuditLog> {
+        self.audit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a single-record change under the audit lock and the record's shard lock.
+    fn change_record(
+        &self,
+        change: RecordChange,
+        action: AuditAction,
+    ) -> Result<Record, StoreError> {
+        let now = self.now();
+        let mut audit = self.audit_log();
+        let mut shard = self.shard(&change.namespace, &change.key);
+        let map_key = (change.namespace.clone(), change.key.clone());
+        let existing = shard.get(&map_key);
+        decide_change(existing, &change, now, action == AuditAction::ForceRelease)?;
+        let before = existing.cloned().ok_or(StoreError::Internal(
+            "record vanished under its lock".into(),
+        ))?;
+        let after = match action {
+            AuditAction::PurgeRecord => {
+                shard.remove(&map_key);
+                self.records.fetch_sub(1, Ordering::Relaxed);
+                before.clone()
+            }
+            _ => {
+                let record = shard.get_mut(&map_key).ok_or(StoreError::Internal(
+                    "record vanished under its lock".into(),
+                ))?;
+                record.released = true;
+                record.lease_expires_at = now;
+                record.expires_at = unfinished_expiry(now, record.retention);
+                record.revision += 1;
+                self.note_expiry(record.expires_at);
+                record.clone()
+            }
+        };
+        audit.append(AuditEntry {
+            id: 0,
+            time: now,
+            caller: change.actor.0,
+            action,
+            namespace: change.namespace.clone(),
+            key: Some(change.key.clone()),
+            filter: None,
+            reason: change.reason.as_str().to_string(),
+            count: 1,
+            state_before: Some(before.state),
+            fencing_token_before: Some(before.fencing_token),
+        });
+        // The key is free now: its Waits look again.
+        self.waiters.wake(&change.namespace, &change.key);
+        Ok(after)
+    }
+}
+
+impl AdminStore for MemoryStore {
+    async fn list_records(&self, query: ListRecordsQuery) -> Result<RecordPage, StoreError> {
+        let now = self.now();
+        let filter = &query.filter;
+        let mut records = self.live_records(now, |record| {
+            record.namespace == filter.namespace
+                && filter.matches(record, now)
+                && query
+                    .after
+                    .as_ref()
+                    .is_none_or(|after| after.precedes(record))
+        });
+        records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.key.cmp(&b.key)));
+        let page_size = query.page_size as usize;
+        let more = records.len() > page_size;
+        records.truncate(page_size);
+        let next = more
+            .then(|| records.last().map(RecordPosition::of))
+            .flatten();
+        Ok(RecordPage { records, next })
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceSummary>, StoreError> {
+        let now = self.now();
+        let mut summaries = std::collections::BTreeMap::<Namespace, NamespaceSummary>::new();
+        for record in self.live_records(now, |_| true) {
+            let summary = summaries
+                .entry(record.namespace.clone())
+                .or_insert_with(|| NamespaceSummary {
+                    namespace: record.namespace.clone(),
+                    in_progress: 0,
+                    completed: 0,
+                    stuck: 0,
+                    oldest_in_progress: None,
+                });
+            match record.state {
+                RecordState::Completed => summary.completed += 1,
+                RecordState::InProgress => {
+                    summary.in_progress += 1;
+                    if is_stuck(&record, now) {
+                        summary.stuck += 1;
+                    }
+                    summary.oldest_in_progress = Some(
+                        summary
+                            .oldest_in_progress
+                            .map_or(record.created_at, |oldest| oldest.min(record.created_at)),
+                    );
+                }
+            }
+        }
+        Ok(summaries.into_values().collect())
+    }
+
+    async fn namespace_stats(
+        &self,
+        namespace: Namespace,
+        window: std::time::Duration,
+    ) -> Result<Vec<MinuteCounts>, StoreError> {
+        let now = self.now();
+        let records = self.live_records(now, |record| record.namespace == namespace);
+        Ok(count_minutes(records.iter(), window, now))
+    }
+
+    async fn purge_record(&self, change: RecordChange) -> Result<Record, StoreError> {
+        self.change_record(change, AuditAction::PurgeRecord)
+    }
+
+    async fn force_release(&self, change: RecordChange) -> Result<Record, StoreError> {
+        self.change_record(change, AuditAction::ForceRelease)
+    }
+
+    async fn purge_records(&self, purge: BulkPurge) -> Result<u64, StoreError> {
+        let now = self.now();
+        let filter = &purge.filter;
+        let matches = |record: &Record| {
+            record.is_live(now)
+                && record.namespace == filter.namespace
+                && filter.matches(record, now)
+        };
+        if purge.dry_run {
+            let count = self.live_records(now, |record| matches(record)).len();
+            return Ok((count as u64).min(u64::from(purge.limit)));
+        }
+        let mut audit = self.audit_log();
+        let mut budget = u64::from(purge.limit);
+        let mut purged = Vec::new();
+        for shard in &self.shards {
+            if budget == 0 {
+                break;
+            }
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|map_key, record| {
+                if budget > 0 && matches(record) {
+                    budget -= 1;
+                    purged.push(map_key.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        let count = purged.len() as u64;
+        self.records.fetch_sub(count, Ordering::Relaxed);
+        audit.append(AuditEntry {
+            id: 0,
+            time: now,
+            caller: purge.actor.0,
+            action: AuditAction::PurgeRecords,
+            namespace: filter.namespace.clone(),
+            key: None,
+            filter: Some(filter.describe()),
+            reason: purge.reason.as_str().to_string(),
+            count,
+            state_before: None,
+            fencing_token_before: None,
+        });
+        drop(audit);
+        for (namespace, key) in &purged {
+            self.waiters.wake(namespace, key);
+        }
+        Ok(count)
+    }
+
+    async fn list_audit(&self, query: ListAuditQuery) -> Result<AuditPage, StoreError> {
+        let audit = self.audit_log();
+        let page_size = query.page_size as usize;
+        let mut entries: Vec<AuditEntry> = audit
+            .entries
+            .iter()
+            .rev()
+            .filter(|entry| {
+                entry.namespace == query.namespace
+                    && query.before_id.is_none_or(|before| entry.id < before)
+            })
+            .take(page_size + 1)
+            .cloned()
+            .collect();
+        let more = entries.len() > page_size;
+        entries.truncate(page_size);
+        let next_before_id = more.then(|| entries.last().map(|entry| entry.id)).flatten();
+        Ok(AuditPage {
+            entries,
+            next_before_id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -442,6 +692,33 @@ mod tests {
             retention,
             holder: Holder::default(),
         }
+    }
+
+    #[test]
+    fn the_audit_log_keeps_the_newest_entries() {
+        let mut log = AuditLog::default();
+        let entry = AuditEntry {
+            id: 0,
+            time: SystemTime::UNIX_EPOCH,
+            caller: "-".into(),
+            action: AuditAction::PurgeRecords,
+            namespace: Namespace::parse("n".into()).expect("namespace"),
+            key: None,
+            filter: Some("all records".into()),
+            reason: "why".into(),
+            count: 0,
+            state_before: None,
+            fencing_token_before: None,
+        };
+        for _ in 0..=AUDIT_ENTRIES_KEPT {
+            log.append(entry.clone());
+        }
+        assert_eq!(log.entries.len(), AUDIT_ENTRIES_KEPT);
+        assert_eq!(log.entries.front().map(|entry| entry.id), Some(2));
+        assert_eq!(
+            log.entries.back().map(|entry| entry.id),
+            Some(AUDIT_ENTRIES_KEPT as u64 + 1)
+        );
     }
 
     #[tokio::test]

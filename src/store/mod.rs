@@ -6,6 +6,10 @@ use std::future::Future;
 
 use tokio::time::Instant;
 
+use crate::domain::admin::{
+    AdminRejection, AuditPage, BulkPurge, ListAuditQuery, ListRecordsQuery, MinuteCounts,
+    NamespaceSummary, RecordChange, RecordPage,
+};
 use crate::domain::{
     AcquireCommand, AcquireOutcome, CompleteCommand, GetCommand, Lease, LeaseRejection, Record,
     ReleaseCommand, RenewCommand, WaitCommand, WaitOutcome,
@@ -25,6 +29,9 @@ pub enum StoreError {
     FingerprintMismatch,
     #[error("{}", rejection_message(*.0))]
     Rejected(LeaseRejection),
+    /// An admin change refused by the record's state.
+    #[error("{}", admin_rejection_message(*.0))]
+    AdminRejected(AdminRejection),
     /// The database cannot be reached or did not answer in time; the caller may retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -47,6 +54,24 @@ fn rejection_message(rejection: LeaseRejection) -> &'static str {
             "the lease token is not the key's current lease (it was taken over, released or never issued)"
         }
         LeaseRejection::RecordCompleted => "the record is already completed",
+    }
+}
+
+fn admin_rejection_message(rejection: AdminRejection) -> &'static str {
+    match rejection {
+        AdminRejection::NotFound => "no live record for this namespace and key",
+        AdminRejection::StaleRecord => {
+            "the record's fencing token is not the expected one: it changed since it was read; nothing was changed"
+        }
+        AdminRejection::RecordCompleted => {
+            "the record is completed: only an in-progress record has a lease to release"
+        }
+    }
+}
+
+impl From<AdminRejection> for StoreError {
+    fn from(rejection: AdminRejection) -> Self {
+        StoreError::AdminRejected(rejection)
     }
 }
 
@@ -111,4 +136,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ok when the store can serve requests (reachable, schema current).
     fn check_ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The operators' view of a store: listings, counts, and changes that are audited. Every change
+/// writes its audit entry atomically with the change (one transaction on PostgreSQL, one lock on
+/// the memory store). Both stores run the admin cases of the conformance suite
+/// (`tests/suite/admin.rs`).
+pub trait AdminStore: Send + Sync + 'static {
+    /// A page of a namespace's live records matching a filter, newest first.
+    fn list_records(
+        &self,
+        query: ListRecordsQuery,
+    ) -> impl Future<Output = Result<RecordPage, StoreError>> + Send;
+
+    /// A summary of every namespace with live records, ordered by name.
+    fn list_namespaces(
+        &self,
+    ) -> impl Future<Output = Result<Vec<NamespaceSummary>, StoreError>> + Send;
+
+    /// Per-minute counts of a namespace over `window` ending now, every minute present.
+    fn namespace_stats(
+        &self,
+        namespace: crate::domain::Namespace,
+        window: std::time::Duration,
+    ) -> impl Future<Output = Result<Vec<MinuteCounts>, StoreError>> + Send;
+
+    /// Deletes a live record; returns it as it was. On return no replica answers from a cache
+    /// as if it still existed.
+    fn purge_record(
+        &self,
+        change: RecordChange,
+    ) -> impl Future<Output = Result<Record, StoreError>> + Send;
+
+    /// Ends an in-progress record's lease now; returns the record after the change.
+    fn force_release(
+        &self,
+        change: RecordChange,
+    ) -> impl Future<Output = Result<Record, StoreError>> + Send;
+
+    /// Counts (dry run) or deletes at most `limit` records matching the filter.
+    fn purge_records(
+        &self,
+        purge: BulkPurge,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A page of a namespace's audit entries, newest first.
+    fn list_audit(
+        &self,
+        query: ListAuditQuery,
+    ) -> impl Future<Output = Result<AuditPage, StoreError>> + Send;
 }

@@ -345,30 +345,23 @@ pub fn remote_parent(headers: &HeaderMap) -> Option<opentelemetry::Context> {
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// The gRPC service whose calls are traced, as `rpc.service` names it.
-const SERVICE: &str = "idempotency.v1.IdempotencyService";
-
 /// Makes an RPC's `rpc` span an OpenTelemetry server span: the caller's context (if it sent one)
 /// is its parent, it carries the gRPC attributes, and its trace id goes into the log span as
 /// `trace_id`, so log lines and traces meet. Call only when [`enabled`], before the span is
-/// entered. `path` is the span's name, `/`-free: `idempotency.v1.IdempotencyService/Acquire`.
-pub fn begin_rpc(
-    span: &tracing::Span,
-    path: &'static str,
-    method: &'static str,
-    headers: &HeaderMap,
-) {
+/// entered. The span's name is the RPC's path without its leading `/`
+/// (`idempotency.v1.IdempotencyService/Acquire`).
+pub fn begin_rpc(span: &tracing::Span, rpc: crate::auth::Rpc, headers: &HeaderMap) {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    span.record("otel.name", path);
+    span.record("otel.name", rpc.path());
     span.record("otel.kind", "server");
     if let Some(parent) = remote_parent(headers) {
         // Fails only for a span the trace layer does not see (none when traces are on).
         let _ = span.set_parent(parent);
     }
     span.set_attribute("rpc.system", "grpc");
-    span.set_attribute("rpc.service", SERVICE);
-    span.set_attribute("rpc.method", method);
+    span.set_attribute("rpc.service", rpc.service());
+    span.set_attribute("rpc.method", rpc.name());
     let context = span.context();
     let trace_id = context.span().span_context().trace_id();
     if trace_id != opentelemetry::trace::TraceId::INVALID {

@@ -45,10 +45,25 @@ fn walkthrough(server: &IdemdProcess) {
         "\"body\": \"eyJjaGFyZ2UiOiJjaF8xIn0=\"",
         "\"content-type\": \"application/json\"",
         "\"status\": \"SERVING\"",
+        "idempotency.admin.v1.AdminService",
+        "\"namespace\": \"payments\"",
+        "\"completed\": \"1\"",
+        "\"action\": \"AUDIT_ACTION_PURGE_RECORD\"",
+        "\"reason\": \"support ticket 1234: customer asked to retry\"",
+        "\"stateBefore\": \"RECORD_STATE_COMPLETED\"",
     ] {
         assert!(stdout.contains(expected), "walkthrough output lacks {expected}:\n{stdout}");
     }
     assert!(stdout.contains(&key));
+    // After the purge the key is new again: the walkthrough's last Acquire gets it.
+    let after_purge = stdout
+        .rsplit("idempotency.v1.IdempotencyService/Acquire")
+        .next()
+        .unwrap_or_default();
+    assert!(
+        after_purge.contains("\"outcome\": \"OUTCOME_ACQUIRED\""),
+        "the Acquire after the purge did not get the key:\n{after_purge}"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@ use idemd::proto::idempotency::v1 as pb;
 use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
 use idemd::server::{ServeError, ServerSettings};
 use idemd::store::postgres::{migrate, PostgresConfig};
-use idemd::store::{MemoryStore, PostgresStore, Store};
+use idemd::store::{AdminStore, MemoryStore, PostgresStore, Store};
 use prost::bytes::{Buf, BufMut};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -20,6 +20,8 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 pub type Client = IdempotencyServiceClient<Channel>;
+pub type AdminClient =
+    idemd::proto::idempotency::admin::v1::admin_service_client::AdminServiceClient<Channel>;
 
 /// Logs are silent unless TEST_LOG is set (to a filter, e.g. `debug`).
 pub fn init_logs() {
@@ -178,7 +180,7 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    pub async fn start<S: Store>(store: Arc<S>, settings: ServerSettings) -> Self {
+    pub async fn start<S: Store + AdminStore>(store: Arc<S>, settings: ServerSettings) -> Self {
         init_logs();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
@@ -235,6 +237,10 @@ impl TestServer {
         IdempotencyServiceClient::connect(format!("http://{}", self.addr))
             .await
             .expect("connect to test server")
+    }
+
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::new(self.channel().await)
     }
 
     pub async fn channel(&self) -> Channel {

@@ -1,12 +1,15 @@
 //! idemd's integration suite: real gRPC on 127.0.0.1, real PostgreSQL (a fresh database per
 //! test on the shared server, or a throwaway cluster for outage tests).
 
+mod admin;
+mod admin_auth;
 mod behaviour;
 mod chaos;
 mod client;
 mod clients;
 mod concurrency;
 mod conformance;
+mod console;
 mod deploy;
 mod durability;
 mod fake_idemd;

@@ -38,6 +38,7 @@ fn version_and_help() {
         "IDEMD_LISTEN",
         "IDEMD_DEFAULT_LEASE_TTL",
         "IDEMD_MAX_RETENTION",
+        "IDEMD_CONSOLE_LISTEN",
         "[default: 127.0.0.1:50051]",
     ] {
         assert!(
@@ -60,6 +61,14 @@ fn invalid_settings_exit_nonzero_naming_the_setting() {
             "--min-lease-ttl",
         ),
         (&["serve", "--listen", "not-an-address"], "--listen"),
+        (
+            &["serve", "--console-listen", "not-an-address"],
+            "--console-listen",
+        ),
+        (
+            &["serve", "--console-listen", "127.0.0.1:0", "--console-tls"],
+            "--tls-cert",
+        ),
         (&["serve", "--reaper-interval", "soon"], "--reaper-interval"),
         (
             &["serve", "--database-url", "postgres://[bad"],

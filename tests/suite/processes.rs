@@ -189,9 +189,21 @@ impl Cluster {
                 .split_whitespace()
                 .map(str::to_string),
         );
-        let mut kill = Command::new("kill");
-        kill.arg(format!("-{signal}")).args(&pids);
-        run(kill, "signal postgres processes");
+        let output = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .output()
+            .expect("kill");
+        // kill signals every pid it can; a backend that exited between pgrep and kill (a
+        // connection refused while the server starts up, say) is the only failure allowed.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success()
+                || stderr
+                    .lines()
+                    .all(|line| line.trim().is_empty() || line.contains("No such process")),
+            "signal postgres processes failed: {stderr}"
+        );
         pids
     }
 
@@ -339,6 +351,29 @@ impl IdemdProcess {
         })
         .await;
         health_addr.expect("health address")
+    }
+
+    /// The address of the web console (started with `--console-listen`), once idemd has
+    /// announced it.
+    pub async fn console_addr(&self) -> SocketAddr {
+        let mut console_addr = None;
+        crate::harness::eventually(
+            Duration::from_secs(10),
+            "console listener announced",
+            || {
+                console_addr = self
+                    .logs()
+                    .iter()
+                    .find_map(|line| address_after(line, "serving the web console on "));
+                let found = console_addr.is_some();
+                async move { found }
+            },
+        )
+        .await;
+        console_addr
+            .expect("console address")
+            .parse()
+            .expect("console address parses")
     }
 
     pub fn pid(&self) -> u32 {

@@ -51,6 +51,13 @@ pub mod proto {
             #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
             tonic::include_proto!("idempotency.v1");
         }
+        /// The operators' admin API (`idempotency.admin.v1.AdminService`), for scripts and tools.
+        pub mod admin {
+            pub mod v1 {
+                #![allow(clippy::doc_lazy_continuation, clippy::doc_overindented_list_items)]
+                tonic::include_proto!("idempotency.admin.v1");
+            }
+        }
     }
 }
 

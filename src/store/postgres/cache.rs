@@ -10,9 +10,15 @@
 //! that carries `now()`, measured so that it over-estimates the database's clock (the statement
 //! started after it was sent), and adds a margin. Until it has seen the database's clock once, it
 //! answers nothing. Erring, it treats a record as expired a little early and asks the database.
+//!
+//! The one exception to "a completed record never changes" is the admin API's purge, which
+//! deletes a record early. Every replica then drops it from its cache (see `super::listener` and
+//! `super::admin`), and a read that was under way while it did so must not put the record back:
+//! each read takes the cache's `generation` before asking the database, and `remember` undoes its
+//! insert if an invalidation happened since.
 
 use std::{
-    sync::atomic::{AtomicBool, AtomicI64, Ordering},
+    sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -85,6 +91,8 @@ impl DbClock {
 pub struct CompletedRecords {
     records: Option<Cache<String, Record, RecordWeight>>,
     pub clock: DbClock,
+    /// Bumped by every invalidation, before it removes anything.
+    generation: AtomicU64,
 }
 
 fn cache_key(namespace: &str, key: &str) -> String {
@@ -102,19 +110,51 @@ impl CompletedRecords {
         Self {
             records,
             clock: DbClock::default(),
+            generation: AtomicU64::new(0),
         }
     }
 
-    /// Remembers `record` if it is completed.
-    pub fn remember(&self, record: &Record) {
+    /// Whether the cache is on.
+    pub fn enabled(&self) -> bool {
+        self.records.is_some()
+    }
+
+    /// Take this before reading a record from the database, and give it to `remember`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Remembers `record` if it is completed, unless an invalidation happened since `generation`
+    /// was taken (the record may have been purged after it was read). Insert first, check after:
+    /// an invalidation either removes the entry after the insert, or bumped the generation
+    /// before the check, which then removes it.
+    pub fn remember(&self, record: &Record, generation: u64) {
         let Some(records) = &self.records else {
             return;
         };
-        if record.state == RecordState::Completed {
-            records.insert(
-                cache_key(record.namespace.as_str(), record.key.as_str()),
-                record.clone(),
-            );
+        if record.state != RecordState::Completed {
+            return;
+        }
+        let cache_key = cache_key(record.namespace.as_str(), record.key.as_str());
+        records.insert(cache_key.clone(), record.clone());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            records.remove(&cache_key);
+        }
+    }
+
+    /// Drops (namespace, key): it was purged.
+    pub fn forget(&self, namespace: &str, key: &str) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(records) = &self.records {
+            records.remove(&cache_key(namespace, key));
+        }
+    }
+
+    /// Drops every record: many were purged, or invalidations may have been missed.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(records) = &self.records {
+            records.clear();
         }
     }
 

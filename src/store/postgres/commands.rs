@@ -84,6 +84,7 @@ pub async fn acquire(
     let holder = command.holder.as_str();
     for _ in 0..MAX_DECISION_ROUNDS {
         let sent = SystemTime::now();
+        let generation = completed.generation();
         let rows = client
             .query(
                 &insert,
@@ -119,11 +120,11 @@ pub async fn acquire(
         completed.clock.observe(sent, now);
         let replace = match decide_acquire(Some(&record), &command.fingerprint, now) {
             AcquireDecision::FingerprintMismatch => {
-                completed.remember(&record);
+                completed.remember(&record, generation);
                 return Err(StoreError::FingerprintMismatch);
             }
             AcquireDecision::Completed => {
-                completed.remember(&record);
+                completed.remember(&record, generation);
                 return Ok(AcquireOutcome::Completed { record });
             }
             AcquireDecision::InProgress { retry_after } => {
@@ -289,12 +290,13 @@ pub async fn get(
     completed: &CompletedRecords,
 ) -> Result<Record, StoreError> {
     let sent = SystemTime::now();
+    let generation = completed.generation();
     let (record, now) = fetch(client, command.namespace.as_str(), command.key.as_str()).await?;
     completed.clock.observe(sent, now);
     let record = record
         .filter(|record| record.is_live(now))
         .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
-    completed.remember(&record);
+    completed.remember(&record, generation);
     Ok(record)
 }
 

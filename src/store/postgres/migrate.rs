@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "drop_expires_at_index",
         sql: include_str!("../../../migrations/0004_drop_expires_at_index.sql"),
     },
+    Migration {
+        version: 5,
+        name: "admin",
+        sql: include_str!("../../../migrations/0005_admin.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

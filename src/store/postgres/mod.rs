@@ -6,9 +6,10 @@
 //! `config` (settings), `connection` (the pool, and one command's connection within its time
 //! budget), `commands` (the SQL-running code of each command), `sql` (every SQL text), `batch`
 //! (Acquires and Completes sharing statements), `cache` (completed records for replays),
-//! `listener` (LISTEN/NOTIFY for Waits), `reaper`, `stats`, `migrate` (the schema), `row`
+//! `listener` (LISTEN/NOTIFY for Waits and cache invalidation), `admin` (the admin API), `reaper`, `stats`, `migrate` (the schema), `row`
 //! (rows to records), `errors` (driver errors to `StoreError`) and `tls`.
 
+mod admin;
 mod batch;
 mod cache;
 mod commands;
@@ -43,7 +44,11 @@ use self::cache::CompletedRecords;
 use self::commands::{Acquires, Completes};
 use self::connection::Connections;
 use super::waiters::{self, Waiters};
-use super::{Store, StoreError};
+use super::{AdminStore, Store, StoreError};
+use crate::domain::admin::{
+    AuditAction, AuditPage, BulkPurge, ListAuditQuery, ListRecordsQuery, MinuteCounts,
+    NamespaceSummary, RecordChange, RecordPage,
+};
 use crate::domain::{
     decide_acquire, AcquireCommand, AcquireDecision, AcquireOutcome, CompleteCommand, GetCommand,
     Lease, Record, ReleaseCommand, RenewCommand, WaitCommand, WaitOutcome,
@@ -89,8 +94,13 @@ pub struct PostgresStore {
     waiters: Arc<Waiters>,
     /// Whether the LISTEN connection is up (else Waits poll faster).
     listening: Arc<AtomicBool>,
-    /// Starts the LISTEN connection on the first Wait.
+    /// Starts the LISTEN connection: at start when the replay cache is on (it must hear of
+    /// purges), else on the first Wait or admin change.
     listener_started: Arc<std::sync::Once>,
+    /// Acknowledgements of this replica's cache invalidations (see `admin`).
+    acks: Arc<listener::Acks>,
+    /// Notified each time the LISTEN connection starts listening.
+    listener_up: Arc<tokio::sync::Notify>,
     wait_poll: Duration,
     /// Acquires and Completes go through these when batching is on (see `batch`).
     batchers: Option<Arc<Batchers>>,
@@ -144,19 +154,27 @@ impl PostgresStore {
                 )),
             })
         });
-        Ok(Self {
+        let store = Self {
             connections,
             tls,
             driver_config,
             waiters: Arc::default(),
             listening: Arc::default(),
             listener_started: Arc::new(std::sync::Once::new()),
+            acks: Arc::default(),
+            listener_up: Arc::default(),
             wait_poll: config.wait_poll,
             batchers,
             insert_races,
             reap_cursor: Arc::default(),
             completed,
-        })
+        };
+        // A cache that does not hear of purges could replay a purged record. Outside a runtime
+        // (a tool building the store) the listener starts with the first command instead.
+        if store.completed.enabled() && tokio::runtime::Handle::try_current().is_ok() {
+            store.start_listener();
+        }
+        Ok(store)
     }
 
     /// The pool, for metrics and shutdown.
@@ -187,11 +205,17 @@ impl PostgresStore {
 
     fn start_listener(&self) {
         self.listener_started.call_once(|| {
+            let listened = listener::Listened {
+                waiters: self.waiters.clone(),
+                completed: self.completed.clone(),
+                acks: self.acks.clone(),
+                listening: self.listening.clone(),
+                up: self.listener_up.clone(),
+            };
             tokio::spawn(listener::run(
                 self.driver_config.clone(),
                 self.tls.clone(),
-                self.waiters.clone(),
-                self.listening.clone(),
+                Arc::new(listened),
             ));
         });
     }
@@ -231,6 +255,9 @@ impl Store for PostgresStore {
         deadline: Option<Instant>,
     ) -> Result<AcquireOutcome, StoreError> {
         let span = store_span!("postgresql acquire", "acquire");
+        if self.completed.enabled() {
+            self.start_listener();
+        }
         // A replay of a record completed and still live: the database would answer the same.
         if let Some((record, now)) = self.completed.live(&command.namespace, &command.key) {
             match decide_acquire(Some(&record), &command.fingerprint, now) {
@@ -268,6 +295,7 @@ impl Store for PostgresStore {
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
         let span = store_span!("postgresql complete", "complete");
+        let generation = self.completed.generation();
         let record = async {
             match &self.batchers {
                 Some(batchers) => batchers.completes.run(command, deadline).await,
@@ -282,7 +310,7 @@ impl Store for PostgresStore {
         }
         .instrument(span)
         .await?;
-        self.completed.remember(&record);
+        self.completed.remember(&record, generation);
         Ok(record)
     }
 
@@ -360,6 +388,134 @@ impl Store for PostgresStore {
     async fn check_ready(&self) -> Result<(), StoreError> {
         self.connections
             .run(None, async |client| migrate::check_schema(client).await)
+            .await
+    }
+}
+
+impl PostgresStore {
+    /// Starts this replica's listener and waits (at most `admin::ACK_LIMIT`) until it listens:
+    /// the acknowledgements of a purge arrive through it. Without it they would all be missed,
+    /// and every other replica's listener cut off as silent.
+    async fn ensure_listening(&self) {
+        self.start_listener();
+        let up = self.listener_up.notified();
+        tokio::pin!(up);
+        up.as_mut().enable();
+        if self.listening.load(Ordering::SeqCst) {
+            return;
+        }
+        if tokio::time::timeout(admin::ACK_LIMIT, up).await.is_err() {
+            tracing::warn!("this replica's LISTEN connection is down: a purge cannot hear the other replicas acknowledge, and will end their listeners' sessions");
+        }
+    }
+
+    /// Returns once every replica's listener dropped what invalidation `id` names from its cache
+    /// (see `admin` for why and how), or had its session ended for not answering in time.
+    async fn await_invalidation(&self, expected: listener::Expected) {
+        let id = expected.id;
+        let sessions = self
+            .connections
+            .run(None, async |client| admin::listener_sessions(client).await)
+            .await;
+        let sessions = match sessions {
+            Ok(sessions) => sessions,
+            Err(error) => {
+                tracing::error!(%error, audit_id = id, "cannot list the replicas' listeners after a purge: their caches may answer the purged records until their listeners reconnect");
+                return;
+            }
+        };
+        let silent = self.acks.wait(id, &sessions, admin::ACK_LIMIT).await;
+        drop(expected);
+        if silent.is_empty() {
+            return;
+        }
+        tracing::warn!(?silent, audit_id = id, "replica listeners did not acknowledge a purge in time; ending their sessions so their caches are emptied");
+        let ended = self
+            .connections
+            .run(None, async |client| {
+                admin::terminate_listeners(client, &silent).await
+            })
+            .await;
+        if let Err(error) = ended {
+            tracing::error!(%error, "cannot end the silent listeners' sessions");
+        }
+    }
+}
+
+impl AdminStore for PostgresStore {
+    async fn list_records(&self, query: ListRecordsQuery) -> Result<RecordPage, StoreError> {
+        self.connections
+            .run(None, async |client| {
+                admin::list_records(client, &query).await
+            })
+            .await
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<NamespaceSummary>, StoreError> {
+        self.connections
+            .run(None, async |client| admin::list_namespaces(client).await)
+            .await
+    }
+
+    async fn namespace_stats(
+        &self,
+        namespace: crate::domain::Namespace,
+        window: Duration,
+    ) -> Result<Vec<MinuteCounts>, StoreError> {
+        self.connections
+            .run(None, async |client| {
+                admin::namespace_stats(client, &namespace, window).await
+            })
+            .await
+    }
+
+    async fn purge_record(&self, change: RecordChange) -> Result<Record, StoreError> {
+        self.ensure_listening().await;
+        let (record, invalidation) = self
+            .connections
+            .run(None, async |client| {
+                admin::change_record(client, &change, AuditAction::PurgeRecord, &self.acks).await
+            })
+            .await?;
+        // Its own cache at once, whether or not its listener is up.
+        self.completed
+            .forget(change.namespace.as_str(), change.key.as_str());
+        if let Some(expected) = invalidation {
+            self.await_invalidation(expected).await;
+        }
+        Ok(record)
+    }
+
+    async fn force_release(&self, change: RecordChange) -> Result<Record, StoreError> {
+        let (record, _) = self
+            .connections
+            .run(None, async |client| {
+                admin::change_record(client, &change, AuditAction::ForceRelease, &self.acks).await
+            })
+            .await?;
+        Ok(record)
+    }
+
+    async fn purge_records(&self, purge: BulkPurge) -> Result<u64, StoreError> {
+        if !purge.dry_run {
+            self.ensure_listening().await;
+        }
+        let (count, invalidation) = self
+            .connections
+            .run(None, async |client| {
+                admin::purge_records(client, &purge, &self.acks).await
+            })
+            .await?;
+        if let Some(expected) = invalidation {
+            self.completed.clear();
+            self.await_invalidation(expected).await;
+        }
+        Ok(count)
+    }
+
+    async fn list_audit(&self, query: ListAuditQuery) -> Result<AuditPage, StoreError> {
+        self.connections
+            .run(None, async |client| admin::list_audit(client, &query).await)
             .await
     }
 }

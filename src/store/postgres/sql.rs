@@ -35,9 +35,6 @@ macro_rules! notify_waiters {
     };
 }
 
-/// Subscribes the listener's connection to record changes (see `super::listener`).
-pub const LISTEN_CHANGES: &str = concat!("LISTEN ", changes_channel!());
-
 /// The database's time, when there is no row to read it from.
 pub const DB_NOW: &str = "SELECT now()";
 
@@ -256,3 +253,193 @@ pub const ACQUIRE_BATCH: &str = concat!(
 pub const COMPLETE_BATCH: &str = "SELECT * FROM idemd_complete_batch($1::text[], $2::text[], \
     $3::bytea[], $4::bytea[], $5::int4[], $6::text[], $7::text[], $8::int4[], $9::int4[], \
     $10::int8[])";
+
+// ---- The admin API (see `super::admin`) ----
+
+/// The channel that tells every replica to drop a purged record from its replay cache. Payload:
+/// `<audit id> <namespace>/<key>`, or `<audit id> *` for every record (a bulk purge).
+macro_rules! invalidate_channel {
+    () => {
+        "idemd_invalidate"
+    };
+}
+
+/// The channel on which each replica's listener acknowledges an invalidation it applied.
+/// Payload: `<audit id>`; the notification's process id names the listener's session.
+macro_rules! invalidated_channel {
+    () => {
+        "idemd_invalidated"
+    };
+}
+
+/// Subscribes the listener's connection to record changes, invalidations and their
+/// acknowledgements (see `super::listener`).
+pub const LISTEN_ALL: &str = concat!(
+    "LISTEN ",
+    changes_channel!(),
+    "; LISTEN ",
+    invalidate_channel!(),
+    "; LISTEN ",
+    invalidated_channel!()
+);
+
+/// The channel names, for the listener's dispatch.
+pub const CHANGES_CHANNEL: &str = changes_channel!();
+pub const INVALIDATE_CHANNEL: &str = invalidate_channel!();
+pub const INVALIDATED_CHANNEL: &str = invalidated_channel!();
+
+/// `application_name` of a listener session once it listens: how a purging replica finds the
+/// sessions whose acknowledgements it waits for.
+pub const LISTENER_APPLICATION_NAME: &str = "idemd-listener";
+
+/// Names the listener's session as listening (after its LISTEN succeeded).
+pub const MARK_LISTENING: &str = "SET application_name = 'idemd-listener'";
+
+/// Sends an invalidation, delivered at commit. $1 payload.
+pub const NOTIFY_INVALIDATE: &str = concat!("SELECT pg_notify('", invalidate_channel!(), "', $1)");
+
+/// Acknowledges an invalidation. $1 the audit id as text.
+pub const NOTIFY_INVALIDATED: &str =
+    concat!("SELECT pg_notify('", invalidated_channel!(), "', $1)");
+
+/// Wakes every replica's Waits on one key, delivered at commit. $1 namespace, $2 key.
+pub const NOTIFY_CHANGED: &str = concat!(
+    "SELECT pg_notify('",
+    changes_channel!(),
+    "', $1::text || '/' || $2::text)"
+);
+
+/// The listener sessions of this database (see `LISTENER_APPLICATION_NAME`).
+pub const LISTENER_SESSIONS: &str = "SELECT pid FROM pg_stat_activity
+    WHERE datname = current_database() AND application_name = $1";
+
+/// Ends a listener session that did not acknowledge an invalidation in time: its replica stops
+/// answering from its cache until it listens again, and then starts with an empty cache. $1 pid.
+pub const TERMINATE_LISTENER: &str = "SELECT pg_terminate_backend($1)";
+
+/// The record filter of ListRecords and PurgeRecords, the SQL image of
+/// `domain::admin::RecordFilter::matches` on live records: $1 namespace, $2 states (smallint[],
+/// empty: all), $3 key prefix, $4 holder (NULL: any), $5 stuck only, $6 created after (NULL:
+/// unbounded), $7 created before (NULL: unbounded).
+macro_rules! record_filter {
+    () => {
+        "namespace = $1 AND expires_at > now()
+        AND (cardinality($2::smallint[]) = 0 OR state = ANY($2::smallint[]))
+        AND starts_with(key, $3::text)
+        AND ($4::text IS NULL OR holder = $4::text)
+        AND (NOT $5::boolean OR (state = 1 AND NOT released AND lease_expires_at <= now()))
+        AND ($6::timestamptz IS NULL OR created_at > $6::timestamptz)
+        AND ($7::timestamptz IS NULL OR created_at < $7::timestamptz)"
+    };
+}
+
+/// The first page of ListRecords in the order (created_at descending, key ascending byte-wise),
+/// at most $8 rows. The index `idemd_records_namespace_created` (migration 0005) serves the order.
+pub const LIST_RECORDS_FIRST: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM idemd_records WHERE ",
+    record_filter!(),
+    " ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+);
+
+/// A later page of ListRecords: the rows after the position ($9 created_at, $10 key), at most $8.
+/// `created_at <= $9` is written out on its own so that the index scan starts at the position
+/// instead of filtering every row of the earlier pages again.
+pub const LIST_RECORDS_AFTER: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM idemd_records WHERE ",
+    record_filter!(),
+    " AND created_at <= $9::timestamptz
+        AND (created_at < $9::timestamptz OR key COLLATE \"C\" > $10::text)
+    ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+);
+
+/// A dry run of PurgeRecords: how many records match, up to $8.
+pub const COUNT_MATCHING: &str = concat!(
+    "SELECT count(*) FROM (SELECT 1 FROM idemd_records WHERE ",
+    record_filter!(),
+    " LIMIT $8) AS matching"
+);
+
+/// PurgeRecords: deletes up to $8 matching records (re-checked on the version it deletes), waking
+/// their Waits. Returns one row per deleted record.
+pub const PURGE_MATCHING: &str = concat!(
+    "WITH doomed AS (
+        SELECT namespace, key FROM idemd_records WHERE ",
+    record_filter!(),
+    " LIMIT $8 FOR UPDATE
+    )
+    DELETE FROM idemd_records AS r USING doomed AS d
+    WHERE r.namespace = d.namespace AND r.key = d.key
+    RETURNING ",
+    "CASE WHEN r.has_waiters THEN pg_notify('",
+    changes_channel!(),
+    "', r.namespace || '/' || r.key) END"
+);
+
+/// One record, locked for an admin change, with the database time. $1 namespace, $2 key.
+pub const LOCK_RECORD: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    ", now() AS db_now FROM idemd_records WHERE namespace = $1 AND key = $2 FOR UPDATE"
+);
+
+/// PurgeRecord, after `LOCK_RECORD` and the domain's decision. $1 namespace, $2 key.
+pub const DELETE_RECORD: &str = "DELETE FROM idemd_records WHERE namespace = $1 AND key = $2";
+
+/// ForceRelease, after `LOCK_RECORD` and the domain's decision: the lease ends now, as a Release
+/// would end it, so the holder's token no longer completes or renews, and the next Acquire takes
+/// the key over with a new fencing token. $1 namespace, $2 key.
+pub const FORCE_RELEASE: &str = concat!(
+    "UPDATE idemd_records SET
+        released = true, lease_expires_at = now(),
+        expires_at = now() + retention_us * interval '1 microsecond',
+        revision = revision + 1
+    WHERE namespace = $1 AND key = $2
+    RETURNING ",
+    record_columns!()
+);
+
+/// Writes an audit entry in the change's transaction. $1 caller, $2 action, $3 namespace, $4 key,
+/// $5 filter, $6 reason, $7 count, $8 state before, $9 fencing token before. Returns its id and
+/// time.
+pub const INSERT_AUDIT: &str = "INSERT INTO idemd_audit (caller, action, namespace, key, filter,
+        reason, count, state_before, fencing_token_before)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    RETURNING id, at";
+
+/// A page of a namespace's audit entries, newest first: $1 namespace, $2 only ids below (NULL:
+/// from the newest), $3 at most this many.
+pub const LIST_AUDIT: &str = "SELECT id, at, caller, action, namespace, key, filter, reason, count,
+        state_before, fencing_token_before
+    FROM idemd_audit WHERE namespace = $1 AND ($2::bigint IS NULL OR id < $2::bigint)
+    ORDER BY namespace, id DESC LIMIT $3";
+
+/// ListNamespaces: every namespace with live records, counted by state, byte-wise by name.
+pub const LIST_NAMESPACES: &str = "SELECT namespace,
+        count(*) FILTER (WHERE state = 1),
+        count(*) FILTER (WHERE state = 2),
+        count(*) FILTER (WHERE state = 1 AND NOT released AND lease_expires_at <= now()),
+        min(created_at) FILTER (WHERE state = 1)
+    FROM idemd_records WHERE expires_at > now()
+    GROUP BY namespace ORDER BY namespace COLLATE \"C\"";
+
+/// GetNamespaceStats: per-minute (UTC) counts of a namespace's live records over the $2 µs
+/// before now: kind 1 rows count records created (and of those, taken over since), kind 2 rows
+/// records completed. The database's time comes last on every row.
+pub const NAMESPACE_STATS: &str =
+    "SELECT 1::smallint, date_trunc('minute', created_at AT TIME ZONE 'UTC')
+            AT TIME ZONE 'UTC', count(*), count(*) FILTER (WHERE attempts > 1)
+        FROM idemd_records
+        WHERE namespace = $1 AND expires_at > now()
+            AND created_at >= now() - $2::bigint * interval '1 microsecond'
+        GROUP BY 2
+    UNION ALL
+    SELECT 2::smallint, date_trunc('minute', completed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
+            count(*), 0
+        FROM idemd_records
+        WHERE namespace = $1 AND state = 2 AND expires_at > now()
+            AND completed_at >= now() - $2::bigint * interval '1 microsecond'
+        GROUP BY 2";
