@@ -8,6 +8,7 @@ mod concurrency;
 mod conformance;
 mod deploy;
 mod durability;
+mod failover;
 mod faults;
 mod fuzzing;
 mod grpcurl;

@@ -61,7 +61,11 @@ impl PostgresConfig {
             config.application_name("idemd");
         }
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(self.connect_timeout);
+            // The driver applies its connect timeout to each host of a multi-host URL in turn,
+            // while the pool bounds the whole attempt by `connect_timeout`: each host gets its
+            // share, so a black-holed first host still leaves time to reach the next.
+            let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+            config.connect_timeout(self.connect_timeout / hosts);
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
