@@ -13,7 +13,8 @@
 
 use std::{
     sync::atomic::{AtomicBool, AtomicI64, Ordering},
-    time::{Duration, SystemTime},
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
 };
 
 use quick_cache::{sync::Cache, Weighter};
@@ -85,6 +86,13 @@ impl DbClock {
 pub struct CompletedRecords {
     records: Option<Cache<String, Record, RecordWeight>>,
     pub clock: DbClock,
+    /// Records read on connections opened before this are not kept: they may come from a
+    /// server that is no longer the primary (see `super::identity`).
+    trusted_since: Mutex<Option<Instant>>,
+    /// Whether the cache answers: not before a connection has told which server it reached,
+    /// nor between a failed connection and the next one's report (the server may have changed
+    /// meanwhile: a failover starts with connection errors).
+    answering: AtomicBool,
 }
 
 fn cache_key(namespace: &str, key: &str) -> String {
@@ -102,15 +110,34 @@ impl CompletedRecords {
         Self {
             records,
             clock: DbClock::default(),
+            trusted_since: Mutex::new(None),
+            answering: AtomicBool::new(false),
         }
     }
 
-    /// Remembers `record` if it is completed.
-    pub fn remember(&self, record: &Record) {
+    /// Stops answering until `confirm`: a connection failed, and the server may be changing.
+    pub fn suspend(&self) {
+        self.answering.store(false, Ordering::SeqCst);
+    }
+
+    /// A new connection reached the server the cached records came from (or the cache was
+    /// emptied for a new one): answer again.
+    pub fn confirm(&self) {
+        self.answering.store(true, Ordering::SeqCst);
+    }
+
+    /// Remembers `record`, read or written on a connection opened at `connected`, if it is
+    /// completed and that connection reaches the current server.
+    pub fn remember(&self, record: &Record, connected: Instant) {
         let Some(records) = &self.records else {
             return;
         };
-        if record.state == RecordState::Completed {
+        if record.state != RecordState::Completed {
+            return;
+        }
+        // Held while inserting: `forget_before` cannot clear between the check and the insert.
+        let trusted_since = self.trusted_since.lock().unwrap_or_else(|p| p.into_inner());
+        if trusted_since.is_none_or(|since| connected >= since) {
             records.insert(
                 cache_key(record.namespace.as_str(), record.key.as_str()),
                 record.clone(),
@@ -118,10 +145,25 @@ impl CompletedRecords {
         }
     }
 
+    /// Forgets every record, and from now on keeps only records from connections opened at or
+    /// after `connected`: the database server changed, and the new one may lack what the old one
+    /// had (asynchronous replication loses its tail in a failover).
+    pub fn forget_before(&self, connected: Instant) {
+        let mut trusted_since = self.trusted_since.lock().unwrap_or_else(|p| p.into_inner());
+        *trusted_since = Some(trusted_since.map_or(connected, |since| since.max(connected)));
+        if let Some(records) = &self.records {
+            records.clear();
+        }
+        drop(trusted_since);
+    }
+
     /// The completed record of (namespace, key), if cached and certainly still live by the
     /// database's clock; the time returned is no earlier than the database's now.
     pub fn live(&self, namespace: &Namespace, key: &Key) -> Option<(Record, SystemTime)> {
         let records = self.records.as_ref()?;
+        if !self.answering.load(Ordering::SeqCst) {
+            return None;
+        }
         let now = self.clock.now_at_least()?;
         let cache_key = cache_key(namespace.as_str(), key.as_str());
         let record = records.get(&cache_key)?;

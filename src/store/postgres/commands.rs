@@ -17,6 +17,7 @@ use tokio_postgres::{error::SqlState, types::ToSql, Row};
 use super::batch::Batched;
 use super::cache::CompletedRecords;
 use super::errors::from_db;
+use super::identity;
 use super::row::{db_now, micros, record_from_row};
 use super::sql;
 use crate::domain::{
@@ -119,11 +120,11 @@ pub async fn acquire(
         completed.clock.observe(sent, now);
         let replace = match decide_acquire(Some(&record), &command.fingerprint, now) {
             AcquireDecision::FingerprintMismatch => {
-                completed.remember(&record);
+                completed.remember(&record, identity::created(client));
                 return Err(StoreError::FingerprintMismatch);
             }
             AcquireDecision::Completed => {
-                completed.remember(&record);
+                completed.remember(&record, identity::created(client));
                 return Ok(AcquireOutcome::Completed { record });
             }
             AcquireDecision::InProgress { retry_after } => {
@@ -294,7 +295,7 @@ pub async fn get(
     let record = record
         .filter(|record| record.is_live(now))
         .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
-    completed.remember(&record);
+    completed.remember(&record, identity::created(client));
     Ok(record)
 }
 
@@ -413,7 +414,10 @@ impl Batched for Acquires {
 }
 
 /// Completes as the batcher runs them: `complete` alone, or many in one statement.
-pub struct Completes;
+pub struct Completes {
+    /// The replay cache every completed record goes into.
+    pub completed: Arc<CompletedRecords>,
+}
 
 impl Batched for Completes {
     type Command = CompleteCommand;
@@ -425,7 +429,9 @@ impl Batched for Completes {
     }
 
     async fn one(&self, command: &CompleteCommand, client: &Object) -> Result<Record, StoreError> {
-        complete(client, command).await
+        let record = complete(client, command).await?;
+        self.completed.remember(&record, identity::created(client));
+        Ok(record)
     }
 
     async fn many(
@@ -482,7 +488,9 @@ impl Batched for Completes {
                 .ok()
                 .and_then(|position| settled.get_mut(position));
             if let Some(slot) = slot {
-                *slot = Some(record_from_row(row)?);
+                let record = record_from_row(row)?;
+                self.completed.remember(&record, identity::created(client));
+                *slot = Some(record);
             }
         }
         Ok(settled)
