@@ -290,8 +290,14 @@ impl Cluster {
             port: free_port(),
             options: String::new(),
         };
-        // The walreceiver reports cluster_name as its application_name.
-        standby.configure(&[&format!("cluster_name = '{STANDBY_NAME}'")]);
+        // The walreceiver reports cluster_name as its application_name. The primary's
+        // synchronous_standby_names came along in the copy: once promoted, this server has no
+        // standby of its own, and would wait for one forever at every commit (an HA manager
+        // clears it on promotion; pg_auto_failover's wait_primary state).
+        standby.configure(&[
+            &format!("cluster_name = '{STANDBY_NAME}'"),
+            "synchronous_standby_names = ''",
+        ]);
         standby.start_again();
         standby
     }
