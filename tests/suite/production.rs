@@ -592,3 +592,119 @@ async fn overload_is_shed_with_resource_exhausted() {
         .await
         .expect("capacity is back");
 }
+
+/// Forwards TCP from a loopback port to `upstream`, counting the connections it accepted.
+async fn counting_forwarder(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind forwarder");
+    let addr = listener.local_addr().expect("forwarder address");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// `--max-connection-age`: the server closes each client connection gracefully once it is that
+/// old, so a long-lived client opens new ones (and, behind a connection balancer, reaches new
+/// replicas). A Wait that spans several ages is answered. A call can race the final GOAWAY: tonic's
+/// client then fails it with CANCELLED "connection closed" before sending it (hyper's `Canceled`:
+/// the server never saw it), and it succeeds when sent again; any other failure fails the test,
+/// and the count of those races is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_connections_are_replaced_and_calls_in_flight_finish() {
+    let age = Duration::from_millis(500);
+    let settings = ServerSettings {
+        max_connection_age: Some(age),
+        ..test_settings()
+    };
+    let server = TestServer::start(Arc::new(MemoryStore::new()), settings).await;
+    let (addr, accepted) = counting_forwarder(server.addr).await;
+    let mut client = connect(addr).await;
+
+    let key = unique_key("aged");
+    let lease = acquire_lease(&mut client, &key).await;
+    let mut waiter = client.clone();
+    let wait_key = key.clone();
+    let wait = tokio::spawn(async move {
+        waiter
+            .wait(pb::WaitRequest {
+                namespace: NS.into(),
+                key: wait_key,
+                timeout: ms(10_000),
+            })
+            .await
+    });
+    // Calls one after another over four connection ages: every one must succeed.
+    let started = std::time::Instant::now();
+    let (mut calls, mut unsent) = (0, 0);
+    while started.elapsed() < age * 4 {
+        let get = pb::GetRequest {
+            namespace: NS.into(),
+            key: key.clone(),
+        };
+        match client.get(get.clone()).await {
+            Ok(_) => {}
+            Err(status) if never_sent(&status) => {
+                unsent += 1;
+                client
+                    .get(get)
+                    .await
+                    .unwrap_or_else(|status| panic!("call {calls} sent again: {status:?}"));
+            }
+            Err(status) => panic!("call {calls} failed: {status:?}"),
+        }
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The Wait began on the first connection, long since past its age: it is still answered.
+    client
+        .complete(complete_request(&key, &lease.token, "aged"))
+        .await
+        .expect("complete");
+    let answered = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the Wait was answered")
+        .expect("wait task")
+        .expect("the Wait across connection ages failed")
+        .into_inner();
+    assert_eq!(
+        answered.record.map(|record| record.state()),
+        Some(pb::RecordState::Completed)
+    );
+    let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    println!("{calls} calls over {connections} connections; {unsent} raced a GOAWAY, unsent");
+    assert!(
+        connections >= 3,
+        "connections were not replaced at their age: {connections} for {calls} calls over {:?}",
+        age * 4
+    );
+    server.stop().await;
+}
+
+/// A call the client's transport gave up before sending: hyper's `Canceled` ("connection
+/// closed") under a CANCELLED status.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return status.code() == Code::Cancelled;
+        }
+        source = cause.source();
+    }
+    false
+}
