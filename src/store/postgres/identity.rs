@@ -157,7 +157,7 @@ impl Default for ServerWatch {
 /// timeline's tokens at `timeline << TIMELINE_SHIFT` keeps them above every earlier timeline's.
 /// The advisory lock makes the check-and-set one step among replicas (`nextval` is never
 /// blocked, and the sequence only ever moves up).
-async fn fencing_floor(client: &Client, state: &ServerState) -> Result<(), StoreError> {
+async fn fencing_floor(client: &mut Client, state: &ServerState) -> Result<(), StoreError> {
     let Some(floor) = state.fencing_floor() else {
         return Ok(());
     };
@@ -169,14 +169,16 @@ async fn fencing_floor(client: &Client, state: &ServerState) -> Result<(), Store
     if state.read_only || last.is_some_and(|last| last >= floor) {
         return Ok(());
     }
-    // Integers only: formatting them into the text is safe, and the simple protocol runs the
-    // transaction in one round trip.
-    let raise = format!(
-        "BEGIN; SELECT pg_advisory_xact_lock({key}); {set}; COMMIT",
-        key = sql::FENCING_FLOOR_LOCK_KEY,
-        set = sql::FENCING_FLOOR.replace("$1", &floor.to_string()),
-    );
-    client.batch_execute(&raise).await.map_err(from_db)?;
+    let transaction = client.transaction().await.map_err(from_db)?;
+    transaction
+        .execute(sql::FENCING_FLOOR_LOCK, &[&sql::FENCING_FLOOR_LOCK_KEY])
+        .await
+        .map_err(from_db)?;
+    transaction
+        .execute(sql::FENCING_FLOOR, &[&floor])
+        .await
+        .map_err(from_db)?;
+    transaction.commit().await.map_err(from_db)?;
     tracing::info!(
         timeline = state.identity.timeline,
         floor,

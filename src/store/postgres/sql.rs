@@ -182,9 +182,11 @@ pub const SERVER_IDENTITY: &str = "SELECT
 /// the fencing sequence to its timeline's floor ("idemd" + 3).
 pub const FENCING_FLOOR_LOCK_KEY: i64 = 0x6964_656d_6400_0003;
 
+/// Takes the fencing-floor lock ($1 `FENCING_FLOOR_LOCK_KEY`) until the transaction ends.
+pub const FENCING_FLOOR_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
 /// Raises the fencing sequence to $1 (so that the next token is $1) unless it is there already;
-/// run under `FENCING_FLOOR_LOCK_KEY` (see `super::identity::fencing_floor`). `$1` is replaced by
-/// an integer literal: the statement runs in a one-round-trip simple-protocol transaction.
+/// run under `FENCING_FLOOR_LOCK` (see `super::identity::fencing_floor`).
 pub const FENCING_FLOOR: &str = "SELECT setval('idemd_fencing_token_seq', $1, false) \
     FROM idemd_fencing_token_seq WHERE last_value < $1";
 
