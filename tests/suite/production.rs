@@ -117,9 +117,17 @@ async fn metrics_are_served_in_prometheus_format() {
         assert_eq!(code, 200);
         text
     };
-    eventually(Duration::from_secs(10), "pool gauges", || async move {
-        scrape().await.contains("idemd_db_pool_connections")
-    })
+    // Gauges and readiness are set by background rounds: wait for both to have reported. (A new
+    // connection asks its server who it is before serving, so the first readiness round can end
+    // after the RPCs above.)
+    eventually(
+        Duration::from_secs(10),
+        "pool gauges and readiness",
+        || async move {
+            let body = scrape().await;
+            body.contains("idemd_db_pool_connections") && body.contains("idemd_store_ready 1")
+        },
+    )
     .await;
     let body = scrape().await;
     for expected in [
