@@ -91,8 +91,10 @@ and the load goes on. The rows are in the table above:
   standby, \`synchronous_commit = on\`): SIGKILL to every process of the primary. The checker's
   every promise holds (0 violations): every acknowledged Complete is read back with its result
   from the new primary, no double grant, fencing tokens growing. A Wait started on one replica
-  before the fault, on a key another replica holds, is answered COMPLETED after it. Recovery is
-  the slowest replica's first answered probe after the promotion.
+  before the fault, on a key another replica holds, is answered COMPLETED after it. Then the old
+  primary comes back as a standby of the new one (a fresh base backup, as an HA manager's
+  rejoin ends), on its old port, the first host of the replicas' URL: nothing changes for them.
+  Recovery is the slowest replica's first answered probe after the promotion.
 - **old primary left running read-only, standby promoted** (as a demoted or fenced primary is):
   0 violations, no INTERNAL; its SQLSTATE 25006 errors are UNAVAILABLE and close the connection,
   and the next one skips it.
@@ -123,7 +125,7 @@ back as a standby 2.1 s after its keeper restarted (measured by hand). But build
 (monitor, primary, secondary: three \`initdb\`s, a base backup and the keepers' registration) took
 24 s on an idle box, which would put each scenario near a minute on the loaded CI cores. The rig
 waits 1.5 s, about what pg_auto_failover took, and promotes; the old primary rejoining as a standby
-is not part of the run (with \`target_session_attrs=read-write\` no connection would pick it).
+is done by the test too: a fresh base backup of the new primary on the old one's port.
 
 **What idemd needs from a managed PostgreSQL** (RDS or Cloud SQL with a standby, CloudNativePG,
 Patroni):

@@ -302,6 +302,38 @@ impl Cluster {
         standby
     }
 
+    /// Turns this (dead) former primary into a streaming standby of `primary`, on the same port:
+    /// what an HA manager does with the old primary after a failover (pg_auto_failover with
+    /// pg_rewind; a fresh base backup here, which ends in the same state).
+    pub fn rejoin_as_standby_of(&self, primary: &Cluster) {
+        let data = self.data();
+        std::fs::remove_dir_all(&data).expect("remove the old data directory");
+        let mut backup = pg_command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "-c",
+                "fast",
+            ])
+            .arg("-p")
+            .arg(primary.port.to_string());
+        run(backup, "pg_basebackup of the new primary");
+        self.configure(&[
+            &format!("cluster_name = '{STANDBY_NAME}'"),
+            "synchronous_standby_names = ''",
+        ]);
+        self.start_again();
+    }
+
     /// Appends settings to the cluster's postgresql.conf (they apply at the next start or reload).
     fn configure(&self, lines: &[&str]) {
         use std::io::Write;

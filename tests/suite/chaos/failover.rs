@@ -117,7 +117,9 @@ impl WaitAcross {
 
 /// A synchronous standby loses nothing: SIGKILL to every process of the primary mid-load, the
 /// standby promoted, load goes on. The history must hold every promise (0 violations), and a
-/// Wait started before the fault is answered after it.
+/// Wait started before the fault is answered after it. Then the old primary comes back as a
+/// standby of the new one, on its old port (the first host of the replicas' URL), under load:
+/// it must not confuse them (a read-only server, skipped by `target_session_attrs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_synchronous_standby_promoted() {
     let scenario = Scenario {
@@ -135,6 +137,13 @@ async fn primary_killed_synchronous_standby_promoted() {
         rig.promote().await;
         rig.heal(fault).await;
         waiting.finish(&rig).await;
+        let rejoin = rig.inject("old primary rebuilt as a standby of the new one, same port");
+        rig.blocking(|rig| {
+            let new_primary = rig.standby.as_ref().expect("a pair");
+            rig.cluster.rejoin_as_standby_of(new_primary);
+        })
+        .await;
+        rig.heal(rejoin).await;
     })
     .await;
 }
