@@ -10,6 +10,13 @@
 //! that carries `now()`, measured so that it over-estimates the database's clock (the statement
 //! started after it was sent), and adds a margin. Until it has seen the database's clock once, it
 //! answers nothing. Erring, it treats a record as expired a little early and asks the database.
+//!
+//! "The database" must stay the same one: after a failover to a standby that replicated
+//! asynchronously, a cached record may be missing from the new primary. So the cache answers only
+//! while the server is known (`super::identity` reports every new connection's server): it goes
+//! quiet when a connection fails, until a new one has reported, and it is emptied when the
+//! reported server differs from the last (records from connections to the old one are then
+//! refused, see `remember`).
 
 use std::{
     sync::atomic::{AtomicBool, AtomicI64, Ordering},
