@@ -140,7 +140,8 @@ Patroni):
   the startup (a frozen postmaster) holds an attempt until \`--db-connect-timeout\`;
   \`load_balance_hosts=random\` in the URL spreads attempts over the hosts;
 - readiness turns NOT_SERVING while no writable server is reachable, so a load balancer stops
-  sending calls that could only fail.
+  sending calls that could only fail (test
+  \`failover::readiness_is_not_serving_while_no_writable_primary_is_reachable\`).
 
 ## Soak (\`tests/suite/soak.rs\`)
 
