@@ -157,12 +157,13 @@ impl Default for ServerWatch {
 /// timeline's tokens at `timeline << TIMELINE_SHIFT` keeps them above every earlier timeline's.
 /// The advisory lock makes the check-and-set one step among replicas (`nextval` is never
 /// blocked, and the sequence only ever moves up).
-async fn fencing_floor(client: &mut Client, state: &ServerState) -> Result<(), StoreError> {
+pub async fn fencing_floor(client: &mut Client, state: &ServerState) -> Result<(), StoreError> {
     let Some(floor) = state.fencing_floor() else {
         return Ok(());
     };
-    // Nothing to raise on a read-only server, or before migrations; a sequence not yet used
-    // (or raised a moment ago by another replica) is raised again: idempotent, and rare.
+    // Nothing to raise on a read-only server, or before migrations. A sequence not yet used
+    // reads as no value (even right after a raise): the check-and-set then runs and finds it
+    // at the floor already, a no-op; only a database that never handed out a token pays it.
     let Some(last) = state.fencing_last else {
         return Ok(());
     };
@@ -174,16 +175,18 @@ async fn fencing_floor(client: &mut Client, state: &ServerState) -> Result<(), S
         .execute(sql::FENCING_FLOOR_LOCK, &[&sql::FENCING_FLOOR_LOCK_KEY])
         .await
         .map_err(from_db)?;
-    transaction
+    let raised = transaction
         .execute(sql::FENCING_FLOOR, &[&floor])
         .await
         .map_err(from_db)?;
     transaction.commit().await.map_err(from_db)?;
-    tracing::info!(
-        timeline = state.identity.timeline,
-        floor,
-        "fencing tokens of this timeline start at its floor"
-    );
+    if raised > 0 {
+        tracing::info!(
+            timeline = state.identity.timeline,
+            floor,
+            "fencing tokens of this timeline start at its floor"
+        );
+    }
     Ok(())
 }
 

@@ -340,6 +340,10 @@ impl Store for PostgresStore {
                             .into(),
                     ));
                 }
+                // New connections raise the fencing floor before their first use; this covers
+                // a connection that outlived its server's promotion (a URL without
+                // `target_session_attrs=read-write` can hold one to a standby).
+                identity::fencing_floor(client, &server).await?;
                 migrate::check_schema(client).await
             })
             .await
