@@ -187,6 +187,11 @@ pub struct ServeArgs {
     /// personal data, and trace backends are often less guarded than the database.
     #[arg(long, env = "IDEMD_TRACE_KEYS", requires = "traces")]
     pub trace_keys: bool,
+    /// Close each client connection this long after it opened (HTTP/2 GOAWAY: calls in flight
+    /// finish, new ones go to a new connection), so clients re-balance over the replicas after a
+    /// scale-out or a rolling update. Unset: connections live as long as the client keeps them.
+    #[arg(long, env = "IDEMD_MAX_CONNECTION_AGE", value_parser = duration)]
+    pub max_connection_age: Option<Duration>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -259,6 +264,7 @@ impl ServeArgs {
             reaper_interval: self.reaper_interval,
             reaper_batch: self.reaper_batch,
             shutdown_grace: self.shutdown_grace,
+            max_connection_age: self.max_connection_age,
             max_concurrent_rpcs: self.max_concurrent_rpcs as usize,
             max_waiters: self.max_waiters as usize,
             max_message_bytes: self.max_message_bytes as usize,

@@ -46,6 +46,10 @@ pub struct ServerSettings {
     pub readiness_interval: Duration,
     /// How long in-flight RPCs may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Each client connection is closed gracefully (GOAWAY) this long after it opened; `None`:
+    /// never. Calls in flight on it finish: every RPC is bounded anyway (a Wait by its timeout,
+    /// the rest by the database's query timeout).
+    pub max_connection_age: Option<Duration>,
     /// Most RPCs served at once; more are shed with RESOURCE_EXHAUSTED.
     pub max_concurrent_rpcs: usize,
     /// Most Waits in progress at once (they do not count against `max_concurrent_rpcs`).
@@ -73,6 +77,7 @@ impl Default for ServerSettings {
             reaper_batch: defaults::REAPER_BATCH,
             readiness_interval: defaults::READINESS_INTERVAL,
             shutdown_grace: defaults::SHUTDOWN_GRACE.value,
+            max_connection_age: None,
             max_concurrent_rpcs: defaults::MAX_CONCURRENT_RPCS as usize,
             max_waiters: defaults::MAX_WAITERS as usize,
             max_message_bytes: defaults::MAX_MESSAGE_BYTES as usize,
@@ -233,7 +238,15 @@ pub async fn serve<S: Store + AdminStore>(
         tokio::spawn(health_only)
     });
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = settings.max_connection_age {
+        // A ClusterIP Service or an L4 balancer spreads connections, not calls: aged connections
+        // are replaced, so new replicas get their share of long-lived clients. No
+        // `max_connection_age_grace`: tonic 0.14 then skips the GOAWAY and cuts the connection at
+        // age + grace, failing the calls in flight.
+        builder = builder.max_connection_age(age);
+    }
+    let router = builder
         .layer(crate::api::content_type::RequireGrpcLayer)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -178,7 +178,13 @@ impl<S: AdminStore> AdminApi<S> {
                             Throttled::Rate => "rate limit",
                             Throttled::Concurrency => "concurrency limit",
                         };
-                        audit(&caller.name, None, C::RPC, why);
+                        audit(
+                            &caller.name,
+                            None,
+                            C::RPC,
+                            status::reason::CALLER_LIMITED,
+                            why,
+                        );
                         metrics::auth_denied("caller_limited");
                         return Err(status::caller_limited(&caller.name, why));
                     }
@@ -202,7 +208,13 @@ impl<S: AdminStore> AdminApi<S> {
                 None => caller.has_any_admin(C::ACCESS),
             };
             if !allowed {
-                audit(&caller.name, command.namespace(), C::RPC, "not granted");
+                audit(
+                    &caller.name,
+                    command.namespace(),
+                    C::RPC,
+                    status::reason::PERMISSION_DENIED,
+                    "not granted",
+                );
                 metrics::auth_denied("permission_denied");
                 return Err(match command.namespace() {
                     Some(namespace) => status::permission_denied(&caller.name, C::RPC, namespace),

@@ -22,6 +22,9 @@ use crate::domain::{decide_wait, Key, Namespace, Record, WaitCommand, WaitDecisi
 /// have expired, or `poll` (if it says so) has passed, and looks again. Reading is bounded by the
 /// caller's deadline, not by the Wait's own timeout: a Wait always answers with the record's
 /// state.
+/// Pause before a Wait looks again after a look failed retryably.
+const LOOK_RETRY: Duration = Duration::from_millis(250);
+
 pub async fn wait<Read>(
     waiters: &Waiters,
     command: &WaitCommand,
@@ -49,6 +52,18 @@ where
             // answer is TIMED_OUT with that record rather than no answer at all.
             (Err(StoreError::DeadlineExceeded), Some(record)) if Instant::now() >= until => {
                 return Ok(WaitOutcome::TimedOut { record })
+            }
+            // The database cannot answer now (a failover, a restart) but the Wait has time
+            // left: it looks again shortly instead of failing. The LISTEN connection's return
+            // wakes every Wait, which cuts the pause short.
+            (Err(StoreError::Unavailable(reason)), held) if Instant::now() + LOOK_RETRY < until => {
+                tracing::debug!(%reason, "a Wait's look failed; looking again");
+                last_held = held;
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep(LOOK_RETRY) => {}
+                }
+                continue;
             }
             (Err(error), _) => return Err(error),
         };

@@ -12,6 +12,7 @@ mod conformance;
 mod console;
 mod deploy;
 mod durability;
+mod failover;
 mod fake_idemd;
 mod faults;
 mod fuzzing;

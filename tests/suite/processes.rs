@@ -237,6 +237,143 @@ impl Cluster {
     }
 }
 
+/// How a standby follows its primary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replication {
+    /// The primary's commits wait until the standby has flushed them (`synchronous_commit = on`
+    /// with the standby named in `synchronous_standby_names`).
+    Synchronous,
+    /// The primary commits without waiting: a failover loses what the standby had not received.
+    Asynchronous,
+}
+
+/// The standby's name, as the primary's `synchronous_standby_names` expects it.
+const STANDBY_NAME: &str = "idemd_standby";
+
+impl Cluster {
+    /// A primary that a standby made by `standby` follows, synchronously or not.
+    pub fn primary(replication: Replication) -> Self {
+        let cluster = Self::start();
+        if replication == Replication::Synchronous {
+            cluster.configure(&[
+                &format!("synchronous_standby_names = '{STANDBY_NAME}'"),
+                "synchronous_commit = on",
+            ]);
+            let mut reload = pg_command("pg_ctl");
+            reload.arg("-D").arg(cluster.data()).arg("reload");
+            run(reload, "pg_ctl reload");
+        }
+        cluster
+    }
+
+    /// A streaming standby of this cluster, made by `pg_basebackup` and started on a port of its
+    /// own; returns once it runs (not necessarily streaming yet).
+    pub fn standby(&self) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("idemd-pg-standby-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        if running_as_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
+            run(chown, "chown standby dir");
+        }
+        let mut backup = pg_command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "-c",
+                "fast",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string());
+        run(backup, "pg_basebackup");
+        let standby = Self {
+            dir,
+            port: free_port(),
+            options: String::new(),
+        };
+        // The walreceiver reports cluster_name as its application_name. The primary's
+        // synchronous_standby_names came along in the copy: once promoted, this server has no
+        // standby of its own, and would wait for one forever at every commit (an HA manager
+        // clears it on promotion; pg_auto_failover's wait_primary state).
+        standby.configure(&[
+            &format!("cluster_name = '{STANDBY_NAME}'"),
+            "synchronous_standby_names = ''",
+        ]);
+        standby.start_again();
+        standby
+    }
+
+    /// Turns this (dead) former primary into a streaming standby of `primary`, on the same port:
+    /// what an HA manager does with the old primary after a failover (pg_auto_failover with
+    /// pg_rewind; a fresh base backup here, which ends in the same state).
+    pub fn rejoin_as_standby_of(&self, primary: &Cluster) {
+        let data = self.data();
+        std::fs::remove_dir_all(&data).expect("remove the old data directory");
+        let mut backup = pg_command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "-c",
+                "fast",
+            ])
+            .arg("-p")
+            .arg(primary.port.to_string());
+        run(backup, "pg_basebackup of the new primary");
+        self.configure(&[
+            &format!("cluster_name = '{STANDBY_NAME}'"),
+            "synchronous_standby_names = ''",
+        ]);
+        self.start_again();
+    }
+
+    /// Appends settings to the cluster's postgresql.conf (they apply at the next start or reload).
+    fn configure(&self, lines: &[&str]) {
+        use std::io::Write;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data().join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        for line in lines {
+            writeln!(conf, "{line}").expect("write postgresql.conf");
+        }
+    }
+
+    /// Promotes this standby to a primary, waiting until it takes writes.
+    pub fn promote(&self) {
+        let mut pg_ctl = pg_command("pg_ctl");
+        pg_ctl
+            .arg("-D")
+            .arg(self.data())
+            .args(["-w", "-t", "60", "promote"]);
+        run(pg_ctl, "pg_ctl promote");
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut pg_ctl = pg_command("pg_ctl");

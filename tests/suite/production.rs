@@ -117,9 +117,17 @@ async fn metrics_are_served_in_prometheus_format() {
         assert_eq!(code, 200);
         text
     };
-    eventually(Duration::from_secs(10), "pool gauges", || async move {
-        scrape().await.contains("idemd_db_pool_connections")
-    })
+    // Gauges and readiness are set by background rounds: wait for both to have reported. (A new
+    // connection asks its server who it is before serving, so the first readiness round can end
+    // after the RPCs above.)
+    eventually(
+        Duration::from_secs(10),
+        "pool gauges and readiness",
+        || async move {
+            let body = scrape().await;
+            body.contains("idemd_db_pool_connections") && body.contains("idemd_store_ready 1")
+        },
+    )
     .await;
     let body = scrape().await;
     for expected in [
@@ -591,4 +599,262 @@ async fn overload_is_shed_with_resource_exhausted() {
         })
         .await
         .expect("capacity is back");
+}
+
+/// Forwards TCP from a loopback port to `upstream`, counting the connections it accepted.
+async fn counting_forwarder(
+    upstream: std::net::SocketAddr,
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind forwarder");
+    let addr = listener.local_addr().expect("forwarder address");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// `--max-connection-age`: the server closes each client connection gracefully once it is that
+/// old, so a long-lived client opens new ones (and, behind a connection balancer, reaches new
+/// replicas). A Wait that spans several ages is answered. A call can race the final GOAWAY: tonic's
+/// client then fails it with CANCELLED "connection closed" before sending it (hyper's `Canceled`:
+/// the server never saw it), and it succeeds when sent again; any other failure fails the test,
+/// and the count of those races is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_connections_are_replaced_and_calls_in_flight_finish() {
+    let age = Duration::from_millis(500);
+    let settings = ServerSettings {
+        max_connection_age: Some(age),
+        ..test_settings()
+    };
+    let server = TestServer::start(Arc::new(MemoryStore::new()), settings).await;
+    let (addr, accepted) = counting_forwarder(server.addr).await;
+    let mut client = connect(addr).await;
+
+    let key = unique_key("aged");
+    let lease = acquire_lease(&mut client, &key).await;
+    let mut waiter = client.clone();
+    let wait_key = key.clone();
+    let wait = tokio::spawn(async move {
+        waiter
+            .wait(pb::WaitRequest {
+                namespace: NS.into(),
+                key: wait_key,
+                timeout: ms(10_000),
+            })
+            .await
+    });
+    // Calls one after another over four connection ages: every one must succeed.
+    let started = std::time::Instant::now();
+    let (mut calls, mut unsent) = (0, 0);
+    while started.elapsed() < age * 4 {
+        let get = pb::GetRequest {
+            namespace: NS.into(),
+            key: key.clone(),
+        };
+        match client.get(get.clone()).await {
+            Ok(_) => {}
+            Err(status) if never_sent(&status) => {
+                unsent += 1;
+                client
+                    .get(get)
+                    .await
+                    .unwrap_or_else(|status| panic!("call {calls} sent again: {status:?}"));
+            }
+            Err(status) => panic!("call {calls} failed: {status:?}"),
+        }
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The Wait began on the first connection, long since past its age: it is still answered.
+    client
+        .complete(complete_request(&key, &lease.token, "aged"))
+        .await
+        .expect("complete");
+    let answered = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the Wait was answered")
+        .expect("wait task")
+        .expect("the Wait across connection ages failed")
+        .into_inner();
+    assert_eq!(
+        answered.record.map(|record| record.state()),
+        Some(pb::RecordState::Completed)
+    );
+    let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    println!("{calls} calls over {connections} connections; {unsent} raced a GOAWAY, unsent");
+    assert!(
+        connections >= 3,
+        "connections were not replaced at their age: {connections} for {calls} calls over {:?}",
+        age * 4
+    );
+    server.stop().await;
+}
+
+/// A call the client's transport gave up before sending: hyper's `Canceled` ("connection
+/// closed") under a CANCELLED status.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return status.code() == Code::Cancelled;
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// A connection balancer like a ClusterIP Service: each new TCP connection goes to the next
+/// backend of a list that can grow.
+struct RoundRobinBalancer {
+    addr: std::net::SocketAddr,
+    backends: Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+}
+
+impl RoundRobinBalancer {
+    async fn start(backends: Vec<std::net::SocketAddr>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind balancer");
+        let addr = listener.local_addr().expect("balancer address");
+        let backends = Arc::new(std::sync::Mutex::new(backends));
+        let list = backends.clone();
+        tokio::spawn(async move {
+            let mut next = 0usize;
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = {
+                    let list = list.lock().unwrap_or_else(|p| p.into_inner());
+                    next += 1;
+                    list[next % list.len()]
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, backends }
+    }
+
+    fn add(&self, backend: std::net::SocketAddr) {
+        self.backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(backend);
+    }
+}
+
+/// The scale-out the connection age is for: three replicas behind a connection balancer, one
+/// client process with 8 long-lived connections under load, then a fourth replica. Within two
+/// connection ages the fourth serves its share of the calls (measured: its share of the calls in
+/// the third age after it joined, against a fair 25 %), and no call fails but the unsent
+/// GOAWAY races (see `old_connections_are_replaced_and_calls_in_flight_finish`), sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_gets_its_share_within_two_connection_ages() {
+    let age = Duration::from_secs(1);
+    let mut servers = Vec::new();
+    for index in 0..4 {
+        let settings = ServerSettings {
+            max_connection_age: Some(age),
+            ..test_settings()
+        };
+        let server = TestServer::start(Arc::new(MemoryStore::new()), settings).await;
+        // Each replica's own store says which replica answers.
+        let mut client = server.client().await;
+        let lease = acquire_lease(&mut client, "whoami").await;
+        client
+            .complete(complete_request("whoami", &lease.token, &index.to_string()))
+            .await
+            .expect("complete whoami");
+        servers.push(server);
+    }
+    let balancer = RoundRobinBalancer::start(servers[..3].iter().map(|s| s.addr).collect()).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(connect(balancer.addr).await);
+    }
+    let tally = Arc::new(std::sync::Mutex::new(
+        Vec::<(std::time::Instant, usize)>::new(),
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = JoinSet::new();
+    for worker in 0..16 {
+        let mut client = clients[worker % clients.len()].clone();
+        let (tally, stopped) = (tally.clone(), stopped.clone());
+        workers.spawn(async move {
+            let mut unsent = 0usize;
+            while !*stopped.borrow() {
+                let get = pb::GetRequest {
+                    namespace: NS.into(),
+                    key: "whoami".into(),
+                };
+                let record = match client.get(get.clone()).await {
+                    Ok(response) => response.into_inner(),
+                    Err(status) if never_sent(&status) => {
+                        unsent += 1;
+                        client.get(get).await.expect("sent again").into_inner()
+                    }
+                    Err(status) => panic!("a call failed: {status:?}"),
+                };
+                let replica = record
+                    .record
+                    .and_then(|record| record.result)
+                    .and_then(|result| result.metadata.get("x-tag").cloned())
+                    .and_then(|index| index.parse::<usize>().ok())
+                    .expect("whoami names its replica");
+                tally
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((std::time::Instant::now(), replica));
+            }
+            unsent
+        });
+    }
+    tokio::time::sleep(age).await;
+    balancer.add(servers[3].addr);
+    let joined = std::time::Instant::now();
+    // Two ages for every connection to have been replaced, then one age measured.
+    tokio::time::sleep(age * 3).await;
+    let _ = stop.send(true);
+    let mut unsent = 0;
+    while let Some(worker) = workers.join_next().await {
+        unsent += worker.expect("worker");
+    }
+    let tally = tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let window: Vec<usize> = tally
+        .iter()
+        .filter(|(at, _)| *at >= joined + age * 2)
+        .map(|(_, replica)| *replica)
+        .collect();
+    let shares: Vec<f64> = (0..4)
+        .map(|replica| {
+            window.iter().filter(|r| **r == replica).count() as f64 / window.len().max(1) as f64
+        })
+        .collect();
+    println!(
+        "calls per replica's share in the third age after the fourth joined: {shares:.2?} \
+         ({} calls, {unsent} unsent GOAWAY races sent again)",
+        window.len()
+    );
+    assert!(
+        shares[3] >= 0.15,
+        "the new replica's share stayed below 15 % (fair: 25 %): {shares:.2?}"
+    );
+    for server in servers {
+        server.stop().await;
+    }
 }

@@ -16,10 +16,18 @@
 //! `super::admin`), and a read that was under way while it did so must not put the record back:
 //! each read takes the cache's `generation` before asking the database, and `remember` undoes its
 //! insert if an invalidation happened since.
+//!
+//! "The database" must stay the same one: after a failover to a standby that replicated
+//! asynchronously, a cached record may be missing from the new primary. So the cache answers only
+//! while the server is known (`super::identity` reports every new connection's server): it goes
+//! quiet when a connection fails, until a new one has reported, and it is emptied when the
+//! reported server differs from the last (records from connections to the old one are then
+//! refused, see `remember`).
 
 use std::{
     sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
-    time::{Duration, SystemTime},
+    sync::Mutex,
+    time::{Duration, Instant, SystemTime},
 };
 
 use quick_cache::{sync::Cache, Weighter};
@@ -93,6 +101,13 @@ pub struct CompletedRecords {
     pub clock: DbClock,
     /// Bumped by every invalidation, before it removes anything.
     generation: AtomicU64,
+    /// Records read on connections opened before this are not kept: they may come from a
+    /// server that is no longer the primary (see `super::identity`).
+    trusted_since: Mutex<Option<Instant>>,
+    /// Whether the cache answers: not before a connection has told which server it reached,
+    /// nor between a failed connection and the next one's report (the server may have changed
+    /// meanwhile: a failover starts with connection errors).
+    answering: AtomicBool,
 }
 
 fn cache_key(namespace: &str, key: &str) -> String {
@@ -111,6 +126,8 @@ impl CompletedRecords {
             records,
             clock: DbClock::default(),
             generation: AtomicU64::new(0),
+            trusted_since: Mutex::new(None),
+            answering: AtomicBool::new(false),
         }
     }
 
@@ -124,21 +141,37 @@ impl CompletedRecords {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Remembers `record` if it is completed, unless an invalidation happened since `generation`
-    /// was taken (the record may have been purged after it was read). Insert first, check after:
-    /// an invalidation either removes the entry after the insert, or bumped the generation
-    /// before the check, which then removes it.
-    pub fn remember(&self, record: &Record, generation: u64) {
+    /// Stops answering until `confirm`: a connection failed, and the server may be changing.
+    pub fn suspend(&self) {
+        self.answering.store(false, Ordering::SeqCst);
+    }
+
+    /// A new connection reached the server the cached records came from (or the cache was
+    /// emptied for a new one): answer again.
+    pub fn confirm(&self) {
+        self.answering.store(true, Ordering::SeqCst);
+    }
+
+    /// Remembers `record`, read or written on a connection opened at `connected`, if it is
+    /// completed, that connection reaches the current server, and no invalidation happened since
+    /// `generation` was taken (the record may have been purged after it was read). Insert first,
+    /// check after: an invalidation either removes the entry after the insert, or bumped the
+    /// generation before the check, which then removes it.
+    pub fn remember(&self, record: &Record, generation: u64, connected: Instant) {
         let Some(records) = &self.records else {
             return;
         };
         if record.state != RecordState::Completed {
             return;
         }
-        let cache_key = cache_key(record.namespace.as_str(), record.key.as_str());
-        records.insert(cache_key.clone(), record.clone());
-        if self.generation.load(Ordering::SeqCst) != generation {
-            records.remove(&cache_key);
+        // Held while inserting: `forget_before` cannot clear between the check and the insert.
+        let trusted_since = self.trusted_since.lock().unwrap_or_else(|p| p.into_inner());
+        if trusted_since.is_none_or(|since| connected >= since) {
+            let cache_key = cache_key(record.namespace.as_str(), record.key.as_str());
+            records.insert(cache_key.clone(), record.clone());
+            if self.generation.load(Ordering::SeqCst) != generation {
+                records.remove(&cache_key);
+            }
         }
     }
 
@@ -158,10 +191,26 @@ impl CompletedRecords {
         }
     }
 
+    /// Forgets every record, and from now on keeps only records from connections opened at or
+    /// after `connected`: the database server changed, and the new one may lack what the old one
+    /// had (asynchronous replication loses its tail in a failover).
+    pub fn forget_before(&self, connected: Instant) {
+        let mut trusted_since = self.trusted_since.lock().unwrap_or_else(|p| p.into_inner());
+        *trusted_since = Some(trusted_since.map_or(connected, |since| since.max(connected)));
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(records) = &self.records {
+            records.clear();
+        }
+        drop(trusted_since);
+    }
+
     /// The completed record of (namespace, key), if cached and certainly still live by the
     /// database's clock; the time returned is no earlier than the database's now.
     pub fn live(&self, namespace: &Namespace, key: &Key) -> Option<(Record, SystemTime)> {
         let records = self.records.as_ref()?;
+        if !self.answering.load(Ordering::SeqCst) {
+            return None;
+        }
         let now = self.clock.now_at_least()?;
         let cache_key = cache_key(namespace.as_str(), key.as_str());
         let record = records.get(&cache_key)?;

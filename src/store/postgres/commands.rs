@@ -17,6 +17,7 @@ use tokio_postgres::{error::SqlState, types::ToSql, Row};
 use super::batch::Batched;
 use super::cache::CompletedRecords;
 use super::errors::from_db;
+use super::identity;
 use super::row::{db_now, micros, record_from_row};
 use super::sql;
 use crate::domain::{
@@ -120,11 +121,11 @@ pub async fn acquire(
         completed.clock.observe(sent, now);
         let replace = match decide_acquire(Some(&record), &command.fingerprint, now) {
             AcquireDecision::FingerprintMismatch => {
-                completed.remember(&record, generation);
+                completed.remember(&record, generation, identity::created(client));
                 return Err(StoreError::FingerprintMismatch);
             }
             AcquireDecision::Completed => {
-                completed.remember(&record, generation);
+                completed.remember(&record, generation, identity::created(client));
                 return Ok(AcquireOutcome::Completed { record });
             }
             AcquireDecision::InProgress { retry_after } => {
@@ -296,7 +297,7 @@ pub async fn get(
     let record = record
         .filter(|record| record.is_live(now))
         .ok_or(StoreError::Rejected(LeaseRejection::NotFound))?;
-    completed.remember(&record, generation);
+    completed.remember(&record, generation, identity::created(client));
     Ok(record)
 }
 
@@ -415,7 +416,10 @@ impl Batched for Acquires {
 }
 
 /// Completes as the batcher runs them: `complete` alone, or many in one statement.
-pub struct Completes;
+pub struct Completes {
+    /// The replay cache every completed record goes into.
+    pub completed: Arc<CompletedRecords>,
+}
 
 impl Batched for Completes {
     type Command = CompleteCommand;
@@ -427,7 +431,11 @@ impl Batched for Completes {
     }
 
     async fn one(&self, command: &CompleteCommand, client: &Object) -> Result<Record, StoreError> {
-        complete(client, command).await
+        let generation = self.completed.generation();
+        let record = complete(client, command).await?;
+        self.completed
+            .remember(&record, generation, identity::created(client));
+        Ok(record)
     }
 
     async fn many(
@@ -435,6 +443,7 @@ impl Batched for Completes {
         commands: &[&CompleteCommand],
         client: &Object,
     ) -> Result<Vec<Option<Record>>, StoreError> {
+        let generation = self.completed.generation();
         let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
         let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
         let tokens: Vec<&[u8]> = commands
@@ -484,7 +493,10 @@ impl Batched for Completes {
                 .ok()
                 .and_then(|position| settled.get_mut(position));
             if let Some(slot) = slot {
-                *slot = Some(record_from_row(row)?);
+                let record = record_from_row(row)?;
+                self.completed
+                    .remember(&record, generation, identity::created(client));
+                *slot = Some(record);
             }
         }
         Ok(settled)

@@ -61,10 +61,50 @@ impl PostgresConfig {
             config.application_name("idemd");
         }
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(self.connect_timeout);
+            // The driver applies its connect timeout to each host of a multi-host URL in turn,
+            // while the pool bounds the whole attempt by `connect_timeout`: each host gets its
+            // share, so a black-holed first host still leaves time to reach the next.
+            let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+            config.connect_timeout(self.connect_timeout / hosts);
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(10));
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_host_gets_its_share_of_the_connect_timeout() {
+        let config = PostgresConfig {
+            connect_timeout: Duration::from_secs(3),
+            ..PostgresConfig::new("postgres://idemd@h1:5432,h2:5432,h3:5432/idemd")
+        };
+        let driver = config.driver_config().expect("a valid URL");
+        assert_eq!(driver.get_hosts().len(), 3);
+        assert_eq!(driver.get_connect_timeout(), Some(&Duration::from_secs(1)));
+        let single = PostgresConfig {
+            connect_timeout: Duration::from_secs(3),
+            ..PostgresConfig::new("host=h1 dbname=idemd")
+        };
+        assert_eq!(
+            single
+                .driver_config()
+                .expect("a valid key=value string")
+                .get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        // A timeout in the URL is the operator's: per host, as libpq reads it.
+        let explicit = PostgresConfig::new("postgres://h1,h2/idemd?connect_timeout=7");
+        assert_eq!(
+            explicit
+                .driver_config()
+                .expect("a valid URL")
+                .get_connect_timeout(),
+            Some(&Duration::from_secs(7))
+        );
     }
 }

@@ -7,14 +7,24 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio::time::Instant;
 
+use super::cache::CompletedRecords;
 use super::errors::from_pool;
+use super::identity::{self, ServerWatch};
 use super::tls::DbTls;
 use crate::store::StoreError;
+
+/// What every new connection reports its server to (see `identity`).
+pub struct Watched {
+    pub servers: std::sync::Arc<ServerWatch>,
+    pub completed: std::sync::Arc<CompletedRecords>,
+}
 
 /// The pool, and the bounds every command runs within.
 #[derive(Clone)]
 pub struct Connections {
     pool: Pool,
+    /// The replay cache, which stops answering when a connection fails (see `cache`).
+    completed: std::sync::Arc<CompletedRecords>,
     tls: DbTls,
     connect_timeout: Duration,
     query_timeout: Duration,
@@ -30,6 +40,7 @@ impl Connections {
         pool_size: usize,
         connect_timeout: Duration,
         query_timeout: Duration,
+        watched: Watched,
     ) -> Result<Self, StoreError> {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
@@ -41,10 +52,16 @@ impl Connections {
             .wait_timeout(Some(connect_timeout))
             .create_timeout(Some(connect_timeout))
             .recycle_timeout(Some(connect_timeout))
+            .post_create(identity::post_create(
+                watched.servers.clone(),
+                watched.completed.clone(),
+            ))
+            .post_recycle(identity::post_recycle(watched.servers))
             .build()
             .map_err(|error| StoreError::Internal(format!("cannot build pool: {error}")))?;
         Ok(Self {
             pool,
+            completed: watched.completed,
             tls,
             connect_timeout,
             query_timeout,
@@ -75,6 +92,8 @@ impl Connections {
             return Err(if budget.by_caller {
                 StoreError::DeadlineExceeded
             } else {
+                // A server that stopped answering may be on its way out (see `run`'s errors).
+                self.completed.suspend();
                 StoreError::Unavailable(format!(
                     "database did not answer within {:?}",
                     self.query_timeout
@@ -86,7 +105,12 @@ impl Connections {
             // shutting down, or a server that has become read-only (a demoted primary). A new
             // connection is the retry's best chance (a multi-host URL's target_session_attrs
             // finds the writable server), so this one does not go back to the pool.
-            Err(StoreError::Unavailable(_)) => client.discard(),
+            // Until a new connection says which server it reached, the replay cache is quiet:
+            // this may be the start of a failover to a server that lacks some of its records.
+            Err(StoreError::Unavailable(_)) => {
+                self.completed.suspend();
+                client.discard();
+            }
             _ => client.finish(),
         }
         result
@@ -109,7 +133,17 @@ impl Connections {
             {
                 Err(StoreError::DeadlineExceeded)
             }
-            Ok(Err(error)) => Err(from_pool(error)),
+            Ok(Err(error)) => {
+                // Opening a connection failed (not merely waiting for a free one): the server
+                // may be changing, so the replay cache waits for the next one to report.
+                if !matches!(
+                    error,
+                    deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+                ) {
+                    self.completed.suspend();
+                }
+                Err(from_pool(error))
+            }
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no database connection within {wait:?}"
             ))),

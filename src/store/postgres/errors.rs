@@ -26,12 +26,17 @@ pub fn from_db(error: tokio_postgres::Error) -> StoreError {
     }
 }
 
-/// SQLSTATEs a caller may retry, on this connection or (see `Connections::run`) a new one:
-/// - class 08, connection exception;
+/// SQLSTATEs a caller may retry, on this connection or (see `Connections::run`) a new one. These
+/// are the states a failover goes through, each pinned by `tests::a_failover_is_retryable`:
+/// - class 08, connection exception (08000, 08003 connection does not exist, 08006 connection
+///   failure, 08001 and 08004 client or server could not establish one);
 /// - class 53, insufficient resources (disk full, out of memory, too many connections);
-/// - class 57, operator intervention: admin or crash shutdown, cannot connect now, a statement
-///   cancelled or timed out;
-/// - class 40, serialization failure and deadlock detected (the transaction was rolled back);
+/// - class 57, operator intervention: 57P01 admin shutdown (a fast or smart stop, a
+///   `pg_terminate_backend`), 57P02 crash shutdown (another backend crashed and the postmaster
+///   reset them all), 57P03 cannot connect now (starting up, or in recovery without hot standby),
+///   57014 a statement cancelled or timed out;
+/// - class 40, 40001 serialization failure and 40P01 deadlock detected (the transaction was
+///   rolled back; idemd runs read committed, so these are rare);
 /// - 55P03, lock not available;
 /// - 25006, read-only SQL transaction: the server became a standby or was made read-only (a
 ///   demoted or fenced primary). A new connection may reach the writable primary, for instance
@@ -77,5 +82,28 @@ pub fn from_pool(error: PoolError) -> StoreError {
             "no database connection available in time ({kind:?})"
         )),
         other => StoreError::Unavailable(format!("database pool: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failover_is_retryable() {
+        for code in [
+            "08000", "08003", "08006", "08001", "08004", "57P01", "57P02", "57P03", "57014",
+            "40001", "40P01", "25006", "53300", "55P03",
+        ] {
+            assert!(is_retryable(&SqlState::from_code(code)), "{code}");
+        }
+    }
+
+    #[test]
+    fn bugs_are_not_retryable() {
+        // Unique violation, undefined table, invalid text representation, syntax error.
+        for code in ["23505", "42P01", "22P02", "42601", "XX000"] {
+            assert!(!is_retryable(&SqlState::from_code(code)), "{code}");
+        }
     }
 }

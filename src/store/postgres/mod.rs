@@ -6,8 +6,10 @@
 //! `config` (settings), `connection` (the pool, and one command's connection within its time
 //! budget), `commands` (the SQL-running code of each command), `sql` (every SQL text), `batch`
 //! (Acquires and Completes sharing statements), `cache` (completed records for replays),
-//! `listener` (LISTEN/NOTIFY for Waits and cache invalidation), `admin` (the admin API), `reaper`, `stats`, `migrate` (the schema), `row`
-//! (rows to records), `errors` (driver errors to `StoreError`) and `tls`.
+//! `identity` (which server a connection reached, and what a failover changes),
+//! `listener` (LISTEN/NOTIFY for Waits and cache invalidation), `admin` (the admin API), `reaper`,
+//! `stats`, `migrate` (the schema), `row` (rows to records), `errors` (driver errors to
+//! `StoreError`) and `tls`.
 
 mod admin;
 mod batch;
@@ -16,6 +18,7 @@ mod commands;
 mod config;
 mod connection;
 mod errors;
+mod identity;
 mod listener;
 pub mod migrate;
 mod reaper;
@@ -42,7 +45,8 @@ use tracing::Instrument;
 use self::batch::Batcher;
 use self::cache::CompletedRecords;
 use self::commands::{Acquires, Completes};
-use self::connection::Connections;
+use self::connection::{Connections, Watched};
+use self::identity::ServerWatch;
 use super::waiters::{self, Waiters};
 use super::{AdminStore, Store, StoreError};
 use crate::domain::admin::{
@@ -111,6 +115,8 @@ pub struct PostgresStore {
     reap_cursor: Arc<AtomicU64>,
     /// Completed records, so replays skip the database.
     completed: Arc<CompletedRecords>,
+    /// The database server this replica talks to (see `identity`).
+    servers: Arc<ServerWatch>,
 }
 
 /// The batch slots and queues of the two batched commands.
@@ -123,15 +129,20 @@ impl PostgresStore {
     /// Builds the pool; connections open lazily, so this succeeds while the database is down.
     pub fn connect(config: &PostgresConfig) -> Result<Self, StoreError> {
         let (driver_config, tls) = config.connection_settings().map_err(StoreError::Internal)?;
+        let completed = Arc::new(CompletedRecords::new(config.replay_cache_bytes));
+        let servers = Arc::new(ServerWatch::new());
         let connections = Connections::new(
             driver_config.clone(),
             tls.clone(),
             config.pool_size,
             config.connect_timeout,
             config.query_timeout,
+            Watched {
+                servers: servers.clone(),
+                completed: completed.clone(),
+            },
         )?;
         let insert_races = Arc::<AtomicU64>::default();
-        let completed = Arc::new(CompletedRecords::new(config.replay_cache_bytes));
         let batchers = (config.max_batch > 1).then(|| {
             // The pool serves every other command meanwhile.
             let slots = config.batch_slots.max(1);
@@ -147,7 +158,9 @@ impl PostgresStore {
                     slots,
                 )),
                 completes: Arc::new(Batcher::new(
-                    Completes,
+                    Completes {
+                        completed: completed.clone(),
+                    },
                     connections.clone(),
                     config.max_batch,
                     slots,
@@ -168,6 +181,7 @@ impl PostgresStore {
             insert_races,
             reap_cursor: Arc::default(),
             completed,
+            servers,
         };
         // A cache that does not hear of purges could replay a purged record. Outside a runtime
         // (a tool building the store) the listener starts with the first command instead.
@@ -295,23 +309,24 @@ impl Store for PostgresStore {
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
         let span = store_span!("postgresql complete", "complete");
-        let generation = self.completed.generation();
-        let record = async {
+        async {
             match &self.batchers {
                 Some(batchers) => batchers.completes.run(command, deadline).await,
                 None => {
                     self.connections
                         .run(deadline, async |client| {
-                            commands::complete(client, &command).await
+                            let generation = self.completed.generation();
+                            let record = commands::complete(client, &command).await?;
+                            self.completed
+                                .remember(&record, generation, identity::created(client));
+                            Ok(record)
                         })
                         .await
                 }
             }
         }
         .instrument(span)
-        .await?;
-        self.completed.remember(&record, generation);
-        Ok(record)
+        .await
     }
 
     async fn release(
@@ -385,9 +400,30 @@ impl Store for PostgresStore {
         }
     }
 
+    /// Ready when the server takes writes and has the schema. A standby or a read-only server
+    /// (a demoted or fenced primary) is not ready: the error discards the connection, so the
+    /// next round opens a new one, which a multi-host URL with `target_session_attrs=read-write`
+    /// sends to the writable server. Each round also notices a changed server (see `identity`)
+    /// while the replica is idle.
     async fn check_ready(&self) -> Result<(), StoreError> {
         self.connections
-            .run(None, async |client| migrate::check_schema(client).await)
+            .run(None, async |client| {
+                let server = identity::ask(client).await?;
+                self.servers
+                    .observe(server.identity, identity::created(client), &self.completed);
+                if server.read_only {
+                    return Err(StoreError::Unavailable(
+                        "the database server is read-only (a standby, or a demoted primary): \
+                         no writable primary reachable"
+                            .into(),
+                    ));
+                }
+                // New connections raise the fencing floor before their first use; this covers
+                // a connection that outlived its server's promotion (a URL without
+                // `target_session_attrs=read-write` can hold one to a standby).
+                identity::fencing_floor(client, &server).await?;
+                migrate::check_schema(client).await
+            })
             .await
     }
 }

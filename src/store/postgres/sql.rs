@@ -81,13 +81,15 @@ pub const ACQUIRE_INSERT_OR_GET: &str = concat!(
 /// the two statements, as the `CASE`s re-check). A compare-and-set on the fencing token
 /// and revision seen by the first step: if anyone wrote the row since, nothing matches and the
 /// store decides again. The fencing token is unique across all rows ever, so a reaped and
-/// re-created row cannot be mistaken for the one that was decided on.
+/// re-created row cannot be mistaken for the one that was decided on. The new token is above the
+/// row's own even if the sequence is not (a sequence restored behind its table's rows, say): a
+/// key's tokens only ever grow.
 /// $1..$7 as for `ACQUIRE_INSERT_OR_GET`, $8 replace, $9 expected fencing token,
 /// $10 expected revision.
 pub const ACQUIRE_GRANT: &str = concat!(
     "UPDATE idemd_records SET
         state = 1, fingerprint = $3, lease_token = $4, released = false,
-        fencing_token = nextval('idemd_fencing_token_seq'),
+        fencing_token = GREATEST(nextval('idemd_fencing_token_seq'), fencing_token + 1),
         attempts = CASE WHEN $8 OR expires_at <= now() THEN 1
             ELSE LEAST(attempts::bigint + 1, 2147483647)::integer END,
         holder = $5, retention_us = $7, revision = revision + 1,
@@ -154,6 +156,36 @@ pub const GET: &str = concat!(
     record_columns!(),
     ", now() AS db_now FROM idemd_records WHERE namespace = $1 AND key = $2"
 );
+
+/// Who the server is and whether it takes writes (see `super::identity`): its system identifier,
+/// its timeline, whether it is read-only (a standby, or `default_transaction_read_only`), whether
+/// the fencing sequence exists (not before migrations) and its last value (NULL before the first
+/// token). A primary's
+/// timeline is read from the name of the WAL file it writes now: `pg_control_checkpoint()` would
+/// give the previous timeline until the first checkpoint after a promotion, which PostgreSQL
+/// spreads over minutes. A standby cannot name its WAL insert position; it reports the timeline of
+/// its last restartpoint. None of these functions needs a superuser.
+pub const SERVER_IDENTITY: &str = "SELECT
+        (SELECT system_identifier FROM pg_control_system()),
+        CASE WHEN pg_is_in_recovery()
+            THEN (SELECT timeline_id FROM pg_control_checkpoint())::bigint
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+        END,
+        pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean,
+        to_regclass('idemd_fencing_token_seq') IS NOT NULL,
+        pg_sequence_last_value(to_regclass('idemd_fencing_token_seq'))";
+
+/// Session-independent key of the transaction-scoped advisory lock under which a replica raises
+/// the fencing sequence to its timeline's floor ("idemd" + 3).
+pub const FENCING_FLOOR_LOCK_KEY: i64 = 0x6964_656d_6400_0003;
+
+/// Takes the fencing-floor lock ($1 `FENCING_FLOOR_LOCK_KEY`) until the transaction ends.
+pub const FENCING_FLOOR_LOCK: &str = "SELECT pg_advisory_xact_lock($1)";
+
+/// Raises the fencing sequence to $1 (so that the next token is $1) unless it is there already;
+/// run under `FENCING_FLOOR_LOCK` (see `super::identity::fencing_floor`).
+pub const FENCING_FLOOR: &str = "SELECT setval('idemd_fencing_token_seq', $1, false) \
+    FROM idemd_fencing_token_seq WHERE last_value < $1";
 
 /// Session-independent key of the session-level advisory lock held while migrating ("idemd" + 1).
 pub const MIGRATION_LOCK_KEY: i64 = 0x6964_656d_6400_0001;

@@ -9,6 +9,7 @@
 //! With `IDEMD_RELIABILITY_DIR` set, each scenario writes its row of `docs/RELIABILITY.md` there
 //! (`scripts/reliability.sh` runs them all and assembles the report).
 
+mod failover;
 mod history;
 mod rig;
 pub(crate) mod workload;
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use crate::faults::Fault;
+use crate::processes::Replication;
 use history::{check, millis, retryable, Call, History, Op, Reply, Tally};
 use rig::Rig;
 use workload::{Caller, Workload};
@@ -37,6 +39,18 @@ struct Scenario {
     workload: Workload,
     /// What the faults must do to clients.
     errors: Errors,
+    /// One server behind proxies, or a primary and a standby (see `Rig::start_pair`).
+    database: Database,
+    /// Whether the faults may lose acknowledged Completes (an asynchronous standby promoted):
+    /// then the run counts what was lost (see `failover::judge_loss`) instead of failing on it.
+    lossy: bool,
+}
+
+/// What the replicas' database is.
+#[derive(Clone, Copy)]
+enum Database {
+    Single,
+    Pair(Replication),
 }
 
 /// Whether a scenario's clients must, may, or must not see UNAVAILABLE.
@@ -57,6 +71,8 @@ impl Scenario {
             replicas: vec![Vec::new(); 3],
             workload: Workload::default(),
             errors: Errors::Required,
+            database: Database::Single,
+            lossy: false,
         }
     }
 }
@@ -69,7 +85,12 @@ where
 {
     crate::harness::init_logs();
     let started = Instant::now();
-    let rig = Rig::start(scenario.replicas.clone()).await;
+    let rig = match scenario.database {
+        Database::Single => Rig::start(scenario.replicas.clone()).await,
+        Database::Pair(replication) => {
+            Rig::start_pair(scenario.replicas.clone(), replication).await
+        }
+    };
     rig.await_serving(Instant::now()).await;
     let history = Arc::new(History::default());
     let (stop, stopped) = watch::channel(false);
@@ -98,15 +119,24 @@ where
     let finals = final_phase(&rig, &history).await;
     let ops = history.ops();
     let (tally, violations) = check(&ops);
+    let loss = scenario.lossy.then(|| {
+        let promoted = *rig.promoted_at.lock().unwrap_or_else(|p| p.into_inner());
+        failover::judge_loss(&ops, &violations, &finals, promoted, rig.replicas.len())
+    });
     let report = Report {
         name: scenario.name,
         tally: tally.clone(),
         faults: rig.fault_records(),
         violations: violations.len() + finals.len(),
         elapsed: started.elapsed(),
+        note: loss.as_ref().map(ToString::to_string),
     };
     report.write();
     eprintln!("{}", report.row());
+    if loss.is_some() {
+        // `judge_loss` has asserted what must hold even when the failover loses data.
+        return;
+    }
 
     let mut problems: Vec<String> = violations.iter().take(10).map(|v| v.to_string()).collect();
     problems.extend(finals.iter().take(10).map(|(key, what)| {
@@ -170,7 +200,7 @@ async fn final_phase(rig: &Arc<Rig>, history: &Arc<History>) -> Vec<(String, Str
     let mut keys: Vec<String> = ops.iter().map(|op| op.key.clone()).collect();
     keys.sort();
     keys.dedup();
-    let reader = crate::harness::TestServer::uncached(&rig.cluster.admin_url()).await;
+    let reader = crate::harness::TestServer::uncached(&rig.primary_admin_url()).await;
     let mut clients = rig.clients();
     clients.push(reader.client().await);
     let uncached = rig.replicas.len();
@@ -271,6 +301,8 @@ struct Report {
     faults: Vec<rig::FaultRecord>,
     violations: usize,
     elapsed: Duration,
+    /// What a lossy run lost, after its name.
+    note: Option<String>,
 }
 
 impl Report {
@@ -308,9 +340,13 @@ impl Report {
             .max()
             .map(|d| format!("{} ms", millis(d)))
             .unwrap_or_else(|| "–".into());
+        let name = match &self.note {
+            Some(note) => format!("{} ({note})", self.name),
+            None => self.name.to_string(),
+        };
         format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | **{}** | {} | {:.1} s |",
-            self.name,
+            name,
             faults,
             self.tally.ops,
             self.tally.keys,

@@ -4,7 +4,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -13,7 +16,7 @@ use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServic
 use tonic::transport::{Channel, Endpoint};
 
 use crate::faults::{Fault, FaultProxy};
-use crate::processes::{free_port, Cluster, IdemdProcess};
+use crate::processes::{free_port, Cluster, IdemdProcess, Replication};
 
 /// How long a replica may take to serve again after a fault heals before the run fails.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
@@ -34,7 +37,15 @@ pub struct Replica {
 }
 
 pub struct Rig {
+    /// The database server (with `start_pair`, the primary the run starts on).
     pub cluster: Cluster,
+    /// With `start_pair`: the streaming standby that failover scenarios promote. The replicas
+    /// then reach both servers directly through one multi-host URL, without fault proxies.
+    pub standby: Option<Cluster>,
+    /// Whether the standby has been promoted.
+    promoted: AtomicBool,
+    /// When `promote` returned (the standby took writes).
+    pub promoted_at: Mutex<Option<std::time::SystemTime>>,
     pub proxies: Vec<FaultProxy>,
     pub replicas: Vec<Replica>,
     pub faults: Mutex<Vec<FaultRecord>>,
@@ -52,6 +63,60 @@ impl Rig {
         for _ in &envs {
             proxies.push(FaultProxy::start(cluster.addr()).await);
         }
+        Self::build(cluster, None, proxies, envs).await
+    }
+
+    /// A primary and a streaming standby (synchronous or not), and the replicas on a multi-host
+    /// URL of both with `target_session_attrs=read-write`; returns once the standby streams (and,
+    /// when synchronous, is the primary's synchronous standby).
+    pub async fn start_pair(
+        envs: Vec<Vec<(String, String)>>,
+        replication: Replication,
+    ) -> Arc<Self> {
+        let (cluster, standby) = tokio::task::spawn_blocking(move || {
+            let primary = Cluster::primary(replication);
+            let standby = primary.standby();
+            (primary, standby)
+        })
+        .await
+        .expect("start primary and standby");
+        let (admin, connection) =
+            tokio_postgres::connect(&cluster.admin_url(), tokio_postgres::NoTls)
+                .await
+                .expect("connect to primary");
+        tokio::spawn(connection);
+        let wanted = match replication {
+            Replication::Synchronous => "sync",
+            Replication::Asynchronous => "async",
+        };
+        let started = Instant::now();
+        loop {
+            let state: Option<String> = admin
+                .query_opt(
+                    "SELECT sync_state FROM pg_stat_replication WHERE state = 'streaming'",
+                    &[],
+                )
+                .await
+                .expect("replication state")
+                .map(|row| row.get(0));
+            if state.as_deref() == Some(wanted) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the standby is not a streaming {wanted} standby: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self::build(cluster, Some(standby), Vec::new(), envs).await
+    }
+
+    async fn build(
+        cluster: Cluster,
+        standby: Option<Cluster>,
+        proxies: Vec<FaultProxy>,
+        envs: Vec<Vec<(String, String)>>,
+    ) -> Arc<Self> {
         let replicas = envs
             .into_iter()
             .map(|env| Replica {
@@ -66,6 +131,9 @@ impl Rig {
             .collect();
         let rig = Arc::new(Self {
             cluster,
+            standby,
+            promoted: AtomicBool::new(false),
+            promoted_at: Mutex::new(None),
             proxies,
             replicas,
             faults: Mutex::new(Vec::new()),
@@ -101,7 +169,37 @@ impl Rig {
     }
 
     fn database_url(&self, index: usize) -> String {
-        format!("postgres://postgres@{}/postgres", self.proxies[index].addr)
+        match &self.standby {
+            Some(standby) => format!(
+                "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres\
+                 ?target_session_attrs=read-write",
+                self.cluster.port(),
+                standby.port()
+            ),
+            None => format!("postgres://postgres@{}/postgres", self.proxies[index].addr),
+        }
+    }
+
+    /// The admin URL of the server that is the primary now.
+    pub fn primary_admin_url(&self) -> String {
+        match &self.standby {
+            Some(standby) if self.promoted.load(Ordering::SeqCst) => standby.admin_url(),
+            _ => self.cluster.admin_url(),
+        }
+    }
+
+    /// Promotes the standby (`pg_ctl promote`, waiting until it takes writes).
+    pub async fn promote(self: &Arc<Self>) {
+        self.blocking(|rig| {
+            rig.standby
+                .as_ref()
+                .expect("a rig started with start_pair")
+                .promote();
+            rig.promoted.store(true, Ordering::SeqCst);
+            *rig.promoted_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::SystemTime::now());
+        })
+        .await;
     }
 
     /// Starts (or restarts) replica `index` on its address, waiting until it announces itself.
@@ -258,7 +356,7 @@ impl Rig {
     /// A direct connection to the cluster, around the proxies.
     pub async fn admin(&self) -> tokio_postgres::Client {
         let (client, connection) =
-            tokio_postgres::connect(&self.cluster.admin_url(), tokio_postgres::NoTls)
+            tokio_postgres::connect(&self.primary_admin_url(), tokio_postgres::NoTls)
                 .await
                 .expect("connect to cluster");
         tokio::spawn(connection);
