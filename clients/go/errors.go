@@ -42,7 +42,8 @@ const errorDomain = "idemd"
 // these.
 var (
 	// ErrUnavailable: idemd could not be reached or did not answer in time (gRPC UNAVAILABLE,
-	// including STORE_UNAVAILABLE, a refused or broken connection, or DEADLINE_EXCEEDED). Idempotent
+	// including STORE_UNAVAILABLE, a refused or broken connection, DEADLINE_EXCEEDED, or a CANCELLED
+	// the caller's context did not cause, as a server or proxy answers when it gives up). Idempotent
 	// has already retried with backoff; without WithFailOpen it fails closed with it.
 	ErrUnavailable = errors.New("idemd unavailable")
 	// ErrRateLimited: RESOURCE_EXHAUSTED / CALLER_LIMITED, this caller is over its own limit
@@ -167,9 +168,12 @@ func codeName(code codes.Code) string {
 	return name.String()
 }
 
-// unavailableCode is whether a code means idemd is unreachable or did not answer in time.
+// unavailableCode is whether a code means idemd is unreachable or did not answer in time. A
+// CANCELLED counts when the caller's context did not cause it (Is checks callerEnded first): a
+// tonic server answers it when the call's grpc-timeout passes on its side first, a proxy when it
+// gives up (clients/BEHAVIOUR.md, case acquire_cancelled_by_the_server_fails_open).
 func unavailableCode(code codes.Code) bool {
-	return code == codes.Unavailable || code == codes.DeadlineExceeded
+	return code == codes.Unavailable || code == codes.DeadlineExceeded || code == codes.Canceled
 }
 
 // fromRPC turns an error of a gRPC call into an *Error. When the caller's own context ended, the

@@ -89,6 +89,10 @@ func TestCallerCancellationIsNotUnavailability(t *testing.T) {
 	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrUnavailable) {
 		t.Fatalf("%v", err)
 	}
+	// The same code from a server that gave up, with the caller's context still live: unreachable.
+	if err := fromRPC(context.Background(), status.Error(codes.Canceled, "Timeout expired")); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("a CANCELLED the caller did not cause: %v", err)
+	}
 	if codeName(codes.DeadlineExceeded) != "DEADLINE_EXCEEDED" || codeName(codes.OK) != "OK" {
 		t.Fatalf("code names: %s %s", codeName(codes.DeadlineExceeded), codeName(codes.OK))
 	}

@@ -379,3 +379,47 @@ async fn behaviour_node_client() {
     })
     .await;
 }
+
+/// Builds the Go runner (`clients/go/internal/behaviourrunner`) once into Cargo's test temp dir.
+fn build_go_runner() -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-behaviour-runner");
+    let output = Command::new("go")
+        .current_dir(repository().join("clients/go"))
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg("./internal/behaviourrunner")
+        .output()
+        .expect("run go build (Go is installed by .ci/run)");
+    assert!(
+        output.status.success(),
+        "go build of the behaviour runner failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+#[tokio::test]
+async fn behaviour_go_client() {
+    let runner = tokio::task::spawn_blocking(build_go_runner)
+        .await
+        .expect("build the Go runner");
+    run_every_case("Go", |address, case, _options, _work| {
+        let command = Command::new(&runner);
+        async move { run_process(command, address, &case).await }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn behaviour_java_client() {
+    // Compiles the client and its runner once (Maven), then each case is one JVM start.
+    let runner = tokio::task::spawn_blocking(crate::java_client::java_behaviour_runner)
+        .await
+        .expect("build the Java runner");
+    drop(runner);
+    run_every_case("Java", |address, case, _options, _work| {
+        let command = crate::java_client::java_behaviour_runner();
+        async move { run_process(command, address, &case).await }
+    })
+    .await;
+}
