@@ -4,6 +4,7 @@ import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
+import static org.junit.jupiter.api.Assertions.fail;
 
 import dev.idemd.idempotency.v1.AcquireRequest;
 import dev.idemd.idempotency.v1.Outcome;
@@ -39,14 +40,35 @@ class ResilienceTest {
 
   /** Waits until calls of {@code client} have retried more than {@code seen} times. */
   private static void awaitRetries(IdempotencyClient client, long seen) {
+    awaitRetries(client, seen, null);
+  }
+
+  /**
+   * Waits until calls of {@code client} have retried more than {@code seen} times; if {@code call}
+   * ends first, fails with how it ended (a call answered by something else on the port, or failing
+   * with an error the helper does not retry, never retries).
+   */
+  private static void awaitRetries(
+      IdempotencyClient client, long seen, CompletableFuture<IdempotentResult> call) {
     long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(30);
     while (client.retries() <= seen) {
+      if (call != null && call.isDone()) {
+        fail("the call ended without retrying: " + describe(call));
+      }
       assertTrue(System.nanoTime() < deadline, "the call never retried");
       try {
         TimeUnit.MILLISECONDS.sleep(5); // polls a condition; the client has no hook to await
       } catch (InterruptedException interrupted) {
         throw new IllegalStateException(interrupted);
       }
+    }
+  }
+
+  private static String describe(CompletableFuture<IdempotentResult> call) {
+    try {
+      return "it returned " + call.getNow(null);
+    } catch (RuntimeException failed) {
+      return "it failed with " + failed.getCause();
     }
   }
 
@@ -175,7 +197,7 @@ class ResilienceTest {
                 return CompletableFuture.completedFuture(StoredResult.of("served late"));
               });
       // Start idemd only once the call has met the closed port and is retrying.
-      awaitRetries(client, 0);
+      awaitRetries(client, 0, early);
       IdemdProcess idemd = IdemdProcess.startOn(address);
       try {
         IdempotentResult result = early.get(60, TimeUnit.SECONDS);
@@ -212,7 +234,7 @@ class ResilienceTest {
                 null,
                 patient,
                 context -> CompletableFuture.completedFuture(StoredResult.of("stored during")));
-        awaitRetries(client, retries);
+        awaitRetries(client, retries, waiting);
         idemd = IdemdProcess.startOn(address, "--database-url", postgres.url());
         assertEquals("stored during", waiting.get(60, TimeUnit.SECONDS).result().bodyUtf8());
 
@@ -277,7 +299,7 @@ class ResilienceTest {
                 calls.incrementAndGet();
                 return CompletableFuture.completedFuture(StoredResult.of("stored after outage"));
               });
-      awaitRetries(client, 0);
+      awaitRetries(client, 0, waiting);
       postgres.start();
       IdempotentResult result = waiting.get(60, TimeUnit.SECONDS);
       assertFalse(result.replayed());
