@@ -54,7 +54,7 @@ FILE_DESCRIPTOR = (
     b'otency.v1.ReleaseResponse\x12D\n\x05Renew\x12\x1c.idempotency.v1.RenewRequest'
     b'\x1a\x1d.idempotency.v1.RenewResponse\x12>\n\x03Get\x12\x1a.idempotency.v1.GetReque'
     b'st\x1a\x1b.idempotency.v1.GetResponse\x12A\n\x04Wait\x12\x1b.idempotency.v1.WaitReq'
-    b'uest\x1a\x1c.idempotency.v1.WaitResponseBX\n\x18dev.idemd.idempotency.v1P\x01'
-    b'Z:github.com/idemd/idemd/gen/go/idempotency/v1;idempotencyv1b\x06pr'
-    b'oto3'
+    b'uest\x1a\x1c.idempotency.v1.WaitResponseB[\n\x18dev.idemd.idempotency.v1P\x01'
+    b'Z=github.com/idemd/idemd/clients/go/idempotencyv1;idempotencyv1b'
+    b'\x06proto3'
 )
