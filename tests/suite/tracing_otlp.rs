@@ -681,22 +681,42 @@ async fn assert_program_carries_the_callers_context(
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let spans = collector.trace(trace, 2 * calls).await;
-    let servers: Vec<&Span> = spans
-        .iter()
-        .map(|received| &received.span)
-        .filter(|span| span.kind == SpanKind::Server as i32)
-        .collect();
-    assert_eq!(servers.len(), 2 * calls, "{language}: {spans:#?}");
+    // This idemd served only the program: wait for its server spans, whatever trace they are in
+    // (a call that lost the caller's context is a root span of a trace of its own), then check
+    // that each is in the caller's trace, under the caller's span.
+    let servers = || -> Vec<Span> {
+        collector
+            .spans()
+            .into_iter()
+            .map(|received| received.span)
+            .filter(|span| span.kind == SpanKind::Server as i32)
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the program's server spans reached the collector",
+        || {
+            let arrived = servers().len();
+            async move { arrived >= 2 * calls }
+        },
+    )
+    .await;
+    let servers = servers();
+    assert_eq!(servers.len(), 2 * calls, "{language}: {servers:#?}");
     for (method, outcome) in [("Acquire", "acquired"), ("Complete", "completed")] {
         let name = format!("idempotency.v1.IdempotencyService/{method}");
-        let of_method: Vec<&&Span> = servers.iter().filter(|span| span.name == name).collect();
+        let of_method: Vec<&Span> = servers.iter().filter(|span| span.name == name).collect();
         assert_eq!(of_method.len(), calls, "{language}: {method} spans");
         for span in of_method {
+            assert_eq!(
+                hex(&span.trace_id),
+                trace,
+                "{language}: the {method} span is in the caller's trace"
+            );
             assert_server_span(span, method, parent, outcome, "traced");
         }
     }
-    assert_nothing_forbidden(&spans, &[&key]);
+    assert_nothing_forbidden(&collector.spans(), &[&key]);
 }
 
 fn client_dir(language: &str) -> std::path::PathBuf {
