@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
@@ -111,13 +112,33 @@ func (c *Client) Close() error {
 	return c.conn.Close()
 }
 
-// rpcContext bounds ctx by timeout and adds the bearer token.
+// rpcContext bounds ctx by timeout and adds the bearer token and the caller's trace context.
 func (c *Client) rpcContext(ctx context.Context, timeout time.Duration) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	if c.token != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+c.token)
 	}
-	return ctx, cancel
+	return withTraceContext(ctx), cancel
+}
+
+// traceContext writes W3C traceparent/tracestate. It is used directly rather than
+// otel.GetTextMapPropagator(), whose default does nothing: W3C trace context is what idemd reads,
+// and a caller's trace should continue into idemd without any setup by the caller.
+var traceContext = propagation.TraceContext{}
+
+// withTraceContext adds ctx's OpenTelemetry span context (if it has a valid one) to the call's
+// metadata as traceparent/tracestate, so idemd's spans join the caller's trace.
+func withTraceContext(ctx context.Context) context.Context {
+	carrier := propagation.MapCarrier{}
+	traceContext.Inject(ctx, carrier)
+	if len(carrier) == 0 {
+		return ctx
+	}
+	pairs := make([]string, 0, 2*len(carrier))
+	for name, value := range carrier {
+		pairs = append(pairs, name, value)
+	}
+	return metadata.AppendToOutgoingContext(ctx, pairs...)
 }
 
 // call runs one unary RPC with the client's deadline and turns its error into an *Error.

@@ -58,6 +58,13 @@ fn java_client_tests_pass() {
 /// `mvn test` writes clients/java/target at the same time); every case then costs one JVM start,
 /// not one Maven run.
 pub(crate) fn java_behaviour_runner() -> Command {
+    java_test_program("dev.idemd.client.BehaviourRunner")
+}
+
+/// `java CLASS` on the classpath of the client and its compiled tests (built once, as
+/// [`java_behaviour_runner`] says): a program among the client's tests, e.g. the traced call of
+/// tests/suite/tracing_otlp.rs.
+pub(crate) fn java_test_program(class: &str) -> Command {
     static CLASSPATH: OnceLock<String> = OnceLock::new();
     let classpath = CLASSPATH.get_or_init(|| {
         let build = concat!(env!("CARGO_TARGET_TMPDIR"), "/java-behaviour-runner");
@@ -85,7 +92,7 @@ pub(crate) fn java_behaviour_runner() -> Command {
         "-XX:+UseSerialGC",
         "-cp",
         classpath,
-        "dev.idemd.client.BehaviourRunner",
+        class,
     ]);
     java
 }

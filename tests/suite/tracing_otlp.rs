@@ -649,3 +649,206 @@ async fn queued_spans_are_sent_on_shutdown() {
     let spans = collector.trace(TRACE, 1).await;
     named(&spans, "idempotency.v1.IdempotencyService/Acquire");
 }
+
+/// Runs one client language's traced-call program (`program` gets ADDRESS TRACE_ID
+/// PARENT_SPAN_ID KEY appended) against idemd with traces on, and checks that each of its
+/// `calls` `idempotent` calls (an Acquire and a Complete each, on fresh keys) reached idemd as
+/// server spans in the caller's trace, under the caller's span.
+async fn assert_program_carries_the_callers_context(
+    language: &str,
+    mut program: std::process::Command,
+    trace: &str,
+    parent: &str,
+    calls: usize,
+) {
+    let (collector, collector_addr) = Collector::start().await;
+    let server = traced_idemd(&[], &format!("http://{collector_addr}"), &[]);
+    let key = unique_key(language);
+    program
+        .arg(server.addr.to_string())
+        .arg(trace)
+        .arg(parent)
+        .arg(&key);
+    let output = tokio::task::spawn_blocking(move || program.output())
+        .await
+        .expect("the program's thread")
+        .unwrap_or_else(|error| panic!("start the {language} traced call: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.trim() == "ok",
+        "the {language} traced call failed ({}): {stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // This idemd served only the program: wait for its server spans, whatever trace they are in
+    // (a call that lost the caller's context is a root span of a trace of its own), then check
+    // that each is in the caller's trace, under the caller's span.
+    let servers = || -> Vec<Span> {
+        collector
+            .spans()
+            .into_iter()
+            .map(|received| received.span)
+            .filter(|span| span.kind == SpanKind::Server as i32)
+            .collect()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the program's server spans reached the collector",
+        || {
+            let arrived = servers().len();
+            async move { arrived >= 2 * calls }
+        },
+    )
+    .await;
+    let servers = servers();
+    assert_eq!(servers.len(), 2 * calls, "{language}: {servers:#?}");
+    for (method, outcome) in [("Acquire", "acquired"), ("Complete", "completed")] {
+        let name = format!("idempotency.v1.IdempotencyService/{method}");
+        let of_method: Vec<&Span> = servers.iter().filter(|span| span.name == name).collect();
+        assert_eq!(of_method.len(), calls, "{language}: {method} spans");
+        for span in of_method {
+            assert_eq!(
+                hex(&span.trace_id),
+                trace,
+                "{language}: the {method} span is in the caller's trace"
+            );
+            assert_server_span(span, method, parent, outcome, "traced");
+        }
+    }
+    assert_nothing_forbidden(&collector.spans(), &[&key]);
+}
+
+fn client_dir(language: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(language)
+}
+
+/// The Python client (sync `Client` and asyncio `AsyncClient`) carries the caller's current
+/// OpenTelemetry context (`opentelemetry-api`, the `otel` extra) into its calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_carries_the_callers_context() {
+    let python = client_dir("python");
+    for (flavour, trace, parent) in [
+        (
+            "sync",
+            "a4bf92f3577b34da6a3ce929d0e0e473",
+            "a0f067aa0ba902b7",
+        ),
+        (
+            "asyncio",
+            "b4bf92f3577b34da6a3ce929d0e0e473",
+            "b0f067aa0ba902b7",
+        ),
+    ] {
+        let mut program = std::process::Command::new("python3");
+        program
+            .arg(python.join("tests/traced_call.py"))
+            // This checkout's client, whatever else is installed.
+            .env("PYTHONPATH", &python)
+            .env("IDEMD_TRACED_CALL_PYTHON", flavour);
+        assert_program_carries_the_callers_context(
+            &format!("python-{flavour}"),
+            program,
+            trace,
+            parent,
+            1,
+        )
+        .await;
+    }
+}
+
+/// The Node client carries the active OpenTelemetry context (`@opentelemetry/api`, an optional
+/// peer dependency) into its calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_client_carries_the_callers_context() {
+    let node = client_dir("node");
+    assert!(
+        node.join("node_modules").exists(),
+        "run `npm ci --prefix clients/node` first (CI's .ci/run does)"
+    );
+    // Its own output folder: `dist/` is the Node suite's and `dist-behaviour/` the behaviour
+    // suite's, either possibly being rebuilt at the same time.
+    let out = node.join("dist-traces");
+    let compiled = tokio::task::spawn_blocking({
+        let (node, out) = (node.clone(), out.clone());
+        move || {
+            std::process::Command::new("node")
+                .current_dir(&node)
+                .args(["node_modules/typescript/bin/tsc", "-p", ".", "--outDir"])
+                .arg(&out)
+                .output()
+        }
+    })
+    .await
+    .expect("the compiler's thread")
+    .expect("run tsc");
+    assert!(
+        compiled.status.success(),
+        "tsc could not compile the Node client: {}",
+        String::from_utf8_lossy(&compiled.stdout)
+    );
+    let mut program = std::process::Command::new("node");
+    program.arg(out.join("test/traced-call.js"));
+    assert_program_carries_the_callers_context(
+        "node",
+        program,
+        "c4bf92f3577b34da6a3ce929d0e0e473",
+        "c0f067aa0ba902b7",
+        1,
+    )
+    .await;
+}
+
+/// The Go client carries the context's OpenTelemetry span context into its calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_client_carries_the_callers_context() {
+    let binary = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-traced-call");
+    let built = tokio::task::spawn_blocking({
+        let binary = binary.clone();
+        move || {
+            std::process::Command::new("go")
+                .current_dir(client_dir("go"))
+                .args(["build", "-o"])
+                .arg(&binary)
+                .arg("./internal/tracedcall")
+                .output()
+        }
+    })
+    .await
+    .expect("the build's thread")
+    .expect("run go build (Go is installed by .ci/run)");
+    assert!(
+        built.status.success(),
+        "go build of the traced call failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    assert_program_carries_the_callers_context(
+        "go",
+        std::process::Command::new(&binary),
+        "d4bf92f3577b34da6a3ce929d0e0e473",
+        "d0f067aa0ba902b7",
+        1,
+    )
+    .await;
+}
+
+/// The Java client carries the current OpenTelemetry context into its calls, from the blocking
+/// `idempotent` and from `idempotentAsync`, whose protocol runs on the client's executor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_java_client_carries_the_callers_context() {
+    let program = tokio::task::spawn_blocking(|| {
+        crate::java_client::java_test_program("dev.idemd.client.TracedCall")
+    })
+    .await
+    .expect("build the Java client");
+    assert_program_carries_the_callers_context(
+        "java",
+        program,
+        "e4bf92f3577b34da6a3ce929d0e0e473",
+        "e0f067aa0ba902b7",
+        2,
+    )
+    .await;
+}

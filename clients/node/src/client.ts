@@ -14,6 +14,7 @@ import {
   isUnavailable,
 } from "./errors.js";
 import { fingerprint } from "./fingerprint.js";
+import { traceMetadata } from "./traces.js";
 
 // ---------------------------------------------------------------------------------------------
 // Wire types, as @grpc/proto-loader presents them with the options below: camelCase field names,
@@ -315,6 +316,7 @@ export class IdempotencyClient {
     return new Promise((resolve, reject) => {
       const md = new grpc.Metadata();
       if (this.token) md.set("authorization", `Bearer ${this.token}`);
+      for (const [name, value] of traceMetadata()) md.set(name, value);
       this.stub[method]!(req, md, { deadline: new Date(Date.now() + timeoutMs) }, (err: grpc.ServiceError | null, res: Res) =>
         err ? reject(fromServiceError(err)) : resolve(res),
       );

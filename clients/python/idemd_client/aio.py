@@ -36,6 +36,7 @@ from .errors import (
     error_from_rpc,
     lease_lost,
 )
+from ._traces import Metadata, call_metadata
 from .fingerprint import to_fingerprint
 
 __all__ = ["AsyncClient", "AsyncLease"]
@@ -62,7 +63,7 @@ class AsyncClient:
         self.target = target
         self.rpc_timeout = float(rpc_timeout)
         self.holder = holder or default_holder()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = credentials
         self._channel_options = list(channel_options or [])
         self._channel = channel
@@ -108,7 +109,9 @@ class AsyncClient:
         rpcs = self._ensure()
         try:
             return await rpcs[method](
-                request, timeout=self.rpc_timeout if timeout is None else timeout, metadata=self._metadata
+                request,
+                timeout=self.rpc_timeout if timeout is None else timeout,
+                metadata=call_metadata(self._metadata),
             )
         except grpc.RpcError as err:
             raise error_from_rpc(err, method) from err

@@ -35,6 +35,7 @@ from .errors import (
     error_from_rpc,
     lease_lost,
 )
+from ._traces import Metadata, call_metadata
 from .fingerprint import to_fingerprint
 
 __all__ = ["Client", "Lease"]
@@ -64,7 +65,7 @@ class Client:
         self.target = target
         self.rpc_timeout = float(rpc_timeout)
         self.holder = holder or default_holder()
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata: Metadata = (("authorization", f"Bearer {token}"),) if token else ()
         opts = list(channel_options or [])
         if channel is not None:
             self._channel = channel
@@ -101,7 +102,9 @@ class Client:
     def _call(self, method: str, request, timeout: Optional[float] = None):
         try:
             return self._rpcs[method](
-                request, timeout=self.rpc_timeout if timeout is None else timeout, metadata=self._metadata
+                request,
+                timeout=self.rpc_timeout if timeout is None else timeout,
+                metadata=call_metadata(self._metadata),
             )
         except grpc.RpcError as err:
             raise error_from_rpc(err, method) from err

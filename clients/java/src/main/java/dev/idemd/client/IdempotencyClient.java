@@ -30,6 +30,8 @@ import io.grpc.Metadata;
 import io.grpc.MethodDescriptor;
 import io.grpc.StatusRuntimeException;
 import io.grpc.TlsChannelCredentials;
+import io.opentelemetry.api.trace.propagation.W3CTraceContextPropagator;
+import io.opentelemetry.context.propagation.TextMapSetter;
 import java.io.File;
 import java.io.IOException;
 import java.nio.charset.StandardCharsets;
@@ -90,10 +92,12 @@ public final class IdempotencyClient implements AutoCloseable {
 
   private IdempotencyClient(Builder builder) {
     this.channel = Grpc.newChannelBuilder(builder.target, builder.credentials).build();
+    // Interceptors run last-added first; both only add headers, so their order does not matter.
+    Channel traced = io.grpc.ClientInterceptors.intercept(channel, new TraceContext());
     this.calls =
         builder.token == null
-            ? channel
-            : io.grpc.ClientInterceptors.intercept(channel, new BearerToken(builder.token));
+            ? traced
+            : io.grpc.ClientInterceptors.intercept(traced, new BearerToken(builder.token));
     this.rpcTimeout = builder.rpcTimeout;
     this.scheduler = new ScheduledThreadPoolExecutor(1, daemonThreads("idemd-lease-renewal"));
     this.scheduler.setRemoveOnCancelPolicy(true);
@@ -483,7 +487,7 @@ public final class IdempotencyClient implements AutoCloseable {
   public CompletableFuture<IdempotentResult> idempotentAsync(
       String namespace, String key, Object request, IdempotentOptions options, AsyncWork work) {
     Objects.requireNonNull(work, "work");
-    return CompletableFuture.supplyAsync(
+    java.util.function.Supplier<IdempotentResult> protocol =
         () -> {
           try {
             return idempotent(
@@ -507,8 +511,11 @@ public final class IdempotencyClient implements AutoCloseable {
           } catch (Exception checked) {
             throw new CompletionException(checked);
           }
-        },
-        executor);
+        };
+    // The protocol runs on the executor: the caller's OpenTelemetry context goes with it, so its
+    // calls continue the caller's trace as the blocking helper's do.
+    return CompletableFuture.supplyAsync(
+        io.opentelemetry.context.Context.current().wrapSupplier(protocol), executor);
   }
 
   /**
@@ -714,6 +721,35 @@ public final class IdempotencyClient implements AutoCloseable {
         @Override
         public void start(Listener<R> listener, Metadata headers) {
           headers.put(AUTHORIZATION, header);
+          super.start(listener, headers);
+        }
+      };
+    }
+  }
+
+  /**
+   * Adds the caller's current OpenTelemetry context to every call as W3C {@code
+   * traceparent}/{@code tracestate}, so idemd's spans join the caller's trace. The W3C propagator is
+   * used directly, not {@code GlobalOpenTelemetry}'s (a no-op until an SDK registers one): W3C trace
+   * context is the one format idemd reads, whatever the application configured. With no valid
+   * current span, nothing is added.
+   */
+  private static final class TraceContext implements ClientInterceptor {
+    private static final TextMapSetter<Metadata> SETTER =
+        (headers, name, value) -> {
+          if (headers != null) {
+            headers.put(Metadata.Key.of(name, Metadata.ASCII_STRING_MARSHALLER), value);
+          }
+        };
+
+    @Override
+    public <Q, R> ClientCall<Q, R> interceptCall(
+        MethodDescriptor<Q, R> method, CallOptions options, Channel next) {
+      return new ForwardingClientCall.SimpleForwardingClientCall<>(next.newCall(method, options)) {
+        @Override
+        public void start(Listener<R> listener, Metadata headers) {
+          W3CTraceContextPropagator.getInstance()
+              .inject(io.opentelemetry.context.Context.current(), headers, SETTER);
           super.start(listener, headers);
         }
       };
