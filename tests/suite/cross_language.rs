@@ -3,7 +3,8 @@
 //! Go and Java as processes) using the same keys at once.
 //!
 //! A worker reads commands, one JSON line each on stdin: `{"namespace", "repeats", "calls":
-//! [{"key", "request"}]}`. It runs its client's helper for every call `repeats` times, all runs
+//! [{"key", "request"}]}`, answers `{"ready": true}`, and on the next line (`go`) runs its
+//! client's helper for every call `repeats` times, all runs
 //! at once, with the fingerprint its own client computes from `request`; the work returns
 //! `LANGUAGE:KEY:N`, different on every run. It prints one JSON line per run (`key`,
 //! `work_runs`, `error` as a kind of clients/BEHAVIOUR.md, `body`, `replayed`) and then
@@ -94,18 +95,37 @@ impl ProcessWorker {
         std::fs::read_to_string(self.stderr.path()).unwrap_or_default()
     }
 
-    async fn run(&mut self, command: &Value) -> Result<Vec<Run>, String> {
-        writeln!(self.stdin, "{command}")
+    async fn next_line(&mut self) -> Result<Value, String> {
+        let line = tokio::time::timeout(COMMAND_LIMIT, self.lines.recv())
+            .await
+            .map_err(|_| format!("no answer within {COMMAND_LIMIT:?}\n{}", self.stderr()))?
+            .ok_or_else(|| format!("the worker ended\n{}", self.stderr()))?;
+        serde_json::from_str(&line)
+            .map_err(|error| format!("a line that is not JSON ({error}): {line}"))
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), String> {
+        writeln!(self.stdin, "{line}")
             .and_then(|()| self.stdin.flush())
-            .map_err(|error| format!("cannot send a command: {error}\n{}", self.stderr()))?;
+            .map_err(|error| format!("cannot send a command: {error}\n{}", self.stderr()))
+    }
+
+    /// Sends a command and waits until the worker is ready to start it.
+    async fn prepare(&mut self, command: &Value) -> Result<(), String> {
+        self.send(&command.to_string())?;
+        let ready = self.next_line().await?;
+        if ready.get("ready").is_none() {
+            return Err(format!("expected {{\"ready\": ...}}, got {ready}"));
+        }
+        Ok(())
+    }
+
+    /// Starts the prepared command and collects its runs.
+    async fn finish(&mut self) -> Result<Vec<Run>, String> {
+        self.send("go")?;
         let mut runs = Vec::new();
         loop {
-            let line = tokio::time::timeout(COMMAND_LIMIT, self.lines.recv())
-                .await
-                .map_err(|_| format!("no answer within {COMMAND_LIMIT:?}\n{}", self.stderr()))?
-                .ok_or_else(|| format!("the worker ended\n{}", self.stderr()))?;
-            let value: Value = serde_json::from_str(&line)
-                .map_err(|error| format!("a line that is not JSON ({error}): {line}"))?;
+            let value = self.next_line().await?;
             if let Some(done) = value.get("done") {
                 if done != &json!(runs.len()) {
                     return Err(format!("done says {done}, after {} runs", runs.len()));
@@ -113,8 +133,8 @@ impl ProcessWorker {
                 return Ok(runs);
             }
             runs.push(
-                serde_json::from_value(value)
-                    .map_err(|error| format!("a run line of another shape ({error}): {line}"))?,
+                serde_json::from_value(value.clone())
+                    .map_err(|error| format!("a run line of another shape ({error}): {value}"))?,
             );
         }
     }
@@ -132,10 +152,12 @@ impl Drop for ProcessWorker {
 struct RustWorker {
     client: IdempotencyClient,
     work_runs: Arc<AtomicU64>,
+    prepared: Option<Value>,
 }
 
 impl RustWorker {
-    async fn run(&mut self, command: &Value) -> Result<Vec<Run>, String> {
+    async fn finish(&mut self) -> Result<Vec<Run>, String> {
+        let command = self.prepared.take().ok_or("no command prepared")?;
         let namespace = command["namespace"].as_str().ok_or("no namespace")?;
         let repeats = command["repeats"].as_u64().ok_or("no repeats")?;
         let calls = command["calls"].as_array().ok_or("no calls")?;
@@ -229,13 +251,32 @@ struct Worker {
 }
 
 impl Worker {
-    /// Runs a command; a worker that cannot answer fails the test, naming its language.
-    async fn run(&mut self, command: &Value) -> Vec<Run> {
+    /// Hands the worker a command; it starts when `finish` says so, so that every language's
+    /// calls start together (a worker process would otherwise start late by its own start-up).
+    async fn prepare(&mut self, command: &Value) {
+        let prepared = match &mut self.runner {
+            Runner::Process(worker) => worker.prepare(command).await,
+            Runner::Rust(worker) => {
+                worker.prepared = Some(command.clone());
+                Ok(())
+            }
+        };
+        prepared.unwrap_or_else(|error| panic!("the {} worker: {error}", self.language));
+    }
+
+    /// Starts the prepared command; a worker that cannot answer fails the test, naming its
+    /// language.
+    async fn finish(&mut self) -> Vec<Run> {
         let runs = match &mut self.runner {
-            Runner::Process(worker) => worker.run(command).await,
-            Runner::Rust(worker) => worker.run(command).await,
+            Runner::Process(worker) => worker.finish().await,
+            Runner::Rust(worker) => worker.finish().await,
         };
         runs.unwrap_or_else(|error| panic!("the {} worker: {error}", self.language))
+    }
+
+    async fn run(&mut self, command: &Value) -> Vec<Run> {
+        self.prepare(command).await;
+        self.finish().await
     }
 }
 
@@ -297,13 +338,6 @@ async fn start_workers(address: &str) -> Vec<Worker> {
         .expect("the Rust client's channel");
     vec![
         Worker {
-            language: "rust",
-            runner: Runner::Rust(RustWorker {
-                client,
-                work_runs: Arc::new(AtomicU64::new(0)),
-            }),
-        },
-        Worker {
             language: "python",
             runner: Runner::Process(ProcessWorker::start(python, address)),
         },
@@ -319,13 +353,26 @@ async fn start_workers(address: &str) -> Vec<Worker> {
             language: "java",
             runner: Runner::Process(ProcessWorker::start(java, address)),
         },
+        // Last: it starts the moment it is told to, the processes a moment after.
+        Worker {
+            language: "rust",
+            runner: Runner::Rust(RustWorker {
+                client,
+                work_runs: Arc::new(AtomicU64::new(0)),
+                prepared: None,
+            }),
+        },
     ]
 }
 
-/// Each worker's runs of one command, all workers at once.
+/// Each worker's runs of one command, all workers at once: every worker is ready before any
+/// starts.
 async fn run_everywhere(workers: &mut [Worker], command: &Value) -> Vec<(&'static str, Vec<Run>)> {
+    for worker in workers.iter_mut() {
+        worker.prepare(command).await;
+    }
     join_all(workers.iter_mut().map(|worker| async move {
-        let runs = worker.run(command).await;
+        let runs = worker.finish().await;
         (worker.language, runs)
     }))
     .await

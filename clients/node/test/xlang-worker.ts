@@ -3,7 +3,8 @@
 //   node dist-xlang/test/xlang-worker.js ADDRESS
 //
 // reads commands from stdin, one JSON line each: {"namespace", "repeats", "calls": [{"key",
-// "request"}]}. For every call it runs `IdempotencyClient.idempotent` `repeats` times, all runs of
+// "request"}]}; it answers {"ready": true} and starts on the next line ("go"), so that every
+// language starts at once. For every call it runs `IdempotencyClient.idempotent` `repeats` times, all runs of
 // all calls at once, with the fingerprint this client computes from `request`. The work returns
 // "node:KEY:N" (N counts this worker's work runs, so two runs never return the same bytes). It
 // prints one JSON line per run: {"key", "work_runs", "error" (a kind of clients/BEHAVIOUR.md, or
@@ -55,9 +56,12 @@ async function main(): Promise<void> {
   if (!address) throw new Error("usage: xlang-worker ADDRESS");
   const client = new idemd.IdempotencyClient(address);
   try {
-    for await (const raw of createInterface({ input: process.stdin, crlfDelay: Infinity })) {
-      if (!raw.trim()) continue;
-      const command = JSON.parse(raw) as Command;
+    const input = createInterface({ input: process.stdin, crlfDelay: Infinity })[Symbol.asyncIterator]();
+    for (let next = await input.next(); !next.done; next = await input.next()) {
+      if (!next.value.trim()) continue;
+      const command = JSON.parse(next.value) as Command;
+      process.stdout.write(JSON.stringify({ ready: true }) + "\n");
+      if ((await input.next()).done) break;
       const runs = command.calls.flatMap((call) => Array.from({ length: command.repeats }, () => call));
       const lines = await Promise.all(runs.map((call) => runOne(client, command.namespace, call)));
       for (const line of lines) process.stdout.write(JSON.stringify(line) + "\n");

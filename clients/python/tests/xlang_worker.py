@@ -3,7 +3,8 @@
     python3 xlang_worker.py ADDRESS
 
 reads commands from stdin, one JSON line each: {"namespace", "repeats", "calls": [{"key",
-"request"}]}. For every call it runs the sync ``Client.idempotent`` helper ``repeats`` times, all
+"request"}]}; it answers {"ready": true} and starts on the next line ("go"), so that every
+language starts at once. For every call it runs the sync ``Client.idempotent`` helper ``repeats`` times, all
 runs of all calls at once (one thread each), with the fingerprint this client computes from
 ``request``. The work returns "python:KEY:N" (N counts this worker's work runs, so two runs never
 return the same bytes). It prints one JSON line per run: {"key", "work_runs", "error" (a kind of
@@ -70,10 +71,14 @@ def main(argv: list) -> int:
     lock = threading.Lock()
     with Client(address) as client:
         # Bytes, decoded here: the requests carry unicode, whatever the locale says.
-        for raw in sys.stdin.buffer:
+        while raw := sys.stdin.buffer.readline():
             if not raw.strip():
                 continue
-            lines = run_command(client, json.loads(raw.decode("utf-8")), runs, lock)
+            command = json.loads(raw.decode("utf-8"))
+            print(json.dumps({"ready": True}), flush=True)
+            if not sys.stdin.buffer.readline():
+                break
+            lines = run_command(client, command, runs, lock)
             for line in lines:
                 print(json.dumps(line))
             print(json.dumps({"done": len(lines)}), flush=True)

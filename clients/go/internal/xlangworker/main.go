@@ -1,6 +1,7 @@
 // Command xlangworker is the Go worker of the cross-language test (tests/suite/cross_language.rs):
 // `xlangworker ADDRESS` reads commands from stdin, one JSON line each: {"namespace", "repeats",
-// "calls": [{"key", "request"}]}. For every call it runs Idempotent `repeats` times, all runs of
+// "calls": [{"key", "request"}]}; it answers {"ready": true} and starts on the next line ("go"),
+// so that every language starts at once. For every call it runs Idempotent `repeats` times, all runs of
 // all calls at once (one goroutine each), with the fingerprint this client computes from
 // `request`. The work returns "go:KEY:N" (N counts this worker's work runs, so two runs never
 // return the same bytes). It prints one JSON line per run: {"key", "work_runs", "error" (a kind of
@@ -75,6 +76,12 @@ func serve(address string) error {
 		var cmd command
 		if err := json.Unmarshal(input.Bytes(), &cmd); err != nil {
 			return fmt.Errorf("a command that is not JSON: %w", err)
+		}
+		if err := output.Encode(map[string]bool{"ready": true}); err != nil {
+			return err
+		}
+		if !input.Scan() {
+			break
 		}
 		lines := run(client, cmd)
 		for _, l := range lines {

@@ -25,11 +25,12 @@ import java.util.concurrent.atomic.AtomicLong;
 /**
  * The Java worker of the cross-language test (tests/suite/cross_language.rs): {@code java
  * dev.idemd.client.XlangWorker ADDRESS} reads commands from stdin, one JSON line each: {@code
- * {"namespace", "repeats", "calls": [{"key", "request"}]}}. For every call it runs the blocking
- * helper {@code repeats} times, all runs of all calls at once (one thread each), with the
- * fingerprint this client computes from {@code request}. The work returns "java:KEY:N" (N counts
- * this worker's work runs, so two runs never return the same bytes). It prints one JSON line per
- * run: {@code {"key", "work_runs", "error" (a kind of clients/BEHAVIOUR.md, or null), "body",
+ * {"namespace", "repeats", "calls": [{"key", "request"}]}}; it answers {@code {"ready": true}} and
+ * starts on the next line ("go"), so that every language starts at once. For every call it runs
+ * the blocking helper {@code repeats} times, all runs of all calls at once (one thread each), with
+ * the fingerprint this client computes from {@code request}. The work returns "java:KEY:N" (N
+ * counts this worker's work runs, so two runs never return the same bytes). It prints one JSON line
+ * per run: {@code {"key", "work_runs", "error" (a kind of clients/BEHAVIOUR.md, or null), "body",
  * "replayed"}}, then {@code {"done": number of runs}}. It ends when stdin closes.
  */
 public final class XlangWorker {
@@ -64,6 +65,11 @@ public final class XlangWorker {
         JsonObject command = gson.fromJson(raw, JsonObject.class);
         String namespace = command.get("namespace").getAsString();
         int repeats = command.get("repeats").getAsInt();
+        out.println(gson.toJson(Map.of("ready", true)));
+        out.flush();
+        if (in.readLine() == null) {
+          break;
+        }
         List<Future<Map<String, Object>>> runs = new ArrayList<>();
         for (JsonElement call : command.getAsJsonArray("calls")) {
           String key = call.getAsJsonObject().get("key").getAsString();
