@@ -225,7 +225,7 @@ async fn run_process(mut command: Command, address: String, case: &Case) -> Resu
 }
 
 /// The kind (BEHAVIOUR.md) of a Rust client error.
-fn rust_kind(error: &ClientError<String>) -> &'static str {
+pub(crate) fn rust_kind(error: &ClientError<String>) -> &'static str {
     match error {
         ClientError::Unavailable(_) => "unavailable",
         ClientError::RateLimited(_) => "rate_limited",
@@ -320,7 +320,7 @@ async fn behaviour_rust_client() {
     .await;
 }
 
-fn repository() -> &'static Path {
+pub(crate) fn repository() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -353,12 +353,18 @@ async fn behaviour_python_asyncio_client() {
 /// Compiles the Node client and its runner into `dist-behaviour/` (not `dist/`, which the Node
 /// suite's `npm test` cleans and rebuilds, possibly at the same time).
 fn build_node_runner() -> PathBuf {
+    build_node_tests("dist-behaviour").join("test/behaviour-runner.js")
+}
+
+/// Compiles the Node client and its test folder into `clients/node/OUT_DIR` (each user of the
+/// compiled programs its own, so one compiling never rewrites files another is running).
+pub(crate) fn build_node_tests(out_dir: &str) -> PathBuf {
     let dir = repository().join("clients/node");
     assert!(
         dir.join("node_modules").exists(),
         "run `npm ci --prefix clients/node` first (CI's .ci/run does)"
     );
-    let out = dir.join("dist-behaviour");
+    let out = dir.join(out_dir);
     let status = Command::new("node")
         .current_dir(&dir)
         .args(["node_modules/typescript/bin/tsc", "-p", ".", "--outDir"])
@@ -366,7 +372,7 @@ fn build_node_runner() -> PathBuf {
         .status()
         .expect("run tsc");
     assert!(status.success(), "tsc could not compile the Node client");
-    out.join("test/behaviour-runner.js")
+    out
 }
 
 #[tokio::test]
@@ -382,17 +388,22 @@ async fn behaviour_node_client() {
 
 /// Builds the Go runner (`clients/go/internal/behaviourrunner`) once into Cargo's test temp dir.
 fn build_go_runner() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-behaviour-runner");
+    build_go_program("behaviourrunner")
+}
+
+/// Builds `clients/go/internal/NAME` into Cargo's test temp dir as `go-NAME`.
+pub(crate) fn build_go_program(name: &str) -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("go-{name}"));
     let output = Command::new("go")
         .current_dir(repository().join("clients/go"))
         .args(["build", "-o"])
         .arg(&out)
-        .arg("./internal/behaviourrunner")
+        .arg(format!("./internal/{name}"))
         .output()
         .expect("run go build (Go is installed by .ci/run)");
     assert!(
         output.status.success(),
-        "go build of the behaviour runner failed:\n{}",
+        "go build of internal/{name} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     out

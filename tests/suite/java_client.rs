@@ -53,18 +53,17 @@ fn java_client_tests_pass() {
 
 /// The Java runner of the client behaviour suite (clients/BEHAVIOUR.md, "Running the suite"):
 /// `java dev.idemd.client.BehaviourRunner`, to which the caller appends `ADDRESS CASES_FILE
-/// CASE_NAME`. The first call compiles the client and its tests with Maven into a build directory
-/// of its own under Cargo's test temp dir (so it never races `java_client_tests_pass`, whose
-/// `mvn test` writes clients/java/target at the same time); every case then costs one JVM start,
-/// not one Maven run.
+/// CASE_NAME`.
 pub(crate) fn java_behaviour_runner() -> Command {
     java_test_program("dev.idemd.client.BehaviourRunner")
 }
 
-/// `java CLASS` on the classpath of the client and its compiled tests (built once, as
-/// [`java_behaviour_runner`] says): a program among the client's tests, e.g. the traced call of
-/// tests/suite/tracing_otlp.rs.
-pub(crate) fn java_test_program(class: &str) -> Command {
+/// `java MAIN_CLASS` for a class of the Java client's tests (the behaviour runner, the
+/// cross-language worker). The first call compiles the client and its tests with Maven into a
+/// build directory of its own under Cargo's test temp dir (so it never races
+/// `java_client_tests_pass`, whose `mvn test` writes clients/java/target at the same time); every
+/// program then costs one JVM start, not one Maven run.
+pub(crate) fn java_test_program(main_class: &str) -> Command {
     static CLASSPATH: OnceLock<String> = OnceLock::new();
     let classpath = CLASSPATH.get_or_init(|| {
         let build = concat!(env!("CARGO_TARGET_TMPDIR"), "/java-behaviour-runner");
@@ -92,7 +91,7 @@ pub(crate) fn java_test_program(class: &str) -> Command {
         "-XX:+UseSerialGC",
         "-cp",
         classpath,
-        class,
+        main_class,
     ]);
     java
 }

@@ -10,6 +10,7 @@ mod clients;
 mod concurrency;
 mod conformance;
 mod console;
+mod cross_language;
 mod deploy;
 mod durability;
 mod failover;

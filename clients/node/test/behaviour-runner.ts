@@ -7,6 +7,7 @@
 // replayed, protected. tests/suite/behaviour.rs runs it for every case.
 import { readFileSync } from "node:fs";
 import * as idemd from "../src/index.js";
+import { idemdKindOf } from "./error-kinds.js";
 
 interface CaseFile {
   defaults: Record<string, unknown>;
@@ -21,32 +22,9 @@ interface Work {
 
 class WorkFailed extends Error {}
 
-// Most specific first: a subclass must be matched before its base. Looked up by name, so the runner
-// reports what an older client raises instead of failing to load.
-const KINDS: [string, string][] = [
-  ["FingerprintMismatchError", "fingerprint_mismatch"],
-  ["RateLimitedError", "rate_limited"],
-  ["OverloadedError", "overloaded"],
-  ["StoreFullError", "store_full"],
-  ["UnauthenticatedError", "unauthenticated"],
-  ["PermissionDeniedError", "permission_denied"],
-  ["InvalidRequestError", "invalid_request"],
-  ["LeaseLostError", "lease_lost"],
-  ["InProgressError", "in_progress"],
-  ["IdemdInternalError", "internal"],
-  ["IdemdUnavailableError", "unavailable"],
-  ["IdemdError", "rpc_error"],
-];
-
 function kindOf(err: unknown): string {
   if (err instanceof WorkFailed || err instanceof idemd.RetryableError) return "work_failed";
-  const exported = idemd as unknown as Record<string, unknown>;
-  for (const [name, kind] of KINDS) {
-    const cls = exported[name];
-    if (typeof cls === "function" && err instanceof (cls as new (...args: never[]) => unknown)) return kind;
-  }
-  const e = err as Error;
-  return `unmapped: ${e?.constructor?.name}: ${e?.message}`;
+  return idemdKindOf(err);
 }
 
 async function main(): Promise<void> {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	idemd "github.com/idemd/idemd/clients/go"
+	"github.com/idemd/idemd/clients/go/internal/errorkind"
 )
 
 type caseFile struct {
@@ -145,34 +146,11 @@ func run(address, casesFile, name string) (string, error) {
 	return string(line), err
 }
 
-// kind is BEHAVIOUR.md's name for an error of Idempotent.
+// kind is BEHAVIOUR.md's name for an error of Idempotent: the case's work failing, or one of the
+// client's own.
 func kind(err error) string {
-	kinds := []struct {
-		sentinel error
-		name     string
-	}{
-		{errWork, "work_failed"},
-		{idemd.ErrLeaseLost, "lease_lost"},
-		{idemd.ErrInProgress, "in_progress"},
-		{idemd.ErrFingerprintMismatch, "fingerprint_mismatch"},
-		{idemd.ErrUnavailable, "unavailable"},
-		{idemd.ErrRateLimited, "rate_limited"},
-		{idemd.ErrOverloaded, "overloaded"},
-		{idemd.ErrStoreFull, "store_full"},
-		{idemd.ErrUnauthenticated, "unauthenticated"},
-		{idemd.ErrPermissionDenied, "permission_denied"},
-		{idemd.ErrInvalidRequest, "invalid_request"},
-		{idemd.ErrInternal, "internal"},
-		{context.Canceled, "cancelled"},
+	if errors.Is(err, errWork) {
+		return "work_failed"
 	}
-	for _, k := range kinds {
-		if errors.Is(err, k.sentinel) {
-			return k.name
-		}
-	}
-	var idemdErr *idemd.Error
-	if errors.As(err, &idemdErr) {
-		return "rpc_error"
-	}
-	return "unmapped: " + err.Error()
+	return errorkind.Of(err)
 }
