@@ -132,7 +132,7 @@ async fn primary_killed_synchronous_standby_promoted() {
             "SIGKILL to every process of the primary, pg_ctl promote {} ms later",
             DETECTION.as_millis()
         ));
-        rig.blocking(|rig| rig.cluster.kill_all()).await;
+        rig.blocking(|rig| rig.cluster().kill_all()).await;
         tokio::time::sleep(DETECTION).await;
         rig.promote().await;
         rig.heal(fault).await;
@@ -140,10 +140,73 @@ async fn primary_killed_synchronous_standby_promoted() {
         let rejoin = rig.inject("old primary rebuilt as a standby of the new one, same port");
         rig.blocking(|rig| {
             let new_primary = rig.standby.as_ref().expect("a pair");
-            rig.cluster.rejoin_as_standby_of(new_primary);
+            rig.cluster().rejoin_as_standby_of(new_primary);
         })
         .await;
         rig.heal(rejoin).await;
+    })
+    .await;
+}
+
+/// The same loss of the primary, with a real HA manager doing the failover: a pg_auto_failover
+/// formation (monitor, primary, synchronous standby; monitor health checks tightened, see
+/// `processes::MONITOR_SETTINGS`). SIGKILL to the primary node's keeper and PostgreSQL
+/// together, as a lost machine; the monitor notices and promotes the standby by itself, load
+/// goes on, 0 violations. Then the old node's keeper restarts: pg_auto_failover rejoins it as a
+/// standby of the new primary, under load, and the replicas must not be confused by it (any
+/// INTERNAL is a violation of the history).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_node_killed_pg_auto_failover_promotes() {
+    let scenario = Scenario {
+        database: Database::AutoFailover,
+        ..Scenario::new("primary node SIGKILLed, pg_auto_failover promotes its synchronous standby")
+    };
+    run(scenario, |rig| async move {
+        let formation = || rig.formation.as_ref().expect("a formation");
+        assert_eq!(formation().states().as_deref(), Some("primary,secondary"));
+        let fault = rig.inject(
+            "SIGKILL to the primary node's keeper and postgres, until pg_auto_failover \
+             reports the standby promoted",
+        );
+        let killed = std::time::Instant::now();
+        rig.blocking(|rig| {
+            let formation = rig.formation.as_ref().expect("a formation");
+            formation.kill_node(0);
+            // node1 takes writes from wait_primary on (no standby to wait for yet).
+            formation.wait_for("promotion of node1", |formation| {
+                formation.states().is_some_and(|states| {
+                    states.ends_with(",wait_primary") || states.ends_with(",primary")
+                })
+            });
+        })
+        .await;
+        rig.note_promoted();
+        let detected = killed.elapsed();
+        let recovery = rig.heal(fault).await;
+        eprintln!(
+            "pg_auto_failover: standby promoted {} ms after SIGKILL; every replica served {} ms \
+             after that",
+            detected.as_millis(),
+            recovery.as_millis()
+        );
+        let rejoin = rig.inject("old primary's keeper restarted, rejoined as a standby");
+        let restarted = std::time::Instant::now();
+        rig.blocking(|rig| {
+            let formation = rig.formation.as_ref().expect("a formation");
+            formation.restart_node(0);
+            formation.wait_for("node0 back as a standby", |formation| {
+                formation.states().as_deref() == Some("secondary,primary")
+            });
+        })
+        .await;
+        let rejoined = restarted.elapsed();
+        let recovery = rig.heal(rejoin).await;
+        eprintln!(
+            "pg_auto_failover: old primary rejoined as a standby {} ms after its keeper \
+             restarted; every replica served {} ms after that",
+            rejoined.as_millis(),
+            recovery.as_millis()
+        );
     })
     .await;
 }
@@ -211,7 +274,7 @@ async fn primary_killed_asynchronous_standby_behind() {
             .await
             .expect("reload the standby");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        rig.blocking(|rig| rig.cluster.kill_all()).await;
+        rig.blocking(|rig| rig.cluster().kill_all()).await;
         tokio::time::sleep(DETECTION).await;
         rig.promote().await;
         rig.heal(fault).await;
