@@ -452,3 +452,40 @@ pub fn judge_loss(
         violations: violations.len(),
     }
 }
+
+/// Per replica: from the end of its last call that failed retryably to the end of its first call
+/// invoked after that and answered otherwise (the recovery a client of that replica saw); `None`
+/// for a replica none of whose calls failed.
+pub fn recovery_per_replica(ops: &[Op], replicas: usize) -> Vec<Option<std::time::Duration>> {
+    let failed = |op: &Op| matches!(op.reply, Reply::Failed { code, .. } if super::retryable(code));
+    (0..replicas)
+        .map(|replica| {
+            let last_failure = ops
+                .iter()
+                .filter(|op| op.replica == replica && failed(op))
+                .map(|op| op.returned)
+                .max()?;
+            let first_success = ops
+                .iter()
+                .filter(|op| op.replica == replica && !failed(op) && op.invoked >= last_failure)
+                .map(|op| op.returned)
+                .min()?;
+            first_success.duration_since(last_failure).ok()
+        })
+        .collect()
+}
+
+/// `recovery_per_replica`, as the report shows it.
+pub fn describe_recovery(recovery: &[Option<std::time::Duration>]) -> String {
+    let each: Vec<String> = recovery
+        .iter()
+        .map(|at| match at {
+            Some(at) => format!("{} ms", at.as_millis()),
+            None => "never failed".into(),
+        })
+        .collect();
+    format!(
+        "last failed call to first success, per replica: {}",
+        each.join(", ")
+    )
+}

@@ -126,13 +126,18 @@ where
         let promoted = *rig.promoted_at.lock().unwrap_or_else(|p| p.into_inner());
         failover::judge_loss(&ops, &violations, &finals, promoted, rig.replicas.len())
     });
+    // With an HA manager promoting on its own schedule, the recovery clients saw is measured
+    // from the history itself rather than from the moment the test saw the promotion.
+    let recovery = matches!(scenario.database, Database::AutoFailover).then(|| {
+        failover::describe_recovery(&failover::recovery_per_replica(&ops, rig.replicas.len()))
+    });
     let report = Report {
         name: scenario.name,
         tally: tally.clone(),
         faults: rig.fault_records(),
         violations: violations.len() + finals.len(),
         elapsed: started.elapsed(),
-        note: loss.as_ref().map(ToString::to_string),
+        note: loss.as_ref().map(ToString::to_string).or(recovery),
     };
     report.write();
     eprintln!("{}", report.row());
