@@ -142,7 +142,7 @@ secondary 10.2 s, 6.6 s and 6.9 s after its keeper restarted, every replica serv
 after that. Recovery as clients saw it, from each replica's last failed call to its first success
 after it (from the history, in the row's name): 112, 156 and 264 ms in the third run. Rows of the
 table give the slowest probe recovery. Building the formation takes about 30 s, the whole test
-46–56 s, which is why the other failover scenarios keep \`pg_ctl promote\` 1.5 s after the fault
+34–56 s, which is why the other failover scenarios keep \`pg_ctl promote\` 1.5 s after the fault
 (sooner than pg_auto_failover promoted here) and need no formation of their own.
 
 **What idemd needs from a managed PostgreSQL** (RDS or Cloud SQL with a standby, CloudNativePG,

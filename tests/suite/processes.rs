@@ -676,6 +676,10 @@ impl Formation {
                 &formation.node_ports[node].to_string(),
                 "--hostname",
                 "127.0.0.1",
+                // Loopback only (pg_autoctl's default is every address); the monitor has no
+                // such option and listens on every address.
+                "--listen",
+                "127.0.0.1",
                 "--name",
                 &format!("node{node}"),
                 "--auth",
