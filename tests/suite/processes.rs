@@ -582,3 +582,285 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .expect("status code");
     (code, body.to_string())
 }
+
+/// Where Debian's `pg-auto-failover-cli` installs `pg_autoctl`.
+const PG_AUTOCTL: &str = "/usr/bin/pg_autoctl";
+
+/// The monitor's health checks, tightened so that a dead primary is noticed within about a
+/// second and its standby promoted without waiting 30 s for a demotion that cannot come. The
+/// defaults (health check every 20 s, unhealthy after 20 s, demote timeout 30 s) suit a WAN,
+/// not a test.
+const MONITOR_SETTINGS: &[(&str, &str)] = &[
+    ("pgautofailover.health_check_period", "500"),
+    ("pgautofailover.health_check_timeout", "500"),
+    ("pgautofailover.health_check_max_retries", "1"),
+    ("pgautofailover.health_check_retry_delay", "100"),
+    ("pgautofailover.node_considered_unhealthy_timeout", "1000"),
+    ("pgautofailover.primary_demote_timeout", "1000"),
+];
+
+/// A pg_auto_failover formation of our own: a monitor and two data nodes on free loopback ports,
+/// each `pg_autoctl` service in its own process group, so that one SIGKILL takes a node's keeper
+/// and its PostgreSQL together, as a lost machine would.
+pub struct Formation {
+    dir: tempfile::TempDir,
+    monitor_port: u16,
+    node_ports: [u16; 2],
+    /// The `pg_autoctl` service of the monitor, then of each node (`None`: killed).
+    services: Mutex<Vec<Option<Child>>>,
+}
+
+impl Formation {
+    /// Creates the monitor, then node 0 (which becomes the primary), then node 1 (its
+    /// synchronous standby); returns once the monitor reports `primary` and `secondary`.
+    /// Panics, never skips, without `pg_autoctl`: CI installs it (.ci/run).
+    pub fn start() -> Self {
+        assert!(
+            Path::new(PG_AUTOCTL).exists(),
+            "{PG_AUTOCTL} is missing: install postgresql-15-auto-failover and \
+             pg-auto-failover-cli (.ci/run does)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("idemd-paf-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        if running_as_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("-R").arg("postgres:postgres").arg(dir.path());
+            run(chown, "chown formation dir");
+        }
+        let formation = Self {
+            dir,
+            monitor_port: free_port(),
+            node_ports: [free_port(), free_port()],
+            services: Mutex::new(Vec::new()),
+        };
+        let pg_ctl = Path::new(PG_BIN).join("pg_ctl").display().to_string();
+        let monitor = formation.autoctl(&[
+            "create",
+            "monitor",
+            "--pgdata",
+            &formation.pgdata("monitor"),
+            "--pgport",
+            &formation.monitor_port.to_string(),
+            "--hostname",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
+            "--pgctl",
+            &pg_ctl,
+            "--run",
+        ]);
+        formation.push_service(monitor);
+        formation.wait_for("the monitor accepting connections", |formation| {
+            formation.monitor_query("SELECT 1").is_some()
+        });
+        let mut settings: Vec<String> = MONITOR_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("ALTER SYSTEM SET {name} = {value}"))
+            .collect();
+        settings.push("SELECT pg_reload_conf()".into());
+        for statement in &settings {
+            formation
+                .monitor_query(statement)
+                .unwrap_or_else(|| panic!("monitor setting failed: {statement}"));
+        }
+        for node in 0..2 {
+            let service = formation.autoctl(&[
+                "create",
+                "postgres",
+                "--pgdata",
+                &formation.pgdata(&format!("node{node}")),
+                "--pgport",
+                &formation.node_ports[node].to_string(),
+                "--hostname",
+                "127.0.0.1",
+                // Loopback only (pg_autoctl's default is every address); the monitor has no
+                // such option and listens on every address.
+                "--listen",
+                "127.0.0.1",
+                "--name",
+                &format!("node{node}"),
+                "--auth",
+                "trust",
+                "--no-ssl",
+                "--monitor",
+                &formation.monitor_url(),
+                "--pgctl",
+                &pg_ctl,
+                "--run",
+            ]);
+            formation.push_service(service);
+            let wanted = if node == 0 {
+                "single"
+            } else {
+                "primary,secondary"
+            };
+            formation.wait_for(&format!("the monitor reporting {wanted}"), |formation| {
+                formation.states().as_deref() == Some(wanted)
+            });
+        }
+        formation
+    }
+
+    fn pgdata(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn monitor_url(&self) -> String {
+        format!(
+            "postgres://autoctl_node@127.0.0.1:{}/pg_auto_failover?sslmode=disable",
+            self.monitor_port
+        )
+    }
+
+    /// Spawns `pg_autoctl args` (as the postgres OS user when root) in a process group of its
+    /// own, its configuration and state kept in the formation's directory.
+    fn autoctl(&self, args: &[&str]) -> Child {
+        use std::os::unix::process::CommandExt;
+        let root = self.dir.path().display().to_string();
+        let mut command = if running_as_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--", "env"]);
+            command
+        } else {
+            Command::new("env")
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("autoctl.log"))
+            .expect("open autoctl.log");
+        command
+            .arg(format!("XDG_CONFIG_HOME={root}/config"))
+            .arg(format!("XDG_DATA_HOME={root}/share"))
+            .arg(format!("PG_CONFIG={PG_BIN}/pg_config"))
+            .arg(PG_AUTOCTL)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn pg_autoctl")
+    }
+
+    fn push_service(&self, child: Child) {
+        self.services
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Some(child));
+    }
+
+    /// Runs one statement on the monitor's database; the first column of the first row, or
+    /// `None` when it could not run.
+    fn monitor_query(&self, sql: &str) -> Option<String> {
+        let output = Command::new(Path::new(PG_BIN).join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "pg_auto_failover",
+            ])
+            .args(["-p", &self.monitor_port.to_string()])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// The nodes' reported states in node order, e.g. "primary,secondary".
+    pub fn states(&self) -> Option<String> {
+        self.monitor_query(
+            "SELECT string_agg(reportedstate::text, ',' ORDER BY nodename) \
+             FROM pgautofailover.node",
+        )
+    }
+
+    /// Waits (at most 90 s) until `done`, failing with the log's tail otherwise.
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut(&Self) -> bool) {
+        let started = std::time::Instant::now();
+        while !done(self) {
+            if started.elapsed() > Duration::from_secs(90) {
+                let log = std::fs::read_to_string(self.dir.path().join("autoctl.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "pg_auto_failover: no {what} after 90 s (states {:?}); autoctl.log, \
+                     newest first:\n{}",
+                    self.states(),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The data nodes' ports, node 0 first.
+    pub fn node_ports(&self) -> [u16; 2] {
+        self.node_ports
+    }
+
+    /// SIGKILL to node `node`'s whole process group (its keeper, its PostgreSQL and every
+    /// backend), then waits until none is left.
+    pub fn kill_node(&self, node: usize) {
+        let child = self.services.lock().unwrap_or_else(|p| p.into_inner())[node + 1].take();
+        let Some(mut child) = child else { return };
+        assert!(
+            kill_group(&mut child),
+            "processes of node {node} survived SIGKILL"
+        );
+    }
+
+    /// Starts node `node`'s keeper again (`pg_autoctl run`): it asks the monitor what to be.
+    pub fn restart_node(&self, node: usize) {
+        let child = self.autoctl_run(node);
+        self.services.lock().unwrap_or_else(|p| p.into_inner())[node + 1] = Some(child);
+    }
+
+    fn autoctl_run(&self, node: usize) -> Child {
+        self.autoctl(&["run", "--pgdata", &self.pgdata(&format!("node{node}"))])
+    }
+}
+
+/// SIGKILL to the process group `child` leads, then waits (at most 30 s) until no process of it
+/// is left; returns whether none is.
+fn kill_group(child: &mut Child) -> bool {
+    let group = child.id().to_string();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .status();
+    let _ = child.wait();
+    let started = std::time::Instant::now();
+    loop {
+        let left = Command::new("pgrep")
+            .args(["-g", &group])
+            .output()
+            .map(|output| !output.stdout.is_empty())
+            .unwrap_or(false);
+        if !left {
+            return true;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Formation {
+    fn drop(&mut self) {
+        let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        for child in services.iter_mut().filter_map(Option::take) {
+            let mut child = child;
+            // Nothing to do here about a survivor: the test has ended either way.
+            let _ = kill_group(&mut child);
+        }
+    }
+}

@@ -1,7 +1,9 @@
 //! Losing the primary under load: a primary and a streaming standby (`Rig::start_pair`), three
 //! replicas on a multi-host URL with `target_session_attrs=read-write`, the chaos workload, and a
-//! failover mid-load. The promotion is `pg_ctl promote` from the test, after the pause an HA
-//! manager's detection would take (see docs/RELIABILITY.md for why not pg_auto_failover here).
+//! failover mid-load. The promotion is `pg_ctl promote` from the test, after a pause for an HA
+//! manager's detection, except in `primary_node_killed_pg_auto_failover_promotes`, where a
+//! pg_auto_failover formation (`Rig::start_formation`) fails over by itself; building one takes
+//! about 30 s, so the other scenarios do without (docs/RELIABILITY.md).
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,8 +19,9 @@ use super::rig::Rig;
 use super::{run, Database, Scenario};
 use crate::processes::Replication;
 
-/// Between the primary's death and the promotion: about what pg_auto_failover took here with
-/// its health checks tightened (1.8 s from SIGKILL to a writable standby).
+/// Between the primary's death and the promotion: a little under what pg_auto_failover took
+/// here with its health checks tightened (1.8 s by hand on an idle box, 3.9 to 7.2 s in
+/// `primary_node_killed_pg_auto_failover_promotes` on loaded cores).
 const DETECTION: Duration = Duration::from_millis(1500);
 
 /// The namespace of the Wait that spans the failover (apart from the workload's keys).
@@ -132,7 +135,7 @@ async fn primary_killed_synchronous_standby_promoted() {
             "SIGKILL to every process of the primary, pg_ctl promote {} ms later",
             DETECTION.as_millis()
         ));
-        rig.blocking(|rig| rig.cluster.kill_all()).await;
+        rig.blocking(|rig| rig.cluster().kill_all()).await;
         tokio::time::sleep(DETECTION).await;
         rig.promote().await;
         rig.heal(fault).await;
@@ -140,10 +143,91 @@ async fn primary_killed_synchronous_standby_promoted() {
         let rejoin = rig.inject("old primary rebuilt as a standby of the new one, same port");
         rig.blocking(|rig| {
             let new_primary = rig.standby.as_ref().expect("a pair");
-            rig.cluster.rejoin_as_standby_of(new_primary);
+            rig.cluster().rejoin_as_standby_of(new_primary);
         })
         .await;
         rig.heal(rejoin).await;
+    })
+    .await;
+}
+
+/// The same loss of the primary, with a real HA manager doing the failover: a pg_auto_failover
+/// formation (monitor, primary, synchronous standby; monitor health checks tightened, see
+/// `processes::MONITOR_SETTINGS`). SIGKILL to the primary node's keeper and PostgreSQL
+/// together, as a lost machine; the monitor notices and promotes the standby by itself, load
+/// goes on, 0 violations. Then the old node's keeper restarts: pg_auto_failover rejoins it as a
+/// standby of the new primary, under load, and the replicas must not be confused by it (any
+/// INTERNAL is a violation of the history).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_node_killed_pg_auto_failover_promotes() {
+    let scenario = Scenario {
+        database: Database::AutoFailover,
+        ..Scenario::new("primary node SIGKILLed, pg_auto_failover promotes its synchronous standby")
+    };
+    run(scenario, |rig| async move {
+        let formation = || rig.formation.as_ref().expect("a formation");
+        assert_eq!(formation().states().as_deref(), Some("primary,secondary"));
+        // pg_auto_failover makes the standby synchronous by itself with two nodes (its
+        // number_sync_standbys left at its default; synchronous_standby_names is `ANY 1 (standby)`).
+        let admin = rig.admin().await;
+        let replication: Vec<(String, String)> = admin
+            .query(
+                "SELECT current_setting('synchronous_commit'), sync_state \
+                 FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await
+            .expect("the primary's replication state")
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        assert!(
+            matches!(replication.as_slice(), [(commit, sync)] if commit == "on" && (sync == "quorum" || sync == "sync")),
+            "not one synchronous standby: {replication:?}"
+        );
+        let fault = rig.inject(
+            "SIGKILL to the primary node's keeper and postgres, until pg_auto_failover \
+             reports the standby promoted",
+        );
+        let killed = std::time::Instant::now();
+        rig.blocking(|rig| {
+            let formation = rig.formation.as_ref().expect("a formation");
+            formation.kill_node(0);
+            // node1 takes writes from wait_primary on (no standby to wait for yet).
+            formation.wait_for("promotion of node1", |formation| {
+                formation.states().is_some_and(|states| {
+                    states.ends_with(",wait_primary") || states.ends_with(",primary")
+                })
+            });
+        })
+        .await;
+        rig.note_promoted();
+        let detected = killed.elapsed();
+        let recovery = rig.heal(fault).await;
+        eprintln!(
+            "pg_auto_failover: standby promoted {} ms after SIGKILL; every replica served {} ms \
+             after that",
+            detected.as_millis(),
+            recovery.as_millis()
+        );
+        let rejoin = rig.inject("old primary's keeper restarted, rejoined as a standby");
+        let restarted = std::time::Instant::now();
+        rig.blocking(|rig| {
+            let formation = rig.formation.as_ref().expect("a formation");
+            formation.restart_node(0);
+            formation.wait_for("node0 back as a standby", |formation| {
+                formation.states().as_deref() == Some("secondary,primary")
+            });
+        })
+        .await;
+        let rejoined = restarted.elapsed();
+        let recovery = rig.heal(rejoin).await;
+        eprintln!(
+            "pg_auto_failover: old primary rejoined as a standby {} ms after its keeper \
+             restarted; every replica served {} ms after that",
+            rejoined.as_millis(),
+            recovery.as_millis()
+        );
     })
     .await;
 }
@@ -211,7 +295,7 @@ async fn primary_killed_asynchronous_standby_behind() {
             .await
             .expect("reload the standby");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        rig.blocking(|rig| rig.cluster.kill_all()).await;
+        rig.blocking(|rig| rig.cluster().kill_all()).await;
         tokio::time::sleep(DETECTION).await;
         rig.promote().await;
         rig.heal(fault).await;
@@ -367,4 +451,41 @@ pub fn judge_loss(
         leases_lost,
         violations: violations.len(),
     }
+}
+
+/// Per replica: from the end of its last call that failed retryably to the end of its first call
+/// invoked after that and answered otherwise (the recovery a client of that replica saw); `None`
+/// for a replica none of whose calls failed.
+pub fn recovery_per_replica(ops: &[Op], replicas: usize) -> Vec<Option<std::time::Duration>> {
+    let failed = |op: &Op| matches!(op.reply, Reply::Failed { code, .. } if super::retryable(code));
+    (0..replicas)
+        .map(|replica| {
+            let last_failure = ops
+                .iter()
+                .filter(|op| op.replica == replica && failed(op))
+                .map(|op| op.returned)
+                .max()?;
+            let first_success = ops
+                .iter()
+                .filter(|op| op.replica == replica && !failed(op) && op.invoked >= last_failure)
+                .map(|op| op.returned)
+                .min()?;
+            first_success.duration_since(last_failure).ok()
+        })
+        .collect()
+}
+
+/// `recovery_per_replica`, as the report shows it.
+pub fn describe_recovery(recovery: &[Option<std::time::Duration>]) -> String {
+    let each: Vec<String> = recovery
+        .iter()
+        .map(|at| match at {
+            Some(at) => format!("{} ms", at.as_millis()),
+            None => "never failed".into(),
+        })
+        .collect();
+    format!(
+        "last failed call to first success, per replica: {}",
+        each.join(", ")
+    )
 }

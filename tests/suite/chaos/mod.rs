@@ -51,6 +51,8 @@ struct Scenario {
 enum Database {
     Single,
     Pair(Replication),
+    /// A pg_auto_failover formation (see `Rig::start_formation`).
+    AutoFailover,
 }
 
 /// Whether a scenario's clients must, may, or must not see UNAVAILABLE.
@@ -90,6 +92,7 @@ where
         Database::Pair(replication) => {
             Rig::start_pair(scenario.replicas.clone(), replication).await
         }
+        Database::AutoFailover => Rig::start_formation(scenario.replicas.clone()).await,
     };
     rig.await_serving(Instant::now()).await;
     let history = Arc::new(History::default());
@@ -123,13 +126,18 @@ where
         let promoted = *rig.promoted_at.lock().unwrap_or_else(|p| p.into_inner());
         failover::judge_loss(&ops, &violations, &finals, promoted, rig.replicas.len())
     });
+    // With an HA manager promoting on its own schedule, the recovery clients saw is measured
+    // from the history itself rather than from the moment the test saw the promotion.
+    let recovery = matches!(scenario.database, Database::AutoFailover).then(|| {
+        failover::describe_recovery(&failover::recovery_per_replica(&ops, rig.replicas.len()))
+    });
     let report = Report {
         name: scenario.name,
         tally: tally.clone(),
         faults: rig.fault_records(),
         violations: violations.len() + finals.len(),
         elapsed: started.elapsed(),
-        note: loss.as_ref().map(ToString::to_string),
+        note: loss.as_ref().map(ToString::to_string).or(recovery),
     };
     report.write();
     eprintln!("{}", report.row());
@@ -402,9 +410,9 @@ async fn postgres_restarted() {
         |rig| async move {
             for _ in 0..2 {
                 let fault = rig.inject("pg_ctl stop -m immediate");
-                rig.blocking(|rig| rig.cluster.crash()).await;
+                rig.blocking(|rig| rig.cluster().crash()).await;
                 tokio::time::sleep(OUTAGE).await;
-                rig.blocking(|rig| rig.cluster.start_again()).await;
+                rig.blocking(|rig| rig.cluster().start_again()).await;
                 rig.heal(fault).await;
                 tokio::time::sleep(CALM).await;
             }
@@ -420,9 +428,9 @@ async fn postgres_killed() {
         |rig| async move {
             for _ in 0..2 {
                 let fault = rig.inject("SIGKILL to every postgres process");
-                rig.blocking(|rig| rig.cluster.kill_all()).await;
+                rig.blocking(|rig| rig.cluster().kill_all()).await;
                 tokio::time::sleep(OUTAGE).await;
-                rig.blocking(|rig| rig.cluster.start_again()).await;
+                rig.blocking(|rig| rig.cluster().start_again()).await;
                 rig.heal(fault).await;
                 tokio::time::sleep(CALM).await;
             }
@@ -616,9 +624,9 @@ async fn faults_combined() {
             );
             rig.set_network(Fault::Delay(Duration::from_millis(20)));
             rig.kill_replica(1).await;
-            rig.blocking(|rig| rig.cluster.crash()).await;
+            rig.blocking(|rig| rig.cluster().crash()).await;
             tokio::time::sleep(OUTAGE).await;
-            rig.blocking(|rig| rig.cluster.start_again()).await;
+            rig.blocking(|rig| rig.cluster().start_again()).await;
             rig.start_replica(1).await;
             rig.set_network(Fault::Pass);
             rig.heal(fault).await;
@@ -994,16 +1002,16 @@ async fn random_faults_seeded(seed: u64) {
             match rng.below(7) {
                 0 => {
                     let fault = rig.inject("PostgreSQL crashed");
-                    rig.blocking(|rig| rig.cluster.crash()).await;
+                    rig.blocking(|rig| rig.cluster().crash()).await;
                     tokio::time::sleep(hold).await;
-                    rig.blocking(|rig| rig.cluster.start_again()).await;
+                    rig.blocking(|rig| rig.cluster().start_again()).await;
                     rig.heal(fault).await;
                 }
                 1 => {
                     let fault = rig.inject("PostgreSQL SIGKILLed");
-                    rig.blocking(|rig| rig.cluster.kill_all()).await;
+                    rig.blocking(|rig| rig.cluster().kill_all()).await;
                     tokio::time::sleep(hold).await;
-                    rig.blocking(|rig| rig.cluster.start_again()).await;
+                    rig.blocking(|rig| rig.cluster().start_again()).await;
                     rig.heal(fault).await;
                 }
                 2 | 3 => {

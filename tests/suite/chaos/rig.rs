@@ -16,7 +16,7 @@ use idemd::proto::idempotency::v1::idempotency_service_client::IdempotencyServic
 use tonic::transport::{Channel, Endpoint};
 
 use crate::faults::{Fault, FaultProxy};
-use crate::processes::{free_port, Cluster, IdemdProcess, Replication};
+use crate::processes::{free_port, Cluster, Formation, IdemdProcess, Replication};
 
 /// How long a replica may take to serve again after a fault heals before the run fails.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
@@ -37,8 +37,12 @@ pub struct Replica {
 }
 
 pub struct Rig {
-    /// The database server (with `start_pair`, the primary the run starts on).
-    pub cluster: Cluster,
+    /// The database server (with `start_pair`, the primary the run starts on); `None` with
+    /// `start_formation` (see `cluster()`).
+    cluster: Option<Cluster>,
+    /// With `start_formation`: the pg_auto_failover formation whose nodes the replicas reach
+    /// through one multi-host URL, without fault proxies.
+    pub formation: Option<Formation>,
     /// With `start_pair`: the streaming standby that failover scenarios promote. The replicas
     /// then reach both servers directly through one multi-host URL, without fault proxies.
     pub standby: Option<Cluster>,
@@ -63,7 +67,24 @@ impl Rig {
         for _ in &envs {
             proxies.push(FaultProxy::start(cluster.addr()).await);
         }
-        Self::build(cluster, None, proxies, envs).await
+        Self::build(Some(cluster), None, None, proxies, envs).await
+    }
+
+    /// A pg_auto_failover formation (a monitor, a primary and its synchronous standby), and the
+    /// replicas on a multi-host URL of both data nodes with `target_session_attrs=read-write`;
+    /// returns once the monitor reports `primary` and `secondary`.
+    pub async fn start_formation(envs: Vec<Vec<(String, String)>>) -> Arc<Self> {
+        let formation = tokio::task::spawn_blocking(Formation::start)
+            .await
+            .expect("start the pg_auto_failover formation");
+        Self::build(None, None, Some(formation), Vec::new(), envs).await
+    }
+
+    /// The database server of a rig started with `start` or `start_pair`.
+    pub fn cluster(&self) -> &Cluster {
+        self.cluster
+            .as_ref()
+            .expect("a rig with a cluster of its own (not a pg_auto_failover formation)")
     }
 
     /// A primary and a streaming standby (synchronous or not), and the replicas on a multi-host
@@ -108,12 +129,13 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self::build(cluster, Some(standby), Vec::new(), envs).await
+        Self::build(Some(cluster), Some(standby), None, Vec::new(), envs).await
     }
 
     async fn build(
-        cluster: Cluster,
+        cluster: Option<Cluster>,
         standby: Option<Cluster>,
+        formation: Option<Formation>,
         proxies: Vec<FaultProxy>,
         envs: Vec<Vec<(String, String)>>,
     ) -> Arc<Self> {
@@ -131,6 +153,7 @@ impl Rig {
             .collect();
         let rig = Arc::new(Self {
             cluster,
+            formation,
             standby,
             promoted: AtomicBool::new(false),
             promoted_at: Mutex::new(None),
@@ -169,11 +192,14 @@ impl Rig {
     }
 
     fn database_url(&self, index: usize) -> String {
+        if let Some(formation) = &self.formation {
+            return formation_url(formation);
+        }
         match &self.standby {
             Some(standby) => format!(
                 "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres\
                  ?target_session_attrs=read-write",
-                self.cluster.port(),
+                self.cluster().port(),
                 standby.port()
             ),
             None => format!("postgres://postgres@{}/postgres", self.proxies[index].addr),
@@ -182,10 +208,21 @@ impl Rig {
 
     /// The admin URL of the server that is the primary now.
     pub fn primary_admin_url(&self) -> String {
+        if let Some(formation) = &self.formation {
+            // Whichever node is the primary now: the URL finds it.
+            return formation_url(formation);
+        }
         match &self.standby {
             Some(standby) if self.promoted.load(Ordering::SeqCst) => standby.admin_url(),
-            _ => self.cluster.admin_url(),
+            _ => self.cluster().admin_url(),
         }
+    }
+
+    /// Notes that the standby has been promoted (by pg_auto_failover), now.
+    pub fn note_promoted(&self) {
+        self.promoted.store(true, Ordering::SeqCst);
+        *self.promoted_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::SystemTime::now());
     }
 
     /// Promotes the standby (`pg_ctl promote`, waiting until it takes writes).
@@ -369,6 +406,15 @@ impl Rig {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// Both data nodes of a formation, as the replicas reach them.
+fn formation_url(formation: &Formation) -> String {
+    let [first, second] = formation.node_ports();
+    format!(
+        "postgres://postgres@127.0.0.1:{first},127.0.0.1:{second}/postgres\
+         ?target_session_attrs=read-write"
+    )
 }
 
 /// Given when each replica last answered a probe (`None`: never), whether all of them have
