@@ -111,7 +111,16 @@ impl Connections {
                 self.completed.suspend();
                 client.discard();
             }
-            _ => client.finish(),
+            // A command that succeeded on a connection of the current server (the pool hands
+            // out no other, and each reported its server when it opened) shows that server still
+            // answers: the cache may answer for it again. Without this, an error the server
+            // itself reports (a serialization failure, say) kept the cache quiet until the pool
+            // happened to open a new connection.
+            Ok(_) => {
+                self.completed.confirm();
+                client.finish();
+            }
+            Err(_) => client.finish(),
         }
         result
     }
