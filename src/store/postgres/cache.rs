@@ -20,9 +20,9 @@
 //! "The database" must stay the same one: after a failover to a standby that replicated
 //! asynchronously, a cached record may be missing from the new primary. So the cache answers only
 //! while the server is known (`super::identity` reports every new connection's server): it goes
-//! quiet when a connection fails, until a new one has reported, and it is emptied when the
-//! reported server differs from the last (records from connections to the old one are then
-//! refused, see `remember`).
+//! quiet when a connection fails, until a command succeeds on a current connection or a new one
+//! has reported, and it is emptied when the reported server differs from the last (records from
+//! connections to the old one are then refused, see `remember`).
 
 use std::{
     sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
