@@ -119,6 +119,8 @@ export function parseIdempotencyKey(fields: readonly string[]): ParsedKey {
       const bad = badCharacter(c);
       if (bad) return { kind: "invalid", detail: bad };
     }
+    // Servers and proxies join repeated fields with ", ": a bare key with a comma reads as two.
+    if (value.includes(",")) return { kind: "invalid", detail: "a bare Idempotency-Key must not contain ',' (it reads as two fields joined); quote it" };
     key = value;
   }
   if (key.length === 0) return { kind: "invalid", detail: "the Idempotency-Key is empty" };
@@ -275,12 +277,35 @@ function fieldValues(req: IncomingMessage, name: string): string[] {
   return values;
 }
 
-class TooLarge extends Error {}
+class TooLarge extends Error {
+  /** Whether the rest of the body is being read and discarded (so the connection can carry the 413 and stay open). */
+  constructor(readonly draining: boolean) {
+    super("request body too large");
+  }
+}
+
+/**
+ * After a 413, the rest of the body is read and thrown away, up to 4 × `max` in all, so that a client that sends
+ * its whole body before reading (most do) gets the answer instead of a reset connection; past that the connection
+ * is closed.
+ */
+function discardRest(req: IncomingMessage, alreadyRead: number, max: number): void {
+  let read = alreadyRead;
+  req.on("data", (chunk: Buffer) => {
+    read += chunk.length;
+    if (read > 4 * max) req.socket?.destroy();
+  });
+  req.resume();
+}
 
 /** Reads the whole body, up to `max` bytes. */
 function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
   const declared = Number(req.headers["content-length"]);
-  if (Number.isFinite(declared) && declared > max) return Promise.reject(new TooLarge());
+  if (Number.isFinite(declared) && declared > max) {
+    if (declared > 4 * max) return Promise.reject(new TooLarge(false));
+    discardRest(req, 0, max);
+    return Promise.reject(new TooLarge(true));
+  }
   if (req.readableEnded) {
     return Promise.reject(new Error("idempotency(): the request body was already read: mount the middleware before the body parsers"));
   }
@@ -296,8 +321,8 @@ function readBody(req: IncomingMessage, max: number): Promise<Buffer> {
       size += chunk.length;
       if (size > max) {
         cleanup();
-        req.pause();
-        reject(new TooLarge());
+        discardRest(req, size, max);
+        reject(new TooLarge(true));
         return;
       }
       chunks.push(chunk);
@@ -499,7 +524,8 @@ export function idempotency(options: IdempotencyOptions): (req: IncomingMessage,
       body = await readBody(req, maxBody);
     } catch (err) {
       if (err instanceof TooLarge) {
-        return sendProblem(res, "request-too-large", `the request body is larger than ${maxBody} bytes`, { Connection: "close" });
+        const close: Record<string, string> = err.draining ? {} : { Connection: "close" };
+        return sendProblem(res, "request-too-large", `the request body is larger than ${maxBody} bytes`, close);
       }
       throw err;
     }

@@ -26,6 +26,8 @@ test("header: quoted and bare forms are one key; spaces and tabs around are drop
   assert.deepEqual(key([" abc "]), { kind: "key", key: "abc" });
   assert.deepEqual(key(['"a\\"b\\\\c"']), { kind: "key", key: 'a"b\\c' });
   assert.deepEqual(key(["a b"]), { kind: "key", key: "a b" });
+  // A comma is fine inside a quoted key (only a bare one reads as two joined fields).
+  assert.deepEqual(key(['"k1, k2"']), { kind: "key", key: "k1, k2" });
   assert.deepEqual(key([]), { kind: "none" });
 });
 
@@ -47,6 +49,8 @@ test("header: every malformed value is invalid, with a detail naming the rule", 
     [['"a\\'], /escape/],
     [["a", "b"], /more than once/],
     [["a", "a"], /more than once/],
+    [["k1, k2"], /must not contain ','/],
+    [["k1,k2"], /must not contain ','/],
   ];
   for (const [fields, detail] of invalid) {
     const parsed = key(fields);

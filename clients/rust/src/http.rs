@@ -29,7 +29,7 @@ use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
@@ -325,23 +325,21 @@ impl<S> Call<S> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let too_large = || {
-            let mut response = problem(
-                Problem::RequestTooLarge,
-                &format!("the request body is larger than {} bytes", config.max_body),
-            );
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
-        };
-        if declared.is_some_and(|n| n > config.max_body as u64) {
-            return Ok(too_large());
-        }
-        let body = match Limited::new(body, config.max_body).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<LengthLimitError>() => return Ok(too_large()),
-            Err(error) => {
+        let body = match read_body(body, declared, config.max_body).await {
+            BodyRead::Complete(body) => body,
+            BodyRead::TooLarge { close } => {
+                let mut response = problem(
+                    Problem::RequestTooLarge,
+                    &format!("the request body is larger than {} bytes", config.max_body),
+                );
+                if close {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                return Ok(response);
+            }
+            BodyRead::Failed(error) => {
                 tracing::debug!(%error, "could not read the request body");
                 return Ok(bad_request("the request body could not be read"));
             }
@@ -586,6 +584,62 @@ impl<S> Call<S> {
     }
 }
 
+enum BodyRead {
+    Complete(Bytes),
+    /// Over `max_body`; `close`: the rest was not read, so the connection cannot go on.
+    TooLarge {
+        close: bool,
+    },
+    Failed(BoxError),
+}
+
+/// Reads a request body of at most `max` bytes. Past `max`, the rest is read and thrown away, up
+/// to 4 × `max` in all, so that a client that sends its whole body before reading (most do) gets
+/// the 413 instead of a reset connection; past that (or a declared length past it) the
+/// connection is closed.
+async fn read_body<B>(body: B, declared: Option<u64>, max: usize) -> BodyRead
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    use bytes::{Buf, BufMut};
+    let max = max as u64;
+    let drain_limit = max.saturating_mul(4);
+    if declared.is_some_and(|n| n > drain_limit) {
+        return BodyRead::TooLarge { close: true };
+    }
+    let mut over = declared.is_some_and(|n| n > max);
+    let mut body = std::pin::pin!(body);
+    let mut buffered = BytesMut::new();
+    let mut read: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                let Ok(data) = frame.into_data() else {
+                    continue; // trailers
+                };
+                read = read.saturating_add(data.remaining() as u64);
+                if over || read > max {
+                    over = true;
+                    buffered = BytesMut::new();
+                    if read > drain_limit {
+                        return BodyRead::TooLarge { close: true };
+                    }
+                } else {
+                    buffered.put(data);
+                }
+            }
+            Err(_) if over => return BodyRead::TooLarge { close: true },
+            Err(error) => return BodyRead::Failed(error.into()),
+        }
+    }
+    if over {
+        BodyRead::TooLarge { close: false }
+    } else {
+        BodyRead::Complete(buffered.freeze())
+    }
+}
+
 /// The answer to a failed Acquire or Wait; `None`: run the handler unprotected (fail open).
 fn idemd_failed(
     config: &Config,
@@ -798,6 +852,14 @@ pub fn parse_idempotency_key(fields: &[&[u8]]) -> ParsedKey {
                 return ParsedKey::Invalid(bad);
             }
             key.push(byte);
+        }
+        // Servers and proxies join repeated fields with ", ": a bare key with a comma reads as
+        // two.
+        if value.contains(&b',') {
+            return ParsedKey::Invalid(
+                "a bare Idempotency-Key must not contain ',' (it reads as two fields joined); quote it"
+                    .into(),
+            );
         }
     }
     if key.is_empty() {
@@ -1030,6 +1092,8 @@ mod tests {
         assert_eq!(parse(&["abc"]), ParsedKey::Key("abc".into()));
         assert_eq!(parse(&[" \t\"abc\"\t "]), ParsedKey::Key("abc".into()));
         assert_eq!(parse(&["a b"]), ParsedKey::Key("a b".into()));
+        // A comma is fine inside a quoted key (only a bare one reads as two joined fields).
+        assert_eq!(parse(&["\"k1, k2\""]), ParsedKey::Key("k1, k2".into()));
         assert_eq!(parse(&[r#""a\"b\\c""#]), ParsedKey::Key(r#"a"b\c"#.into()));
         assert_eq!(parse(&[]), ParsedKey::None);
         let long = "a".repeat(255);
@@ -1040,7 +1104,7 @@ mod tests {
     fn malformed_keys_are_invalid_and_say_why() {
         let long = "a".repeat(256);
         let quoted_long = format!("\"{long}\"");
-        let cases: [(&[&[u8]], &str); 15] = [
+        let cases: [(&[&[u8]], &str); 17] = [
             (&[b"\"\""], "empty"),
             (&[b""], "empty"),
             (&[b"   "], "empty"),
@@ -1056,6 +1120,8 @@ mod tests {
             (&[br#""a\nb""#], "escape"),
             (&[b"\"a\\"], "escape"),
             (&[b"a", b"b"], "more than once"),
+            (&[b"k1, k2"], "must not contain ','"),
+            (&[b"k1,k2"], "must not contain ','"),
         ];
         for (fields, why) in cases {
             match parse_idempotency_key(fields) {
