@@ -248,3 +248,52 @@ async fn http_middleware_fastapi() {
 async fn http_middleware_flask() {
     run_conformance(python_app("the Flask app", "flask_app.py")).await;
 }
+
+/// The Express app (clients/node/examples/express-app.js) on this checkout's Node client, compiled
+/// into `clients/node/dist-http` (its own folder: the Node suite's `npm test` empties `dist/`).
+/// The app imports `@idemd/client` and `@idemd/client/http`; a package.json in that folder naming
+/// the package resolves both to this build (a package may import itself by name), and Express and
+/// grpc-js from `clients/node/node_modules`.
+fn express_app() -> ExampleApp {
+    let out = crate::behaviour::build_node_tests("dist-http");
+    std::fs::write(
+        out.join("package.json"),
+        r#"{ "name": "@idemd/client", "type": "module",
+  "exports": { ".": "./src/index.js", "./http": "./src/http.js" } }"#,
+    )
+    .expect("write dist-http/package.json");
+    std::fs::create_dir_all(out.join("examples")).expect("dist-http/examples");
+    let app = out.join("examples/express-app.js");
+    std::fs::copy(
+        repository().join("clients/node/examples/express-app.js"),
+        &app,
+    )
+    .expect("copy the Express app");
+    ExampleApp {
+        name: "the Express app",
+        program: PathBuf::from("node"),
+        args: vec![app.to_string_lossy().into_owned()],
+        dir: repository().join("clients/node"),
+        env: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_express() {
+    run_conformance(express_app()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_axum() {
+    let program = tokio::task::spawn_blocking(|| crate::client::build_client_example("axum_app"))
+        .await
+        .expect("build the axum app");
+    run_conformance(ExampleApp {
+        name: "the axum app",
+        program,
+        args: vec![],
+        dir: repository().join("clients/rust"),
+        env: vec![],
+    })
+    .await;
+}
