@@ -274,7 +274,8 @@ function storedResult(r: StoredResult | null | undefined): StoredResult {
   return { body: r?.body ?? Buffer.alloc(0), code: r?.code ?? 0, metadata: r?.metadata ?? {} };
 }
 
-function defaultHolder(): string {
+/** `hostname:pid`, without control characters, at most 128 bytes: the holder idemd shows for this process's leases. */
+export function defaultHolder(): string {
   const h = `${hostname()}:${process.pid}`.replace(/[\u0000-\u001f\u007f-\u009f]/g, "");
   return Buffer.byteLength(h) <= 128 ? h : Buffer.from(h).subarray(0, 128).toString("utf8").replace(/\uFFFD$/, "");
 }
@@ -570,6 +571,15 @@ export class IdempotencyClient {
       }
       throw err;
     }
+  }
+
+  /**
+   * Complete, retried as `idempotent()` retries it (unreachable, rate limited, overloaded: `maxAttempts` calls with
+   * backoff and jitter; each call's deadline `timeoutMs`). Safe: a repeated Complete with the same lease token returns
+   * the first stored record. The HTTP middleware stores responses with this.
+   */
+  completeRetrying(req: CompleteRequest, options: Pick<IdempotentOptions, "maxAttempts" | "backoffInitialMs" | "backoffMaxMs"> & CallOptions = {}): Promise<CompleteResponse> {
+    return retrying(retryPolicy(options), () => this.complete(req, options));
   }
 
   /** Complete is safe to retry with the same lease token (the first stored result stands). */

@@ -6,7 +6,7 @@
 import { createHash } from "node:crypto";
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from "node:http";
 import { status as GrpcStatus } from "@grpc/grpc-js";
-import { durationFromMs, durationToMs, type IdempotencyClient, type Lease, type StoredResult } from "./client.js";
+import { defaultHolder, durationFromMs, durationToMs, type IdempotencyClient, type Lease, type StoredResult } from "./client.js";
 import { FingerprintMismatchError, IdemdError, isUnavailable } from "./errors.js";
 import { fingerprint } from "./fingerprint.js";
 
@@ -54,7 +54,7 @@ export interface IdempotencyOptions {
   maxBodyBytes?: number;
   /** Largest response body stored (idemd's limit, 1 MiB by default); a larger one is sent but not stored. Default 1 MiB. */
   maxStoredBytes?: number;
-  /** Deadline of each call to idemd before the handler runs. Default 5000. */
+  /** Deadline of each call to idemd (Complete is retried as the client retries it, each call within this). Default 5000. */
   idemdTimeoutMs?: number;
   /** idemd unreachable: run the handler unprotected instead of answering 503. Never for RESOURCE_EXHAUSTED. Default false. */
   failOpen?: boolean;
@@ -68,7 +68,7 @@ export interface IdempotencyOptions {
   storable?: (status: number) => boolean;
   /** Response headers stored and replayed (lower case). Default `DEFAULT_KEEP_HEADERS`. */
   keepHeaders?: string[];
-  /** Shown in idemd's record. */
+  /** Shown in idemd's record. Default `hostname:pid`, as the client's `idempotent()`. */
   holder?: string;
   /** Where failures after the handler ran are reported. Default `console` (stderr). */
   logger?: Pick<Console, "error" | "warn">;
@@ -365,6 +365,7 @@ export function idempotency(options: IdempotencyOptions): (req: IncomingMessage,
   const keep = options.keepHeaders ?? DEFAULT_KEEP_HEADERS;
   const logger = options.logger ?? console;
   const fingerprintHeaders = options.fingerprintHeaders?.map((name) => name.toLowerCase());
+  const holder = options.holder ?? defaultHolder();
 
   /** Answers a failed call to idemd (Acquire or Wait); true when the handler may run unprotected (fail open). */
   function idemdFailed(res: ServerResponse, err: unknown, mayFailOpen: boolean): boolean {
@@ -484,7 +485,7 @@ export function idempotency(options: IdempotencyOptions): (req: IncomingMessage,
       } else {
         const result = { code: status, metadata: keptHeaders(this.getHeaders(), keep), body: Buffer.concat(chunks) };
         settle = client
-          .complete(
+          .completeRetrying(
             { namespace, key, leaseToken, result, retention: options.retentionMs === undefined ? undefined : durationFromMs(options.retentionMs) },
             { timeoutMs: idemdTimeoutMs },
           )
@@ -552,7 +553,7 @@ export function idempotency(options: IdempotencyOptions): (req: IncomingMessage,
       let acquired;
       try {
         acquired = await client.acquire(
-          { namespace, key, fingerprint: fp, leaseTtl, holder: options.holder ?? "" },
+          { namespace, key, fingerprint: fp, leaseTtl, holder },
           { timeoutMs: idemdTimeoutMs },
         );
       } catch (err) {

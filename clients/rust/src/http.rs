@@ -34,7 +34,10 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use crate::proto::idempotency::v1 as pb;
-use crate::{duration, error_of, reason, with_deadline, ClientError, IdempotencyClient};
+use crate::{
+    duration, error_of, reason, with_deadline, with_retries, ClientError, IdempotencyClient,
+    Options,
+};
 
 /// The error type of the middleware's response bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -172,7 +175,8 @@ impl IdempotencyLayer {
         self.config.max_stored = bytes;
         self
     }
-    /// The deadline of each call to idemd (default 5 s).
+    /// The deadline of each call to idemd (default 5 s); Complete is retried as the client's
+    /// `idempotent` retries it, each call within this.
     pub fn idemd_timeout(mut self, timeout: Duration) -> Self {
         self.config.idemd_timeout = timeout;
         self
@@ -204,7 +208,7 @@ impl IdempotencyLayer {
             .collect();
         self
     }
-    /// Shown in idemd's record.
+    /// Shown in idemd's record (default: `Options::default().holder`, as `idempotent` uses).
     pub fn holder(mut self, holder: impl Into<String>) -> Self {
         self.config.holder = holder.into();
         self
@@ -566,16 +570,26 @@ impl<S> Call<S> {
             code: i32::from(status.as_u16()),
             metadata: kept_headers(&parts.headers, &config.keep_headers),
         };
-        let complete = self.client.request(pb::CompleteRequest {
+        let complete = pb::CompleteRequest {
             namespace: config.namespace.clone(),
             key: key.to_owned(),
             lease_token: lease.token.clone(),
             result: Some(result),
             retention: config.retention.and_then(duration),
-        });
+        };
         // The response goes out only once idemd knows: a retry sent right after it replays.
-        let completed =
-            with_deadline(config.idemd_timeout, self.client.raw().complete(complete)).await;
+        // Complete is retried as the client retries it (safe with the same lease token).
+        let retries = Options {
+            rpc_timeout: config.idemd_timeout,
+            ..Options::default()
+        };
+        let client = &self.client;
+        let completed = with_retries(&retries, || {
+            let mut raw = client.raw();
+            let request = client.request(complete.clone());
+            async move { raw.complete(request).await }
+        })
+        .await;
         drop(renewer);
         if let Err(status) = completed {
             tracing::error!(%status, key, "the handler ran but its response was not stored");

@@ -305,7 +305,7 @@ pub(crate) async fn with_deadline<R>(
 
 /// Calls `call` until it succeeds, fails for good, or the retry budget is spent (backoff with
 /// full jitter between attempts); the last status otherwise.
-async fn with_retries<R, F, Fut>(options: &Options, mut call: F) -> Result<R, Status>
+pub(crate) async fn with_retries<R, F, Fut>(options: &Options, mut call: F) -> Result<R, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<tonic::Response<R>, Status>>,
