@@ -487,43 +487,36 @@ impl<S> Call<S> {
             every,
             config.idemd_timeout,
         );
-        let release = |why: &'static str| {
-            let client = self.client.clone();
-            let request = client.request(pb::ReleaseRequest {
+        let held = HeldLease {
+            renewer: Some(renewer),
+            client: self.client.clone(),
+            release: Some(pb::ReleaseRequest {
                 namespace: config.namespace.clone(),
                 key: key.to_owned(),
                 lease_token: lease.token.clone(),
-            });
-            let timeout = config.idemd_timeout;
-            async move {
-                if let Err(status) = with_deadline(timeout, client.raw().release(request)).await {
-                    tracing::error!(%status, key, why, "could not release the key; it expires with its lease");
-                }
-            }
+            }),
+            timeout: config.idemd_timeout,
         };
 
         let response = match self.inner.call(request).await {
             Ok(response) => response,
             Err(error) => {
-                drop(renewer);
-                release("the handler failed").await;
+                held.release("the handler failed").await;
                 return Err(error);
             }
         };
         let status = response.status();
         if !(config.storable)(status) {
-            drop(renewer);
-            release("the status is not stored").await;
+            held.release("the status is not stored").await;
             return Ok(boxed(response));
         }
         let (parts, body) = response.into_parts();
         if body.size_hint().lower() > config.max_stored as u64 {
-            drop(renewer);
             tracing::error!(
                 key,
                 "the response is larger than max_stored: not stored, key released"
             );
-            release("the response is too large").await;
+            held.release("the response is too large").await;
             return Ok(boxed(Response::from_parts(parts, body)));
         }
         let mut body = Box::pin(body);
@@ -549,14 +542,13 @@ impl<S> Call<S> {
             }
         }
         if overflow || failed.is_some() {
-            drop(renewer);
             if overflow {
                 tracing::error!(
                     key,
                     "the response is larger than max_stored: not stored, key released"
                 );
             }
-            release("the response was not stored").await;
+            held.release("the response was not stored").await;
             let rest = Prefixed {
                 prefix: Some(buffered.freeze()),
                 failed,
@@ -590,7 +582,9 @@ impl<S> Call<S> {
             async move { raw.complete(request).await }
         })
         .await;
-        drop(renewer);
+        // Stored, or not stored and not released: a failed Complete leaves the lease to expire,
+        // as the client's `idempotent` does, rather than let a retry run the handler at once.
+        held.settled();
         if let Err(status) = completed {
             tracing::error!(%status, key, "the handler ran but its response was not stored");
         }
@@ -651,6 +645,64 @@ where
         BodyRead::TooLarge { close: false }
     } else {
         BodyRead::Complete(buffered.freeze())
+    }
+}
+
+/// The lease a request holds while its handler runs: renewed in the background until settled or
+/// released. Dropped while still held (the server dropped the request's future: the caller went
+/// away), it releases the key in the background, so a retry need not wait for the lease to end.
+struct HeldLease {
+    renewer: Option<crate::AbortOnDrop>,
+    client: IdempotencyClient,
+    release: Option<pb::ReleaseRequest>,
+    timeout: Duration,
+}
+
+impl HeldLease {
+    /// Stops renewing and releases the key (best effort: a failed Release is logged, the lease
+    /// expires by itself).
+    async fn release(mut self, why: &'static str) {
+        self.renewer = None;
+        if let Some(request) = self.release.take() {
+            release_key(self.client.clone(), request, self.timeout, why).await;
+        }
+    }
+
+    /// Stops renewing; the key is not released.
+    fn settled(mut self) {
+        self.renewer = None;
+        self.release = None;
+    }
+}
+
+impl Drop for HeldLease {
+    fn drop(&mut self) {
+        self.renewer = None;
+        if let Some(request) = self.release.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let client = self.client.clone();
+                let timeout = self.timeout;
+                runtime.spawn(release_key(
+                    client,
+                    request,
+                    timeout,
+                    "the request was dropped before its response",
+                ));
+            }
+        }
+    }
+}
+
+async fn release_key(
+    client: IdempotencyClient,
+    request: pb::ReleaseRequest,
+    timeout: Duration,
+    why: &'static str,
+) {
+    let key = request.key.clone();
+    let request = client.request(request);
+    if let Err(status) = with_deadline(timeout, client.raw().release(request)).await {
+        tracing::error!(%status, key, why, "could not release the key; it expires with its lease");
     }
 }
 
