@@ -105,13 +105,14 @@ async fn start_app() -> App {
     }
 }
 
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
+pub(crate) struct Answer {
+    pub status: u16,
+    /// The status line and headers, in lower case.
+    pub head: String,
+    pub body: String,
 }
 
-fn request_bytes(path: &str, key: &str, body: &serde_json::Value, extra: &str) -> Vec<u8> {
+fn request_bytes(path: &str, key: &str, body: &impl std::fmt::Display, extra: &str) -> Vec<u8> {
     let body = body.to_string();
     format!(
         "POST {path} HTTP/1.1\r\nHost: test\r\nIdempotency-Key: {key}\r\n\
@@ -121,12 +122,13 @@ fn request_bytes(path: &str, key: &str, body: &serde_json::Value, extra: &str) -
     .into_bytes()
 }
 
-/// One HTTP/1.1 request on its own connection.
-async fn post(
+/// One HTTP/1.1 POST of JSON with an Idempotency-Key (and `extra` header lines), on its own
+/// connection.
+pub(crate) async fn post(
     addr: SocketAddr,
     path: &str,
     key: &str,
-    body: serde_json::Value,
+    body: impl std::fmt::Display,
     extra: &str,
 ) -> Answer {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -297,3 +297,108 @@ async fn http_middleware_axum() {
     })
     .await;
 }
+
+/// clients/HTTP-MIDDLEWARE.md §3: the idemd key and the fingerprint are the same in every
+/// language, so a request first served by one framework's app replays from another's when both
+/// use the same namespace. The FastAPI, Express and axum apps share one idemd, one namespace and
+/// one effects file; each serves a first request in turn, and the other two replay it (with the
+/// JSON's keys reordered) without running their handler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_apps_share_keys_across_languages() {
+    let axum_app = tokio::task::spawn_blocking(|| crate::client::build_client_example("axum_app"))
+        .await
+        .expect("build the axum app");
+    let apps = [
+        python_app("the FastAPI app", "fastapi_app.py"),
+        express_app(),
+        ExampleApp {
+            name: "the axum app",
+            program: axum_app,
+            args: vec![],
+            dir: repository().join("clients/rust"),
+            env: vec![],
+        },
+    ];
+    let idemd = IdemdProcess::start(&[]);
+    let scratch = tempfile::tempdir().expect("a directory for the effects file");
+    let effects = scratch.path().join("effects");
+    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let mut running = Vec::new();
+    for app in &apps {
+        let port = free_port();
+        let stderr = tempfile::NamedTempFile::new().expect("a file for the app's stderr");
+        let child = Command::new(&app.program)
+            .args(&app.args)
+            .current_dir(&app.dir)
+            .envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("PORT", port.to_string())
+            .env("IDEMD_ADDR", format!("http://{}", idemd.addr))
+            .env("NAMESPACE", &namespace)
+            .env("LEASE_MS", LEASE_MS.to_string())
+            .env("IDEMD_TIMEOUT_MS", "5000")
+            .env("EFFECTS_FILE", &effects)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr.reopen().expect("reopen")))
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {}: {error}", app.name));
+        running.push(RunningApp {
+            name: app.name.to_string(),
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            stderr,
+        });
+    }
+    let running = tokio::task::spawn_blocking(move || {
+        for app in &mut running {
+            app.await_health();
+        }
+        running
+    })
+    .await
+    .expect("the apps' start-up");
+
+    for first in 0..running.len() {
+        let key = format!("xlang-{}", uuid::Uuid::new_v4().simple());
+        let id = format!("order-{}", uuid::Uuid::new_v4().simple());
+        let tenant = "X-Tenant: acme\r\n";
+        let body = serde_json::json!({"id": id, "amount": 5, "items": [{"sku": "a", "n": 1}]});
+        let served =
+            crate::http_layer::post(running[first].addr, "/orders", &key, body, tenant).await;
+        assert_eq!(
+            served.status, 201,
+            "{}: {}",
+            running[first].name, served.body
+        );
+        for (other, app) in running.iter().enumerate().filter(|(i, _)| *i != first) {
+            // The same JSON, keys in another order: the same canonical form everywhere.
+            let reordered = format!(r#"{{"items":[{{"n":1,"sku":"a"}}],"amount":5,"id":"{id}"}}"#);
+            let again = crate::http_layer::post(app.addr, "/orders", &key, reordered, tenant).await;
+            assert_eq!(
+                (again.status, again.body.as_str()),
+                (201, served.body.as_str()),
+                "{} did not replay what {} served",
+                app.name,
+                running[first].name
+            );
+            assert!(
+                again.head.contains("idempotent-replayed: true"),
+                "{} (after {}, app {other}): {}",
+                app.name,
+                running[first].name,
+                again.head
+            );
+        }
+        let effects = std::fs::read_to_string(&effects).expect("the effects file");
+        let runs = effects
+            .lines()
+            .filter(|line| *line == format!("orders {id}"))
+            .count();
+        assert_eq!(
+            runs, 1,
+            "first served by {}:\n{effects}",
+            running[first].name
+        );
+    }
+    drop(idemd);
+}
