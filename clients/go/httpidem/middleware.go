@@ -132,6 +132,14 @@ type middleware struct {
 
 // New checks options and returns the middleware, or an error naming the option that is wrong.
 func New(client *idemd.Client, options Options) (func(http.Handler) http.Handler, error) {
+	m, err := newMiddleware(client, options)
+	if err != nil {
+		return nil, err
+	}
+	return m.wrap, nil
+}
+
+func newMiddleware(client *idemd.Client, options Options) (*middleware, error) {
 	switch {
 	case client == nil:
 		return nil, errors.New("httpidem: the idemd client is nil")
@@ -185,7 +193,7 @@ func New(client *idemd.Client, options Options) (func(http.Handler) http.Handler
 	if options.FailOpen {
 		m.callOptions = append(m.callOptions, idemd.WithFailOpen())
 	}
-	return m.wrap, nil
+	return m, nil
 }
 
 // Middleware is New for a configuration known to be right: it panics if New would fail, as a
