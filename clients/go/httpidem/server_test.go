@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -259,6 +260,9 @@ func TestDuplicateInProgress(t *testing.T) {
 	})
 	url := serve(t, client, httpidem.Options{LeaseTTL: 20 * time.Second}, handler)
 	waiting := serve(t, waitingClient, httpidem.Options{LeaseTTL: 20 * time.Second, Wait: 30 * time.Second}, handler)
+	var finished sync.Once
+	release := func() { finished.Do(func() { close(finish) }) }
+	t.Cleanup(release) // before the servers close, which waits for the handler, if the test fails first
 
 	key := uniqueKey("busy")
 	firstDone := make(chan answer, 1)
@@ -277,7 +281,7 @@ func TestDuplicateInProgress(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the waiting route did not call Wait within 30 s")
 	}
-	close(finish)
+	release()
 	first := <-firstDone
 	second := <-waited
 	if first.body != "run 1" || second.body != "run 1" || second.header.Get("Idempotent-Replayed") != "true" || runs.Load() != 1 {
@@ -305,6 +309,7 @@ func TestHandlerSeesCancellation(t *testing.T) {
 	}), served)
 	key := uniqueKey("gone")
 	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel) // before the server closes, which waits for the handler, if the test fails first
 	request, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader("{}"))
 	request.Header.Set("Idempotency-Key", key)
 	request.Header.Set("Content-Type", "application/json")
