@@ -44,8 +44,8 @@ func TestAcquireTimeoutEndsAHungAcquireAsUnavailable(t *testing.T) {
 	started := time.Now()
 	_, err := client.Idempotent(ctx, namespace, uniqueKey("hung"), order{ID: "h"}, countingWork(&runs, "x"),
 		idemd.WithAcquireTimeout(200*time.Millisecond))
-	if elapsed := time.Since(started); elapsed > 5*time.Second {
-		t.Fatalf("returned after %v: the 200 ms acquire timeout did not bound it (each RPC's timeout is 10 s)", elapsed)
+	if elapsed := time.Since(started); elapsed > 3*time.Second {
+		t.Fatalf("returned after %v: the 200 ms acquire timeout did not bound it (without it, grpc-go gives up connecting after 5 s)", elapsed)
 	}
 	if !errors.Is(err, idemd.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) || runs.Load() != 0 {
 		t.Fatalf("got %v (work ran %d times), want ErrUnavailable and not the caller's deadline", err, runs.Load())

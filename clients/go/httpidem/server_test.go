@@ -303,8 +303,11 @@ func TestHandlerSeesCancellation(t *testing.T) {
 			return
 		}
 		started <- struct{}{}
-		<-r.Context().Done()
-		cancelled <- r.Context().Err()
+		select {
+		case <-r.Context().Done():
+			cancelled <- r.Context().Err()
+		case <-time.After(30 * time.Second):
+		}
 		http.Error(w, "gone", http.StatusServiceUnavailable)
 	}), served)
 	key := uniqueKey("gone")
@@ -367,8 +370,8 @@ func TestHungIdemdIsUnavailableWithinIdemdTimeout(t *testing.T) {
 	if problemType(t, down) != "idemd-unavailable" || down.header.Get("Retry-After") != "1" || runs.Load() != 0 {
 		t.Fatalf("fail closed: %+v, runs %d", down, runs.Load())
 	}
-	if elapsed > 10*time.Second {
-		t.Fatalf("answered after %v: the 300 ms IdemdTimeout did not bound the Acquire (the client's RPC timeout is 10 s)", elapsed)
+	if elapsed > 3*time.Second {
+		t.Fatalf("answered after %v: the 300 ms IdemdTimeout did not bound the Acquire (without it, grpc-go gives up connecting after 5 s)", elapsed)
 	}
 	open := serve(t, client, httpidem.Options{IdemdTimeout: 300 * time.Millisecond, FailOpen: true}, handler)
 	if ran := post(t, open, uniqueKey("hung"), "{}"); ran.status != 201 || runs.Load() != 1 {
