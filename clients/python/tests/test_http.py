@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -364,3 +365,99 @@ async def test_asgi_idemd_timeout_bounds_a_hung_idemd(silent_idemd, fail_open):
         assert status == 503 and ran == []
         assert headers[b"retry-after"] == b"1"
         assert json.loads(body)["type"] == PROBLEM_BASE + "idemd-unavailable"
+
+
+# -- against a live idemd (memory store and PostgreSQL) --------------------------------------
+
+def fresh_key() -> bytes:
+    return b'"' + uuid.uuid4().hex.encode() + b'"'
+
+
+def test_wsgi_misconfigured_namespace_is_idemd_rejected(idemd):
+    ran = []
+    with Client(idemd.address) as client:
+        app = WsgiIdempotencyMiddleware(handler(ran), client=client, namespace="not a namespace!")
+        answer = wsgi_call(app, key=fresh_key())
+    assert answer["status"] == "500 Internal Server Error" and ran == []
+    problem_document = json.loads(answer["body"])
+    assert problem_document["type"] == PROBLEM_BASE + "idemd-rejected"
+    assert "INVALID_ARGUMENT INVALID_REQUEST" in problem_document["detail"]
+
+
+async def test_asgi_misconfigured_namespace_is_idemd_rejected(idemd):
+    ran = []
+    async with AsyncClient(idemd.address) as client:
+        app = IdempotencyMiddleware(asgi_handler(ran), client=client, namespace="not a namespace!")
+        status, _, body = await asgi_call(app, key=fresh_key())
+    assert status == 500 and ran == []
+    assert "INVALID_ARGUMENT INVALID_REQUEST" in json.loads(body)["detail"]
+
+
+def big_wsgi_handler(ran, size):
+    def app(environ, start_response):
+        ran.append(1)
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        return [b"x" * (size // 2), b"y" * (size - size // 2)]
+
+    return app
+
+
+def test_wsgi_a_response_too_large_to_store_goes_out_and_releases(idemd):
+    ran = []
+    size = 1024 * 1024 + 1
+    with Client(idemd.address) as client:
+        app = WsgiIdempotencyMiddleware(big_wsgi_handler(ran, size), client=client, namespace="pytest-http")
+        key = fresh_key()
+        first = wsgi_call(app, key=key)
+        assert first["status"] == "200 OK" and len(first["body"]) == size
+        second = wsgi_call(app, key=key)
+    assert len(second["body"]) == size and ran == [1, 1], "a response over 1 MiB was stored"
+
+
+async def test_asgi_a_response_too_large_to_store_goes_out_and_releases(idemd):
+    ran = []
+    size = 1024 * 1024 + 1
+
+    async def big(scope, receive, send):
+        await receive()
+        ran.append(1)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * (size // 2), "more_body": True})
+        await send({"type": "http.response.body", "body": b"y" * (size - size // 2)})
+
+    async with AsyncClient(idemd.address) as client:
+        app = IdempotencyMiddleware(big, client=client, namespace="pytest-http")
+        key = fresh_key()
+        status, _, body = await asgi_call(app, key=key)
+        assert status == 200 and len(body) == size
+        _, headers, body = await asgi_call(app, key=key)
+    assert len(body) == size and ran == [1, 1] and b"idempotent-replayed" not in headers
+
+
+async def test_asgi_a_waiting_duplicate_runs_when_the_first_fails(idemd):
+    """With ``wait``, a duplicate waits for the first; the first answers 500 (released), so
+    the duplicate acquires the key and runs the handler itself."""
+    ran = []
+    first_running = asyncio.Event()
+
+    async def flaky(scope, receive, send):
+        await receive()
+        ran.append(len(ran))
+        if len(ran) == 1:
+            first_running.set()
+            await asyncio.sleep(0.5)
+            status = 500
+        else:
+            status = 201
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": str(status).encode()})
+
+    async with AsyncClient(idemd.address) as client:
+        app = IdempotencyMiddleware(flaky, client=client, namespace="pytest-http", wait=10)
+        key = fresh_key()
+        first = asyncio.ensure_future(asgi_call(app, key=key))
+        await first_running.wait()
+        second = await asgi_call(app, key=key)
+        assert (await first)[0] == 500
+    assert second[0] == 201 and second[2] == b"201" and len(ran) == 2
+    assert b"idempotent-replayed" not in second[1]
