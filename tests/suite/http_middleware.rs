@@ -5,7 +5,9 @@
 //! with the driver's output (every case, `ok` or `FAIL` with why) and the apps' stderr.
 //!
 //! A framework adds one `#[tokio::test]` below that describes its app (command, working
-//! directory, extra environment) and calls [`run_conformance`].
+//! directory, extra environment) and calls [`run_conformance`], and one that calls
+//! [`run_cross_framework`] with its app and the FastAPI app: on one idemd and one namespace, a
+//! request served by either replays from the other.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -47,7 +49,13 @@ struct RunningApp {
 }
 
 impl RunningApp {
-    fn start(app: &ExampleApp, label: &str, idemd_addr: &str, effects: &Path) -> Self {
+    fn start(
+        app: &ExampleApp,
+        label: &str,
+        idemd_addr: &str,
+        namespace: &str,
+        effects: &Path,
+    ) -> Self {
         let name = format!("{} ({label})", app.name);
         let port = free_port();
         let stderr = tempfile::NamedTempFile::new().expect("a file for the app's stderr");
@@ -64,10 +72,7 @@ impl RunningApp {
             .envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("PORT", port.to_string())
             .env("IDEMD_ADDR", idemd_addr)
-            .env(
-                "NAMESPACE",
-                format!("http-{}", uuid::Uuid::new_v4().simple()),
-            )
+            .env("NAMESPACE", namespace)
             .env("LEASE_MS", LEASE_MS.to_string())
             .env("IDEMD_TIMEOUT_MS", "5000")
             .env("EFFECTS_FILE", effects)
@@ -163,13 +168,10 @@ pub(crate) async fn run_conformance(app: ExampleApp) {
     let effects = scratch.path().join("effects-live");
     let dead_effects = scratch.path().join("effects-dead");
 
-    let mut live = RunningApp::start(
-        &app,
-        "live idemd",
-        &format!("http://{}", idemd.addr),
-        &effects,
-    );
-    let mut down = RunningApp::start(&app, "idemd down", &dead, &dead_effects);
+    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let idemd_addr = format!("http://{}", idemd.addr);
+    let mut live = RunningApp::start(&app, "live idemd", &idemd_addr, &namespace, &effects);
+    let mut down = RunningApp::start(&app, "idemd down", &dead, &namespace, &dead_effects);
     let (live, down) = tokio::task::spawn_blocking(move || {
         live.await_health();
         down.await_health();
@@ -178,46 +180,108 @@ pub(crate) async fn run_conformance(app: ExampleApp) {
     .await
     .expect("the apps' start-up");
 
+    let args = vec![
+        "--app".to_string(),
+        live.url(),
+        "--effects".to_string(),
+        effects.to_string_lossy().into_owned(),
+        "--dead-app".to_string(),
+        down.url(),
+        "--dead-effects".to_string(),
+        dead_effects.to_string_lossy().into_owned(),
+    ];
+    run_driver(app.name, args, &[&live, &down]).await;
+    drop(idemd);
+}
+
+/// Runs the driver's cross-framework cases for every ordered pair of `apps`: all of them on one
+/// idemd and one namespace, a request served by one replays from the other, so every framework
+/// derives the same idemd key and fingerprint (clients/HTTP-MIDDLEWARE.md §3).
+pub(crate) async fn run_cross_framework(apps: Vec<ExampleApp>) {
+    let database = TestDatabase::create().await;
+    let idemd = IdemdProcess::start(&["--database-url", &database.url]);
+    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let idemd_addr = format!("http://{}", idemd.addr);
+    let scratch = tempfile::tempdir().expect("a directory for the effects files");
+    let running: Vec<(RunningApp, PathBuf)> = apps
+        .iter()
+        .enumerate()
+        .map(|(place, app)| {
+            let effects = scratch.path().join(format!("effects-{place}"));
+            let running =
+                RunningApp::start(app, "shared namespace", &idemd_addr, &namespace, &effects);
+            (running, effects)
+        })
+        .collect();
+    let running = tokio::task::spawn_blocking(move || {
+        let mut running = running;
+        for (app, _) in &mut running {
+            app.await_health();
+        }
+        running
+    })
+    .await
+    .expect("the apps' start-up");
+    for (first, (app, effects)) in running.iter().enumerate() {
+        for (second, (peer, peer_effects)) in running.iter().enumerate() {
+            if first == second {
+                continue;
+            }
+            let args = vec![
+                "--app".to_string(),
+                app.url(),
+                "--effects".to_string(),
+                effects.to_string_lossy().into_owned(),
+                "--peer-app".to_string(),
+                peer.url(),
+                "--peer-effects".to_string(),
+                peer_effects.to_string_lossy().into_owned(),
+            ];
+            let what = format!("{} then {}", apps[first].name, apps[second].name);
+            run_driver(&what, args, &[app, peer]).await;
+        }
+    }
+    drop(idemd);
+}
+
+/// Runs the driver with `args`; fails with its report and the apps' stderr unless every case
+/// passed.
+async fn run_driver(what: &str, args: Vec<String>, apps: &[&RunningApp]) {
     let driver = repository().join("clients/conformance/http/driver.py");
     let mut command = Command::new("python3");
     command
         .arg(&driver)
-        .args(["--app", &live.url(), "--effects"])
-        .arg(&effects)
-        .args(["--dead-app", &down.url(), "--dead-effects"])
-        .arg(&dead_effects)
+        .args(&args)
         .args(["--lease-ms", &LEASE_MS.to_string()]);
     let run = tokio::task::spawn_blocking(move || command.output());
+    let stderr_of_apps = || {
+        apps.iter()
+            .map(|app| format!("--- stderr of {}:\n{}", app.name, app.stderr()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let output = tokio::time::timeout(DRIVER_LIMIT, run)
         .await
         .unwrap_or_else(|_| {
             panic!(
-                "the driver did not finish within {DRIVER_LIMIT:?} against {}:\n{}",
-                app.name,
-                live.stderr()
+                "the driver did not finish within {DRIVER_LIMIT:?} against {what}:\n{}",
+                stderr_of_apps()
             )
         })
         .expect("the driver's thread")
         .unwrap_or_else(|error| panic!("cannot run python3 {}: {error}", driver.display()));
     let report = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{}: {report}", app.name);
+    eprintln!("{what}:\n{report}");
     assert!(
         output.status.success(),
-        "the HTTP middleware conformance driver failed against {}:\n{report}\n{}\n\
-         --- stderr of {}:\n{}\n--- stderr of {}:\n{}",
-        app.name,
+        "the HTTP middleware conformance driver failed against {what}:\n{report}\n{}\n{}",
         String::from_utf8_lossy(&output.stderr),
-        live.name,
-        live.stderr(),
-        down.name,
-        down.stderr()
+        stderr_of_apps()
     );
     assert!(
-        report.contains("ok first_request"),
-        "the driver ran no case against {}:\n{report}",
-        app.name
+        report.lines().any(|line| line.starts_with("ok ")),
+        "the driver ran no case against {what}:\n{report}"
     );
-    drop(idemd);
 }
 
 /// A Python example app of clients/python/examples/http, on this checkout's client.
@@ -247,4 +311,16 @@ async fn http_middleware_fastapi() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_middleware_flask() {
     run_conformance(python_app("the Flask app", "flask_app.py")).await;
+}
+
+/// The two Python middlewares agree on keys and fingerprints: a request stored through one
+/// replays through the other. Another framework adds a test like this one, pairing its app with
+/// the FastAPI app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_fastapi_and_flask_share_keys() {
+    run_cross_framework(vec![
+        python_app("the FastAPI app", "fastapi_app.py"),
+        python_app("the Flask app", "flask_app.py"),
+    ])
+    .await;
 }
