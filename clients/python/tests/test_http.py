@@ -228,6 +228,7 @@ def test_acquire_failures():
         error(Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
         error(StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "STORE_FULL"),
         TimeoutError("slow"),
+        asyncio.TimeoutError(),
     ):
         status, headers, body = acquire_failure(exc)
         assert status == 503 and ("retry-after", "1") in headers, exc

@@ -3,6 +3,7 @@ not depend on a framework (the header, the idemd key, the fingerprint, what is s
 problem documents). No I/O here."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -336,8 +337,10 @@ def acquire_failure(exc: BaseException) -> Tuple[int, List[Tuple[str, str]], byt
             "key-reused",
             "this Idempotency-Key was already used for a different request (method, target or body)",
         )
-    if isinstance(exc, (IdemdUnavailable, RateLimited, Overloaded, StoreFull, TimeoutError)):
-        what = "did not answer in time" if isinstance(exc, TimeoutError) else f"is unavailable ({_code_and_reason(exc)})"
+    # asyncio.TimeoutError is the builtin TimeoutError from Python 3.11 on, a class of its own before.
+    timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+    if timed_out or isinstance(exc, (IdemdUnavailable, RateLimited, Overloaded, StoreFull)):
+        what = "did not answer in time" if timed_out else f"is unavailable ({_code_and_reason(exc)})"
         return problem(
             "idemd-unavailable",
             f"the idempotency service {what}; the request was not run",
