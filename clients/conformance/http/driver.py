@@ -113,7 +113,12 @@ def request(
         if content_type:
             connection.putheader("Content-Type", content_type)
         connection.putheader("Content-Length", str(len(payload or b"")))
-        connection.endheaders(payload or b"")
+        try:
+            connection.endheaders(payload or b"")
+        except (BrokenPipeError, ConnectionResetError):
+            # A server may answer (413) and close before reading a body it does not want
+            # (RFC 9112 §9.6): its answer can still be waiting to be read.
+            pass
         answer = connection.getresponse()
         data = answer.read()
         return Response(
