@@ -462,3 +462,18 @@ async def test_asgi_a_waiting_duplicate_runs_when_the_first_fails(idemd):
         assert (await first)[0] == 500
     assert second[0] == 201 and second[2] == b"201" and len(ran) == 2
     assert b"idempotent-replayed" not in second[1]
+
+
+def test_settings_paths_and_methods():
+    from idemd_client.http import Settings
+
+    one = Settings(namespace="ns", paths="/orders")
+    assert one.covers("post", "/orders") and not one.covers("POST", "/o")
+    assert not one.covers("PUT", "/orders") and not one.covers("GET", "/orders")
+    assert Settings(namespace="ns").covers("PATCH", "/anything")
+    assert Settings(namespace="ns", paths=lambda path: path.startswith("/v1/")).covers("POST", "/v1/x")
+    assert Settings(namespace="ns", methods=["put"]).covers("PUT", "/x")
+    with pytest.raises(ValueError):
+        Settings(namespace="")
+    with pytest.raises(ValueError):
+        Settings(namespace="ns", wait=0)

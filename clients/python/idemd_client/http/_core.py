@@ -299,7 +299,9 @@ class Settings:
             raise ValueError("lease_ttl and idemd_timeout must be positive, max_body not negative")
         if self.wait is not None and self.wait <= 0:
             raise ValueError("wait must be positive (or None)")
-        if self.paths is not None and not callable(self.paths):
+        if isinstance(self.paths, str):
+            self.paths = frozenset([self.paths])  # one path, not a set of its characters
+        elif self.paths is not None and not callable(self.paths):
             self.paths = frozenset(self.paths)
 
     def covers(self, method: str, path: str) -> bool:
