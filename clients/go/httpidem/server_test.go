@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	idemd "github.com/idemd/idemd/clients/go"
 	"github.com/idemd/idemd/clients/go/httpidem"
@@ -388,4 +390,59 @@ func TestIdemdRejectionIsNamed(t *testing.T) {
 	if problemType(t, rejected) != "idemd-rejected" || !strings.Contains(rejected.body, "INVALID_ARGUMENT") || !strings.Contains(rejected.body, "INVALID_REQUEST") || runs.Load() != 0 {
 		t.Fatalf("%+v, runs %d", rejected, runs.Load())
 	}
+}
+
+// A Complete that fails after the handler ran (here every Complete is refused UNAVAILABLE on its
+// way out): the caller still gets the handler's response, and the failure is logged as an error.
+func TestHandlerResponseIsSentWhenCompleteFails(t *testing.T) {
+	server := idemdtest.StartPostgres(t)
+	client, err := idemd.New(server.Addr, idemd.WithDialOptions(grpc.WithChainUnaryInterceptor(
+		func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			if strings.HasSuffix(method, "/Complete") {
+				return status.Error(codes.Unavailable, "injected: Complete does not reach idemd")
+			}
+			return invoker(ctx, method, req, reply, cc, opts...)
+		})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	var log syncLog
+	wrap, err := httpidem.New(client, httpidem.Options{Namespace: namespace, Logger: slog.New(slog.NewTextHandler(&log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var runs atomic.Int32
+	httpServer := httptest.NewServer(wrap(counting(&runs)))
+	t.Cleanup(httpServer.Close)
+	key := uniqueKey("complete-fails")
+	first := post(t, httpServer.URL, key, "{}")
+	if first.status != 201 || first.body != `{"run":1}` || first.header.Get("Set-Cookie") != "run=1" {
+		t.Fatalf("the handler's response was not sent: %+v", first)
+	}
+	if text := log.String(); !strings.Contains(text, "level=ERROR") || !strings.Contains(text, "not stored") || !strings.Contains(text, key) {
+		t.Fatalf("no error logged for the lost Complete:\n%s", text)
+	}
+	// Nothing was stored and the lease is still held: a retry now is told to come back later.
+	if retry := post(t, httpServer.URL, key, "{}"); problemType(t, retry) != "request-in-progress" || runs.Load() != 1 {
+		t.Fatalf("retry: %+v, runs %d", retry, runs.Load())
+	}
+}
+
+// syncLog is a log buffer the middleware may write from the server's goroutines.
+type syncLog struct {
+	mu   sync.Mutex
+	text strings.Builder
+}
+
+func (l *syncLog) Write(line []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.text.Write(line)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.text.String()
 }
