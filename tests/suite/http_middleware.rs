@@ -5,7 +5,9 @@
 //! with the driver's output (every case, `ok` or `FAIL` with why) and the apps' stderr.
 //!
 //! A framework adds one `#[tokio::test]` below that describes its app (command, working
-//! directory, extra environment) and calls [`run_conformance`].
+//! directory, extra environment) and calls [`run_conformance`], and one that calls
+//! [`run_cross_framework`] with its app and the FastAPI app: on one idemd and one namespace, a
+//! request served by either replays from the other.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -47,7 +49,13 @@ struct RunningApp {
 }
 
 impl RunningApp {
-    fn start(app: &ExampleApp, label: &str, idemd_addr: &str, effects: &Path) -> Self {
+    fn start(
+        app: &ExampleApp,
+        label: &str,
+        idemd_addr: &str,
+        namespace: &str,
+        effects: &Path,
+    ) -> Self {
         let name = format!("{} ({label})", app.name);
         let port = free_port();
         let stderr = tempfile::NamedTempFile::new().expect("a file for the app's stderr");
@@ -64,10 +72,7 @@ impl RunningApp {
             .envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("PORT", port.to_string())
             .env("IDEMD_ADDR", idemd_addr)
-            .env(
-                "NAMESPACE",
-                format!("http-{}", uuid::Uuid::new_v4().simple()),
-            )
+            .env("NAMESPACE", namespace)
             .env("LEASE_MS", LEASE_MS.to_string())
             .env("IDEMD_TIMEOUT_MS", "5000")
             .env("EFFECTS_FILE", effects)
@@ -163,13 +168,10 @@ pub(crate) async fn run_conformance(app: ExampleApp) {
     let effects = scratch.path().join("effects-live");
     let dead_effects = scratch.path().join("effects-dead");
 
-    let mut live = RunningApp::start(
-        &app,
-        "live idemd",
-        &format!("http://{}", idemd.addr),
-        &effects,
-    );
-    let mut down = RunningApp::start(&app, "idemd down", &dead, &dead_effects);
+    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let idemd_addr = format!("http://{}", idemd.addr);
+    let mut live = RunningApp::start(&app, "live idemd", &idemd_addr, &namespace, &effects);
+    let mut down = RunningApp::start(&app, "idemd down", &dead, &namespace, &dead_effects);
     let (live, down) = tokio::task::spawn_blocking(move || {
         live.await_health();
         down.await_health();
@@ -178,46 +180,108 @@ pub(crate) async fn run_conformance(app: ExampleApp) {
     .await
     .expect("the apps' start-up");
 
+    let args = vec![
+        "--app".to_string(),
+        live.url(),
+        "--effects".to_string(),
+        effects.to_string_lossy().into_owned(),
+        "--dead-app".to_string(),
+        down.url(),
+        "--dead-effects".to_string(),
+        dead_effects.to_string_lossy().into_owned(),
+    ];
+    run_driver(app.name, args, &[&live, &down]).await;
+    drop(idemd);
+}
+
+/// Runs the driver's cross-framework cases for every ordered pair of `apps`: all of them on one
+/// idemd and one namespace, a request served by one replays from the other, so every framework
+/// derives the same idemd key and fingerprint (clients/HTTP-MIDDLEWARE.md §3).
+pub(crate) async fn run_cross_framework(apps: Vec<ExampleApp>) {
+    let database = TestDatabase::create().await;
+    let idemd = IdemdProcess::start(&["--database-url", &database.url]);
+    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
+    let idemd_addr = format!("http://{}", idemd.addr);
+    let scratch = tempfile::tempdir().expect("a directory for the effects files");
+    let running: Vec<(RunningApp, PathBuf)> = apps
+        .iter()
+        .enumerate()
+        .map(|(place, app)| {
+            let effects = scratch.path().join(format!("effects-{place}"));
+            let running =
+                RunningApp::start(app, "shared namespace", &idemd_addr, &namespace, &effects);
+            (running, effects)
+        })
+        .collect();
+    let running = tokio::task::spawn_blocking(move || {
+        let mut running = running;
+        for (app, _) in &mut running {
+            app.await_health();
+        }
+        running
+    })
+    .await
+    .expect("the apps' start-up");
+    for (first, (app, effects)) in running.iter().enumerate() {
+        for (second, (peer, peer_effects)) in running.iter().enumerate() {
+            if first == second {
+                continue;
+            }
+            let args = vec![
+                "--app".to_string(),
+                app.url(),
+                "--effects".to_string(),
+                effects.to_string_lossy().into_owned(),
+                "--peer-app".to_string(),
+                peer.url(),
+                "--peer-effects".to_string(),
+                peer_effects.to_string_lossy().into_owned(),
+            ];
+            let what = format!("{} then {}", apps[first].name, apps[second].name);
+            run_driver(&what, args, &[app, peer]).await;
+        }
+    }
+    drop(idemd);
+}
+
+/// Runs the driver with `args`; fails with its report and the apps' stderr unless every case
+/// passed.
+async fn run_driver(what: &str, args: Vec<String>, apps: &[&RunningApp]) {
     let driver = repository().join("clients/conformance/http/driver.py");
     let mut command = Command::new("python3");
     command
         .arg(&driver)
-        .args(["--app", &live.url(), "--effects"])
-        .arg(&effects)
-        .args(["--dead-app", &down.url(), "--dead-effects"])
-        .arg(&dead_effects)
+        .args(&args)
         .args(["--lease-ms", &LEASE_MS.to_string()]);
     let run = tokio::task::spawn_blocking(move || command.output());
+    let stderr_of_apps = || {
+        apps.iter()
+            .map(|app| format!("--- stderr of {}:\n{}", app.name, app.stderr()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let output = tokio::time::timeout(DRIVER_LIMIT, run)
         .await
         .unwrap_or_else(|_| {
             panic!(
-                "the driver did not finish within {DRIVER_LIMIT:?} against {}:\n{}",
-                app.name,
-                live.stderr()
+                "the driver did not finish within {DRIVER_LIMIT:?} against {what}:\n{}",
+                stderr_of_apps()
             )
         })
         .expect("the driver's thread")
         .unwrap_or_else(|error| panic!("cannot run python3 {}: {error}", driver.display()));
     let report = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{}: {report}", app.name);
+    eprintln!("{what}:\n{report}");
     assert!(
         output.status.success(),
-        "the HTTP middleware conformance driver failed against {}:\n{report}\n{}\n\
-         --- stderr of {}:\n{}\n--- stderr of {}:\n{}",
-        app.name,
+        "the HTTP middleware conformance driver failed against {what}:\n{report}\n{}\n{}",
         String::from_utf8_lossy(&output.stderr),
-        live.name,
-        live.stderr(),
-        down.name,
-        down.stderr()
+        stderr_of_apps()
     );
     assert!(
-        report.contains("ok first_request"),
-        "the driver ran no case against {}:\n{report}",
-        app.name
+        report.lines().any(|line| line.starts_with("ok ")),
+        "the driver ran no case against {what}:\n{report}"
     );
-    drop(idemd);
 }
 
 /// A Python example app of clients/python/examples/http, on this checkout's client.
@@ -249,26 +313,87 @@ async fn http_middleware_flask() {
     run_conformance(python_app("the Flask app", "flask_app.py")).await;
 }
 
+/// The two Python middlewares agree on keys and fingerprints: a request stored through one
+/// replays through the other. Another framework adds a test like this one, pairing its app with
+/// the FastAPI app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_fastapi_and_flask_share_keys() {
+    run_cross_framework(vec![
+        python_app("the FastAPI app", "fastapi_app.py"),
+        python_app("the Flask app", "flask_app.py"),
+    ])
+    .await;
+}
+
+/// The Go example app (clients/go/examples/nethttp), built by `go build` into `binary` under
+/// Cargo's test scratch directory (a name of each test's own, so tests never build over each
+/// other's running binary).
+fn go_app(binary: &str) -> ExampleApp {
+    let client = repository().join("clients/go");
+    let program = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(binary);
+    let built = Command::new("go")
+        .current_dir(&client)
+        .args(["build", "-o"])
+        .arg(&program)
+        .arg("./examples/nethttp")
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run `go build` (is Go installed?): {error}"));
+    assert!(
+        built.status.success(),
+        "go build ./examples/nethttp failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    ExampleApp {
+        name: "the net/http app",
+        program,
+        args: Vec::new(),
+        dir: client,
+        env: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_go() {
+    let app = tokio::task::spawn_blocking(|| go_app("nethttp-conformance"))
+        .await
+        .expect("go build thread");
+    run_conformance(app).await;
+}
+
+/// The Go middleware derives the same keys and fingerprints as the Python one: a request stored
+/// through either replays through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_go_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(|| go_app("nethttp-cross"))
+        .await
+        .expect("go build thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}
+
 /// The Express app (clients/node/examples/express-app.js) on this checkout's Node client, compiled
 /// into `clients/node/dist-http` (its own folder: the Node suite's `npm test` empties `dist/`).
 /// The app imports `@idemd/client` and `@idemd/client/http`; a package.json in that folder naming
 /// the package resolves both to this build (a package may import itself by name), and Express and
-/// grpc-js from `clients/node/node_modules`.
+/// grpc-js from `clients/node/node_modules`. Compiled once per test run.
 fn express_app() -> ExampleApp {
-    let out = crate::behaviour::build_node_tests("dist-http");
-    std::fs::write(
-        out.join("package.json"),
-        r#"{ "name": "@idemd/client", "type": "module",
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let app = BUILT.get_or_init(|| {
+        let out = crate::behaviour::build_node_tests("dist-http");
+        std::fs::write(
+            out.join("package.json"),
+            r#"{ "name": "@idemd/client", "type": "module",
   "exports": { ".": "./src/index.js", "./http": "./src/http.js" } }"#,
-    )
-    .expect("write dist-http/package.json");
-    std::fs::create_dir_all(out.join("examples")).expect("dist-http/examples");
-    let app = out.join("examples/express-app.js");
-    std::fs::copy(
-        repository().join("clients/node/examples/express-app.js"),
-        &app,
-    )
-    .expect("copy the Express app");
+        )
+        .expect("write dist-http/package.json");
+        std::fs::create_dir_all(out.join("examples")).expect("dist-http/examples");
+        let app = out.join("examples/express-app.js");
+        std::fs::copy(
+            repository().join("clients/node/examples/express-app.js"),
+            &app,
+        )
+        .expect("copy the Express app");
+        app
+    });
     ExampleApp {
         name: "the Express app",
         program: PathBuf::from("node"),
@@ -278,127 +403,47 @@ fn express_app() -> ExampleApp {
     }
 }
 
+/// The axum app (clients/rust/examples/axum_app.rs), built by cargo like the orders example.
+fn axum_app() -> ExampleApp {
+    ExampleApp {
+        name: "the axum app",
+        program: crate::client::build_client_example("axum_app"),
+        args: vec![],
+        dir: repository().join("clients/rust"),
+        env: vec![],
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_middleware_express() {
-    run_conformance(express_app()).await;
+    let app = tokio::task::spawn_blocking(express_app)
+        .await
+        .expect("tsc thread");
+    run_conformance(app).await;
+}
+
+/// The Node middleware derives the same keys and fingerprints as the Python one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_express_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(express_app)
+        .await
+        .expect("tsc thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_middleware_axum() {
-    let program = tokio::task::spawn_blocking(|| crate::client::build_client_example("axum_app"))
+    let app = tokio::task::spawn_blocking(axum_app)
         .await
-        .expect("build the axum app");
-    run_conformance(ExampleApp {
-        name: "the axum app",
-        program,
-        args: vec![],
-        dir: repository().join("clients/rust"),
-        env: vec![],
-    })
-    .await;
+        .expect("cargo build thread");
+    run_conformance(app).await;
 }
 
-/// clients/HTTP-MIDDLEWARE.md §3: the idemd key and the fingerprint are the same in every
-/// language, so a request first served by one framework's app replays from another's when both
-/// use the same namespace. The FastAPI, Express and axum apps share one idemd, one namespace and
-/// one effects file; each serves a first request in turn, and the other two replay it (with the
-/// JSON's keys reordered) without running their handler.
+/// The Rust layer derives the same keys and fingerprints as the Python one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_middleware_apps_share_keys_across_languages() {
-    let axum_app = tokio::task::spawn_blocking(|| crate::client::build_client_example("axum_app"))
+async fn http_middleware_axum_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(axum_app)
         .await
-        .expect("build the axum app");
-    let apps = [
-        python_app("the FastAPI app", "fastapi_app.py"),
-        express_app(),
-        ExampleApp {
-            name: "the axum app",
-            program: axum_app,
-            args: vec![],
-            dir: repository().join("clients/rust"),
-            env: vec![],
-        },
-    ];
-    let idemd = IdemdProcess::start(&[]);
-    let scratch = tempfile::tempdir().expect("a directory for the effects file");
-    let effects = scratch.path().join("effects");
-    let namespace = format!("http-{}", uuid::Uuid::new_v4().simple());
-    let mut running = Vec::new();
-    for app in &apps {
-        let port = free_port();
-        let stderr = tempfile::NamedTempFile::new().expect("a file for the app's stderr");
-        let child = Command::new(&app.program)
-            .args(&app.args)
-            .current_dir(&app.dir)
-            .envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("PORT", port.to_string())
-            .env("IDEMD_ADDR", format!("http://{}", idemd.addr))
-            .env("NAMESPACE", &namespace)
-            .env("LEASE_MS", LEASE_MS.to_string())
-            .env("IDEMD_TIMEOUT_MS", "5000")
-            .env("EFFECTS_FILE", &effects)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(stderr.reopen().expect("reopen")))
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {}: {error}", app.name));
-        running.push(RunningApp {
-            name: app.name.to_string(),
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            stderr,
-        });
-    }
-    let running = tokio::task::spawn_blocking(move || {
-        for app in &mut running {
-            app.await_health();
-        }
-        running
-    })
-    .await
-    .expect("the apps' start-up");
-
-    for first in 0..running.len() {
-        let key = format!("xlang-{}", uuid::Uuid::new_v4().simple());
-        let id = format!("order-{}", uuid::Uuid::new_v4().simple());
-        let tenant = "X-Tenant: acme\r\n";
-        let body = serde_json::json!({"id": id, "amount": 5, "items": [{"sku": "a", "n": 1}]});
-        let served =
-            crate::http_layer::post(running[first].addr, "/orders", &key, body, tenant).await;
-        assert_eq!(
-            served.status, 201,
-            "{}: {}",
-            running[first].name, served.body
-        );
-        for (other, app) in running.iter().enumerate().filter(|(i, _)| *i != first) {
-            // The same JSON, keys in another order: the same canonical form everywhere.
-            let reordered = format!(r#"{{"items":[{{"n":1,"sku":"a"}}],"amount":5,"id":"{id}"}}"#);
-            let again = crate::http_layer::post(app.addr, "/orders", &key, reordered, tenant).await;
-            assert_eq!(
-                (again.status, again.body.as_str()),
-                (201, served.body.as_str()),
-                "{} did not replay what {} served",
-                app.name,
-                running[first].name
-            );
-            assert!(
-                again.head.contains("idempotent-replayed: true"),
-                "{} (after {}, app {other}): {}",
-                app.name,
-                running[first].name,
-                again.head
-            );
-        }
-        let effects = std::fs::read_to_string(&effects).expect("the effects file");
-        let runs = effects
-            .lines()
-            .filter(|line| *line == format!("orders {id}"))
-            .count();
-        assert_eq!(
-            runs, 1,
-            "first served by {}:\n{effects}",
-            running[first].name
-        );
-    }
-    drop(idemd);
+        .expect("cargo build thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
 }

@@ -3,6 +3,7 @@ not depend on a framework (the header, the idemd key, the fingerprint, what is s
 problem documents). No I/O here."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -298,7 +299,9 @@ class Settings:
             raise ValueError("lease_ttl and idemd_timeout must be positive, max_body not negative")
         if self.wait is not None and self.wait <= 0:
             raise ValueError("wait must be positive (or None)")
-        if self.paths is not None and not callable(self.paths):
+        if isinstance(self.paths, str):
+            self.paths = frozenset([self.paths])  # one path, not a set of its characters
+        elif self.paths is not None and not callable(self.paths):
             self.paths = frozenset(self.paths)
 
     def covers(self, method: str, path: str) -> bool:
@@ -336,8 +339,10 @@ def acquire_failure(exc: BaseException) -> Tuple[int, List[Tuple[str, str]], byt
             "key-reused",
             "this Idempotency-Key was already used for a different request (method, target or body)",
         )
-    if isinstance(exc, (IdemdUnavailable, RateLimited, Overloaded, StoreFull, TimeoutError)):
-        what = "did not answer in time" if isinstance(exc, TimeoutError) else f"is unavailable ({_code_and_reason(exc)})"
+    # asyncio.TimeoutError is the builtin TimeoutError from Python 3.11 on, a class of its own before.
+    timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+    if timed_out or isinstance(exc, (IdemdUnavailable, RateLimited, Overloaded, StoreFull)):
+        what = "did not answer in time" if timed_out else f"is unavailable ({_code_and_reason(exc)})"
         return problem(
             "idemd-unavailable",
             f"the idempotency service {what}; the request was not run",

@@ -281,8 +281,8 @@ def _headers(environ: Environ, name: str) -> List[str]:
 
 
 def _target(environ: Environ) -> str:
-    """The request target as received when the server says (``RAW_URI``/``REQUEST_URI``: gunicorn,
-    werkzeug), else rebuilt from the decoded path (waitress)."""
+    """The request target as received when the server says (``REQUEST_URI``: waitress, werkzeug;
+    ``RAW_URI``: gunicorn), else rebuilt from the decoded path and the query string."""
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if raw:
         return raw
