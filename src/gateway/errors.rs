@@ -117,3 +117,70 @@ fn fallback_json(status: &Status) -> Vec<u8> {
     }))
     .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn statuses_become_status_json_with_retry_after() {
+        let pool = super::super::descriptor_pool().expect("pool");
+        let mut details = ErrorDetails::with_error_info("OVERLOADED", ERROR_DOMAIN, []);
+        details.set_retry_info(Some(Duration::from_millis(1500)));
+        let status = Status::with_error_details(Code::ResourceExhausted, "busy", details);
+        let answer = response(&pool, &status, None);
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            answer.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from(2u64))
+        );
+        let body = answer.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(json["code"], 8);
+        assert_eq!(json["message"], "busy");
+        let detail = |name: &str| {
+            json["details"]
+                .as_array()
+                .and_then(|details| {
+                    details.iter().find(|detail| {
+                        detail["@type"] == format!("type.googleapis.com/google.rpc.{name}")
+                    })
+                })
+                .cloned()
+                .unwrap_or_else(|| panic!("no {name}: {json}"))
+        };
+        assert_eq!(detail("ErrorInfo")["reason"], "OVERLOADED");
+        assert_eq!(detail("RetryInfo")["retryDelay"], "1.500s");
+        // Without details: code and message; no Retry-After.
+        let plain = response(&pool, &Status::unavailable("down"), None);
+        assert_eq!(plain.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(plain.headers().get(header::RETRY_AFTER).is_none());
+        let body = plain.into_body().collect().await.expect("body").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(json, serde_json::json!({"code": 14, "message": "down"}));
+    }
+
+    #[test]
+    fn the_status_table() {
+        for (code, http) in [
+            (Code::InvalidArgument, 400),
+            (Code::Unauthenticated, 401),
+            (Code::PermissionDenied, 403),
+            (Code::NotFound, 404),
+            (Code::FailedPrecondition, 409),
+            (Code::AlreadyExists, 409),
+            (Code::Aborted, 409),
+            (Code::ResourceExhausted, 429),
+            (Code::Internal, 500),
+            (Code::Unimplemented, 501),
+            (Code::Unavailable, 503),
+            (Code::DeadlineExceeded, 504),
+        ] {
+            assert_eq!(http_status(code).as_u16(), http, "{code:?}");
+        }
+    }
+}

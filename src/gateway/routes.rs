@@ -329,6 +329,49 @@ mod tests {
     }
 
     #[test]
+    fn rules_that_do_not_fit_the_descriptors_are_refused() {
+        let pool = super::super::descriptor_pool().expect("pool");
+        let rule = |selector: &str, post: &str| HttpRule {
+            selector: selector.into(),
+            get: None,
+            post: Some(post.into()),
+            put: None,
+            delete: None,
+            patch: None,
+            body: "*".into(),
+        };
+        for (selector, template, why) in [
+            (
+                "idempotency.v1.IdempotencyService.Nope",
+                "/v1/x",
+                "no such RPC",
+            ),
+            (
+                "idempotency.v1.IdempotencyService.Acquire",
+                "/v1/{holdr}",
+                "is not a string field",
+            ),
+            (
+                "idempotency.v1.IdempotencyService.Acquire",
+                "/v1/{lease_ttl}",
+                "is not a string field",
+            ),
+            (
+                "idempotency.v1.IdempotencyService.Acquire",
+                "/v1/{key}/{key}",
+                "bound twice",
+            ),
+            ("grpc.health.v1.Health.Watch", "/v1/health", "no such RPC"),
+        ] {
+            let error = build(&pool, rule(selector, template)).expect_err(template);
+            assert!(error.contains(why), "{selector} {template}: {error}");
+        }
+        let mut two = rule("idempotency.v1.IdempotencyService.Get", "/v1/a");
+        two.get = Some("/v1/b".into());
+        assert!(build(&pool, two).is_err());
+    }
+
+    #[test]
     fn shipped_configs_cover_every_rpc_and_match_paths() {
         let pool = super::super::descriptor_pool().expect("pool");
         let routes = load(&pool).expect("routes");
