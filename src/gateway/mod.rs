@@ -391,9 +391,7 @@ fn grpc_request(
     let mut request = Request::new(Body::new(Full::new(frame.freeze())));
     *request.method_mut() = Method::POST;
     *request.version_mut() = Version::HTTP_2;
-    if let Ok(uri) = route.grpc_path().parse() {
-        *request.uri_mut() = uri;
-    }
+    *request.uri_mut() = route.grpc_uri.clone();
     *request.extensions_mut() = parts.extensions;
     let headers = request.headers_mut();
     for (name, value) in &parts.headers {

@@ -53,11 +53,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
         );
         operation.insert(
             "summary".into(),
-            json!(format!(
-                "{} (gRPC {})",
-                route.method.name(),
-                route.grpc_path()
-            )),
+            json!(format!("{} (gRPC {})", route.method.name(), route.grpc_uri)),
         );
         operation.insert(
             "tags".into(),

@@ -5,7 +5,7 @@
 
 use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MethodDescriptor};
 use serde::Deserialize;
-use tonic::codegen::http::Method;
+use tonic::codegen::http::{Method, Uri};
 
 /// The service configs compiled into idemd.
 const CONFIGS: &[(&str, &str)] = &[
@@ -74,6 +74,8 @@ pub struct Route {
     /// `body: "*"`: the fields not in the path come as a JSON body; else as query parameters.
     pub body: bool,
     pub method: MethodDescriptor,
+    /// The RPC's gRPC path, e.g. `/idempotency.v1.IdempotencyService/Acquire`.
+    pub grpc_uri: Uri,
     /// The request fields the path binds, in template order.
     pub path_fields: Vec<FieldDescriptor>,
 }
@@ -86,15 +88,6 @@ pub enum PathMatch {
 }
 
 impl Route {
-    /// The gRPC path of the route's RPC, e.g. `/idempotency.v1.IdempotencyService/Acquire`.
-    pub fn grpc_path(&self) -> String {
-        format!(
-            "/{}/{}",
-            self.method.parent_service().full_name(),
-            self.method.name()
-        )
-    }
-
     /// Matches `path` (the raw path of the request URI, without the query).
     pub fn match_path(&self, path: &str) -> PathMatch {
         let Some(rest) = path.strip_prefix('/') else {
@@ -249,8 +242,12 @@ fn build(pool: &DescriptorPool, rule: HttpRule) -> Result<Route, String> {
             path_fields.push(field);
         }
     }
+    let grpc_uri = format!("/{}/{}", method.parent_service().full_name(), method.name())
+        .parse()
+        .map_err(|error| format!("{}: {error}", rule.selector))?;
     Ok(Route {
         http_method,
+        grpc_uri,
         template,
         segments,
         verb,
