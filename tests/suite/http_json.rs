@@ -838,3 +838,48 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         "schemathesis did not test all 13 operations:\n{report}"
     );
 }
+
+/// The value of `idemd_rpc_requests_total{method, code}` in a Prometheus scrape (0 if absent).
+fn rpc_count(scrape: &str, method: &str, code: &str) -> u64 {
+    scrape
+        .lines()
+        .filter(|line| line.starts_with("idemd_rpc_requests_total{"))
+        .filter(|line| {
+            line.contains(&format!("method=\"{method}\""))
+                && line.contains(&format!("code=\"{code}\""))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// JSON calls are RPCs to the metrics, as they are to everything else: counted by method and
+/// code in a real idemd process of their own (so no other test's calls are in the count); a
+/// request the gateway refuses before it becomes an RPC is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_calls_are_counted_like_grpc_calls() {
+    let server = crate::processes::IdemdProcess::start(&[]);
+    let http = Http::new(server.addr, Version::Http1);
+    for n in 0..3 {
+        http.get(&key_path("metrics", &format!("missing-{n}")))
+            .await
+            .error(404, 5, "RECORD_NOT_FOUND");
+    }
+    let acquire = key_path("metrics", "k") + ":acquire";
+    http.post(&acquire, json!({})).await.ok();
+    http.post(&acquire, json!({"holdr": "x"}))
+        .await
+        .error(400, 3, "INVALID_JSON");
+    let metrics_addr = server.metrics_addr;
+    let (status, scrape) =
+        tokio::task::spawn_blocking(move || crate::processes::http_get(metrics_addr, "/metrics"))
+            .await
+            .expect("scrape");
+    assert_eq!(status, 200);
+    assert_eq!(rpc_count(&scrape, "Get", "NOT_FOUND"), 3, "{scrape}");
+    assert_eq!(rpc_count(&scrape, "Acquire", "OK"), 1, "{scrape}");
+    assert_eq!(
+        rpc_count(&scrape, "Acquire", "INVALID_ARGUMENT"),
+        0,
+        "{scrape}"
+    );
+}
