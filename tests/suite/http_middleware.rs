@@ -369,3 +369,81 @@ async fn http_middleware_go_and_fastapi_share_keys() {
         .expect("go build thread");
     run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
 }
+
+/// The Express app (clients/node/examples/express-app.js) on this checkout's Node client, compiled
+/// into `clients/node/dist-http` (its own folder: the Node suite's `npm test` empties `dist/`).
+/// The app imports `@idemd/client` and `@idemd/client/http`; a package.json in that folder naming
+/// the package resolves both to this build (a package may import itself by name), and Express and
+/// grpc-js from `clients/node/node_modules`. Compiled once per test run.
+fn express_app() -> ExampleApp {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let app = BUILT.get_or_init(|| {
+        let out = crate::behaviour::build_node_tests("dist-http");
+        std::fs::write(
+            out.join("package.json"),
+            r#"{ "name": "@idemd/client", "type": "module",
+  "exports": { ".": "./src/index.js", "./http": "./src/http.js" } }"#,
+        )
+        .expect("write dist-http/package.json");
+        std::fs::create_dir_all(out.join("examples")).expect("dist-http/examples");
+        let app = out.join("examples/express-app.js");
+        std::fs::copy(
+            repository().join("clients/node/examples/express-app.js"),
+            &app,
+        )
+        .expect("copy the Express app");
+        app
+    });
+    ExampleApp {
+        name: "the Express app",
+        program: PathBuf::from("node"),
+        args: vec![app.to_string_lossy().into_owned()],
+        dir: repository().join("clients/node"),
+        env: vec![],
+    }
+}
+
+/// The axum app (clients/rust/examples/axum_app.rs), built by cargo like the orders example.
+fn axum_app() -> ExampleApp {
+    ExampleApp {
+        name: "the axum app",
+        program: crate::client::build_client_example("axum_app"),
+        args: vec![],
+        dir: repository().join("clients/rust"),
+        env: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_express() {
+    let app = tokio::task::spawn_blocking(express_app)
+        .await
+        .expect("tsc thread");
+    run_conformance(app).await;
+}
+
+/// The Node middleware derives the same keys and fingerprints as the Python one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_express_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(express_app)
+        .await
+        .expect("tsc thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_axum() {
+    let app = tokio::task::spawn_blocking(axum_app)
+        .await
+        .expect("cargo build thread");
+    run_conformance(app).await;
+}
+
+/// The Rust layer derives the same keys and fingerprints as the Python one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_axum_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(axum_app)
+        .await
+        .expect("cargo build thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}

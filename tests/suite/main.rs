@@ -22,6 +22,7 @@ mod grpcurl;
 mod harness;
 mod hostile;
 mod http_json;
+mod http_layer;
 mod http_middleware;
 mod java_client;
 mod model;
