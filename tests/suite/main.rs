@@ -21,6 +21,7 @@ mod go_client;
 mod grpcurl;
 mod harness;
 mod hostile;
+mod http_middleware;
 mod java_client;
 mod model;
 mod operations;
