@@ -324,3 +324,32 @@ async fn http_middleware_fastapi_and_flask_share_keys() {
     ])
     .await;
 }
+
+/// The Java Servlet filter's example app (clients/java/examples/servlet) on embedded Jetty 12:
+/// compiled once with the Java client's tests, started with plain `java`.
+fn servlet_app() -> ExampleApp {
+    ExampleApp {
+        name: "the Java Servlet app",
+        program: PathBuf::from("java"),
+        args: crate::java_client::java_test_program_args("dev.idemd.examples.servlet.ServletApp"),
+        dir: repository().join("clients/java"),
+        env: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_java() {
+    // The first call compiles the Java client and the app with Maven: off the async threads.
+    let app = tokio::task::spawn_blocking(servlet_app)
+        .await
+        .expect("compile the Java Servlet app");
+    run_conformance(app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_java_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(servlet_app)
+        .await
+        .expect("compile the Java Servlet app");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}

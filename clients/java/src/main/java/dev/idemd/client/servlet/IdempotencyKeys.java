@@ -95,6 +95,10 @@ final class IdempotencyKeys {
           return new Invalid(bad);
         }
       }
+      if (value.indexOf(',') >= 0) {
+        // Servers and proxies join repeated fields with ",": such a value may be two keys.
+        return new Invalid("a bare key contains a comma (two fields joined?): quote it");
+      }
       key = value;
     }
     if (key.isEmpty()) {

@@ -67,6 +67,10 @@ class IdempotencyKeysTest {
     assertEquals("the quoted key has text after its closing quote", invalid("\"a\" \"b\""));
     assertEquals("the quoted key has an escape other than \\\" or \\\\", invalid("\"a\\nb\""));
     assertEquals("the quoted key ends inside an escape", invalid("\"abc\\"));
+    assertEquals(
+        "a bare key contains a comma (two fields joined?): quote it", invalid("k1, k2"));
+    // Quoted, a comma is part of the key.
+    assertEquals("k1, k2", valid("\"k1, k2\""));
   }
 
   @Test
