@@ -48,6 +48,9 @@ public final class ServletApp {
       clientBuilder.token(token);
     }
     IdempotencyClient idemd = clientBuilder.build();
+    // Connect ahead of the first request, so it does not spend its time connecting (a dead idemd
+    // answers false at once: the filter then fails closed, or open, per route).
+    idemd.connect(Duration.ofSeconds(5));
 
     ServletContextHandler context = new ServletContextHandler();
     EnumSet<DispatcherType> requests = EnumSet.of(DispatcherType.REQUEST);
