@@ -325,6 +325,51 @@ async fn http_middleware_fastapi_and_flask_share_keys() {
     .await;
 }
 
+/// The Go example app (clients/go/examples/nethttp), built by `go build` into `binary` under
+/// Cargo's test scratch directory (a name of each test's own, so tests never build over each
+/// other's running binary).
+fn go_app(binary: &str) -> ExampleApp {
+    let client = repository().join("clients/go");
+    let program = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(binary);
+    let built = Command::new("go")
+        .current_dir(&client)
+        .args(["build", "-o"])
+        .arg(&program)
+        .arg("./examples/nethttp")
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run `go build` (is Go installed?): {error}"));
+    assert!(
+        built.status.success(),
+        "go build ./examples/nethttp failed:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    ExampleApp {
+        name: "the net/http app",
+        program,
+        args: Vec::new(),
+        dir: client,
+        env: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_go() {
+    let app = tokio::task::spawn_blocking(|| go_app("nethttp-conformance"))
+        .await
+        .expect("go build thread");
+    run_conformance(app).await;
+}
+
+/// The Go middleware derives the same keys and fingerprints as the Python one: a request stored
+/// through either replays through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_go_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(|| go_app("nethttp-cross"))
+        .await
+        .expect("go build thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}
+
 /// The Java Servlet filter's example app (clients/java/examples/servlet) on embedded Jetty 12:
 /// compiled once with the Java client's tests, started with plain `java`.
 fn servlet_app() -> ExampleApp {
@@ -346,6 +391,8 @@ async fn http_middleware_java() {
     run_conformance(app).await;
 }
 
+/// The Servlet filter derives the same keys and fingerprints as the Python middleware: a request
+/// stored through either replays through the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_middleware_java_and_fastapi_share_keys() {
     let app = tokio::task::spawn_blocking(servlet_app)
