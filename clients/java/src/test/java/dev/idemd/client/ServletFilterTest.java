@@ -118,6 +118,10 @@ class ServletFilterTest {
             IdempotencyFilter.builder(client, NS).waitUpTo(Duration.ofMillis(300)).build()),
         "/wait",
         requests);
+    context.addFilter(
+        new FilterHolder(IdempotencyFilter.builder(client, "not a namespace!").build()),
+        "/misconfigured",
+        requests);
     context.addServlet(new ServletHolder(new Handler()), "/*");
     server = new Server();
     ServerConnector connector = new ServerConnector(server);
@@ -255,5 +259,20 @@ class ServletFilterTest {
     // Now that it is stored, a duplicate replays it.
     HttpResponse<byte[]> replayed = post("/wait", key, "block", "");
     assertEquals("blocked 1", text(replayed));
+  }
+
+  @Test
+  void aMisconfiguredFilterAnswers500IdemdRejected() throws Exception {
+    runs.set(0);
+    HttpResponse<byte[]> rejected = post("/misconfigured", UUID.randomUUID().toString(), "", "");
+    assertEquals(500, rejected.statusCode(), text(rejected));
+    assertEquals(
+        "application/problem+json", rejected.headers().firstValue("Content-Type").orElse(null));
+    String document = text(rejected);
+    assertTrue(
+        document.contains("HTTP-MIDDLEWARE.md#idemd-rejected")
+            && document.contains("INVALID_ARGUMENT"),
+        document);
+    assertEquals(0, runs.get(), "the handler did not run");
   }
 }
