@@ -19,8 +19,11 @@ use crate::behaviour::repository;
 use crate::harness::TestDatabase;
 use crate::processes::{free_port, IdemdProcess};
 
-/// The lease the apps ask for: short, so the slow-handler case (3 leases) proves renewal quickly.
-const LEASE_MS: u64 = 1000;
+/// The lease the apps ask for: short, so the slow-handler case (3 leases) proves renewal quickly,
+/// yet long enough that a renewal (every third of it) running late on a loaded machine does not
+/// lose the lease during the 1 s handler of the concurrent-duplicates case (at 1000 ms the Java app
+/// ran that handler twice once, at a load average of 15).
+const LEASE_MS: u64 = 2000;
 /// How long an app may take to answer `GET /health` after it starts (a JVM or a first `go run`
 /// is slow on a loaded machine); past it the test fails with the app's stderr.
 const START_LIMIT: Duration = Duration::from_secs(120);
@@ -445,5 +448,36 @@ async fn http_middleware_axum_and_fastapi_share_keys() {
     let app = tokio::task::spawn_blocking(axum_app)
         .await
         .expect("cargo build thread");
+    run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
+}
+
+/// The Java Servlet filter's example app (clients/java/examples/servlet) on embedded Jetty 12:
+/// compiled once with the Java client's tests, started with plain `java`.
+fn servlet_app() -> ExampleApp {
+    ExampleApp {
+        name: "the Java Servlet app",
+        program: PathBuf::from("java"),
+        args: crate::java_client::java_test_program_args("dev.idemd.examples.servlet.ServletApp"),
+        dir: repository().join("clients/java"),
+        env: Vec::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_java() {
+    // The first call compiles the Java client and the app with Maven: off the async threads.
+    let app = tokio::task::spawn_blocking(servlet_app)
+        .await
+        .expect("compile the Java Servlet app");
+    run_conformance(app).await;
+}
+
+/// The Servlet filter derives the same keys and fingerprints as the Python middleware: a request
+/// stored through either replays through the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_middleware_java_and_fastapi_share_keys() {
+    let app = tokio::task::spawn_blocking(servlet_app)
+        .await
+        .expect("compile the Java Servlet app");
     run_cross_framework(vec![app, python_app("the FastAPI app", "fastapi_app.py")]).await;
 }
