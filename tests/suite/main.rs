@@ -29,6 +29,7 @@ mod production;
 mod replay_cache;
 mod security;
 mod soak;
+mod stats;
 mod tracing_otlp;
 mod validation;
 mod wait;
