@@ -1,8 +1,9 @@
 //! GetNamespaceStats on PostgreSQL, where each replica counts events in memory and adds them into
 //! `idemd_minute_counts` about once a second: two replicas' counts add up, a replica restarted
 //! after a graceful stop neither loses nor doubles its counts, a flush whose answer was lost is
-//! not added twice, and the reaper forgets minutes older than 25 hours. (What the counts mean, on
-//! both stores, is `admin::namespaces_and_stats_count`.)
+//! not added twice, a replica killed with SIGKILL keeps what it flushed, and the reaper forgets
+//! minutes older than 25 hours. (What the counts mean, on both stores, is
+//! `admin::namespaces_and_stats_count`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use idemd::store::{AdminStore, PostgresStore, Store};
 use crate::admin::{acquire, complete, stats_totals};
 use crate::faults::{database_behind_proxy, Fault};
 use crate::harness::*;
+use crate::processes::IdemdProcess;
 
 /// The namespace's counts as stored in the table: (created, completed, taken over).
 async fn stored(sql: &tokio_postgres::Client, namespace: &str) -> (i64, i64, i64) {
@@ -217,4 +219,52 @@ async fn the_reaper_forgets_minutes_older_than_25_hours() {
         .expect("rows");
     let left: Vec<(String, i64)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
     assert_eq!(left, [("new".to_string(), 1), ("old".to_string(), 5)]);
+}
+
+/// A real `idemd serve` process flushes its counts about once a second with no shutdown in
+/// sight, so a SIGKILL loses at most the last second's: what it flushed stays, and a replica
+/// started on the same database answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_with_sigkill_keeps_what_it_flushed() {
+    const NS: &str = "stats-killed";
+    let database = TestDatabase::create().await;
+    let sql = database.connect().await;
+    let killed = IdemdProcess::start(&["--database-url", &database.url]);
+    let mut client = Client::connect(format!("http://{}", killed.addr))
+        .await
+        .expect("connect");
+    for index in 0..3 {
+        let key = format!("k-{index}");
+        let lease = acquire(&mut client, NS, &key, 60_000, "w").await;
+        complete(&mut client, NS, &key, &lease.token).await;
+    }
+    eventually(Duration::from_secs(10), "the counts flushed", || {
+        let sql = &sql;
+        async move { stored(sql, NS).await == (3, 3, 0) }
+    })
+    .await;
+    // One more event, then SIGKILL before (or just after) the next flush.
+    acquire(&mut client, NS, "last", 60_000, "w").await;
+    killed.kill();
+    let left = stored(&sql, NS).await;
+    assert!(
+        left == (3, 3, 0) || left == (4, 3, 0),
+        "flushed counts lost or changed: {left:?}"
+    );
+    let restarted = IdemdProcess::start(&["--database-url", &database.url]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", restarted.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut admin_client = AdminClient::new(channel);
+    let answered = stats_totals(&mut admin_client, NS).await;
+    assert_eq!(
+        answered,
+        (
+            u64::try_from(left.0).expect("count"),
+            u64::try_from(left.1).expect("count"),
+            0
+        )
+    );
 }
