@@ -191,7 +191,8 @@ $(passed 'hostile::')
 - \`fuzz/\` holds cargo-fuzz targets over the same decode/validation path and the same model,
   for long runs (\`fuzz/README.md\` has the commands and the figures measured).
 - Hostile input: garbage and malformed protobuf, invalid UTF-8, oversized messages, 64 KiB of
-  headers, wrong and missing content types (HTTP 415), truncated HTTP/2, 2,000 idle connections.
+  headers, wrong and missing content types (not served as gRPC: the HTTP/JSON gateway answers
+  404), truncated HTTP/2, 2,000 idle connections.
   The server answers or drops each, never crashes, and keeps serving.
 EOF
 } >"$report"

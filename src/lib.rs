@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod defaults;
 pub mod domain;
+pub mod gateway;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -103,11 +103,14 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("HTTP/JSON gateway: {0}")]
+    Gateway(#[from] crate::gateway::GatewayError),
 }
 
 /// Where the server listens.
 pub struct Listeners {
-    /// The gRPC API (TLS when `ServerSettings::tls` is set), health and reflection.
+    /// The gRPC API (TLS when `ServerSettings::tls` is set), health and reflection, and the same
+    /// API as HTTP/JSON (`crate::gateway`).
     pub grpc: TcpListener,
     /// Prometheus `GET /metrics`.
     pub metrics: Option<TcpListener>,
@@ -250,8 +253,11 @@ pub async fn serve<S: Store + AdminStore>(
         // age + grace, failing the calls in flight.
         builder = builder.max_connection_age(age);
     }
+    // gRPC and HTTP/JSON on one listener: HTTP/1.1 too, for JSON clients; gRPC goes on as before.
+    let gateway = Arc::new(crate::gateway::Gateway::new(settings.max_message_bytes)?);
     let router = builder
-        .layer(crate::api::content_type::RequireGrpcLayer)
+        .accept_http1(true)
+        .layer(crate::gateway::GatewayLayer::new(gateway))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

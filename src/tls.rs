@@ -110,7 +110,8 @@ fn build_config(files: &TlsFiles, contents: &[Vec<u8>]) -> Result<ServerConfig, 
     let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|error| format!("--tls-cert/--tls-key: {error}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // h2 first: gRPC clients get it; HTTP/1.1 for JSON clients of the gateway.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 	"unicode"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -90,6 +91,9 @@ type Error struct {
 	Message string
 	// FieldViolations lists the broken rules of an INVALID_REQUEST (field, description).
 	FieldViolations []FieldViolation
+	// RetryAfter is, for ErrInProgress, idemd's retry_after of the last Acquire: the time left on
+	// the other caller's lease (0 when idemd gave none).
+	RetryAfter time.Duration
 	// kind is the helper-level sentinel (ErrLeaseLost, ErrInProgress, ErrFingerprintMismatch) this
 	// error stands for, if any.
 	kind error

@@ -1,126 +1,41 @@
 package idemd_test
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"io"
 	"net"
-	"os"
-	"os/exec"
-	"regexp"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
 
 	idemd "github.com/idemd/idemd/clients/go"
+	"github.com/idemd/idemd/clients/go/internal/idemdtest"
 )
 
-// These tests talk to a real idemd over real gRPC. `cargo test` (tests/suite/go_client.rs) runs
-// them with IDEMD_BINARY (this build's idemd) and IDEMD_TEST_DATABASE_URL (a fresh, migrated
-// PostgreSQL database of the run's own) set; without them the tests that need a server fail,
-// they never skip.
-
-// requireEnv is an environment variable the server tests cannot run without.
-func requireEnv(t *testing.T, name, what string) string {
-	t.Helper()
-	value := os.Getenv(name)
-	if value == "" {
-		t.Fatalf("%s is not set: it must be %s (cargo test sets it)", name, what)
-	}
-	return value
-}
+// These tests talk to a real idemd over real gRPC, started by internal/idemdtest (which says what
+// `cargo test` sets for it).
 
 // idemdProcess is an `idemd serve` started by a test.
 type idemdProcess struct {
 	addr string
-	log  *syncBuffer
 }
-
-type syncBuffer struct {
-	mu   sync.Mutex
-	text strings.Builder
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.text.String()
-}
-
-var servingGRPC = regexp.MustCompile(`serving gRPC on (\S+?:\d+)`)
-var ansi = regexp.MustCompile("\x1b\\[[0-9;]*m")
 
 // startIdemd starts $IDEMD_BINARY serve on ephemeral ports with args, and stops it when the test
-// ends. Only args configure it: IDEMD_* variables of the test's environment are not passed on.
+// ends.
 func startIdemd(t *testing.T, args ...string) *idemdProcess {
 	t.Helper()
-	binary := requireEnv(t, "IDEMD_BINARY", "the idemd binary to test, e.g. target/debug/idemd")
-	command := exec.Command(binary, append([]string{"serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--min-lease-ttl", "10ms"}, args...)...)
-	for _, variable := range os.Environ() {
-		if !strings.HasPrefix(variable, "IDEMD_") {
-			command.Env = append(command.Env, variable)
-		}
-	}
-	command.Env = append(command.Env, "NO_COLOR=1")
-	stderr, err := command.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := command.Start(); err != nil {
-		t.Fatalf("start %s: %v", binary, err)
-	}
-	exited := make(chan struct{})
-	t.Cleanup(func() {
-		_ = command.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(5 * time.Second):
-			_ = command.Process.Kill()
-			<-exited
-		}
-	})
-	process := &idemdProcess{log: &syncBuffer{}}
-	found := make(chan string, 1)
-	// Read stderr for the life of the process, so idemd never blocks on a full pipe.
-	go func() {
-		defer close(exited)
-		scanner := bufio.NewScanner(stderr)
-		scanner.Buffer(make([]byte, 64*1024), 1024*1024)
-		announced := false
-		for scanner.Scan() {
-			line := ansi.ReplaceAllString(scanner.Text(), "")
-			process.log.mu.Lock()
-			process.log.text.WriteString(line + "\n")
-			process.log.mu.Unlock()
-			if match := servingGRPC.FindStringSubmatch(line); match != nil && !announced {
-				announced = true
-				found <- match[1]
-			}
-		}
-		_, _ = io.Copy(io.Discard, stderr)
-		_ = command.Wait()
-	}()
-	select {
-	case process.addr = <-found:
-	case <-exited:
-		t.Fatalf("idemd exited before serving:\n%s", process.log)
-	case <-time.After(60 * time.Second):
-		t.Fatalf("idemd did not announce its gRPC address within 60 s:\n%s", process.log)
-	}
-	return process
+	return &idemdProcess{addr: idemdtest.Start(t, args...).Addr}
 }
 
 // startPostgresIdemd is an idemd on the run's PostgreSQL database.
 func startPostgresIdemd(t *testing.T, args ...string) *idemdProcess {
 	t.Helper()
-	url := requireEnv(t, "IDEMD_TEST_DATABASE_URL", "the URL of a fresh, migrated PostgreSQL database")
-	return startIdemd(t, append([]string{"--database-url", url}, args...)...)
+	return &idemdProcess{addr: idemdtest.StartPostgres(t, args...).Addr}
 }
 
 // newClient is a client of addr, closed when the test ends.

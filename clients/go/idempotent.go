@@ -69,6 +69,7 @@ type callConfig struct {
 	retryable       func(error) bool
 	completeOnError func(error) (Result, bool)
 	failOpen        bool
+	acquireTimeout  time.Duration
 	maxAttempts     int
 	backoffInitial  time.Duration
 	backoffMax      time.Duration
@@ -135,6 +136,15 @@ func WithFailOpen() CallOption {
 	return func(c *callConfig) { c.failOpen = true }
 }
 
+// WithAcquireTimeout bounds each Acquire with its retries: when idemd has not answered within
+// timeout, Idempotent ends the Acquire with an error matching ErrUnavailable (so WithFailOpen
+// applies), while the caller's context is still live. The work and the Complete are not bounded by
+// it. Default: no bound but ctx's and the retry budget's. An HTTP middleware uses it to answer
+// "unavailable" in time without putting a deadline on its handler.
+func WithAcquireTimeout(timeout time.Duration) CallOption {
+	return func(c *callConfig) { c.acquireTimeout = timeout }
+}
+
 // WithMaxAttempts sets how many calls of Acquire, and of Complete, Idempotent makes at most when
 // idemd is unreachable, rate limited or overloaded (default 4: the first and three retries). The
 // context's deadline stops the retries sooner: a retry that could not start before it is not made.
@@ -168,6 +178,8 @@ func newCallConfig(options []CallOption) (callConfig, error) {
 		return config, fmt.Errorf("idemd: wait timeout must be positive, got %v", config.waitTimeout)
 	case config.maxWaits < 0:
 		return config, fmt.Errorf("idemd: max waits must not be negative, got %d", config.maxWaits)
+	case config.acquireTimeout < 0:
+		return config, fmt.Errorf("idemd: acquire timeout must not be negative, got %v", config.acquireTimeout)
 	case config.maxAttempts < 1:
 		return config, fmt.Errorf("idemd: max attempts must be at least 1, got %d", config.maxAttempts)
 	case config.backoffInitial <= 0 || config.backoffMax < config.backoffInitial:
@@ -245,7 +257,7 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 		Holder:      config.holder,
 	}
 	for waits := 0; ; {
-		response, err := withRetries(ctx, config, func() (*pb.AcquireResponse, error) { return c.Acquire(ctx, acquire) })
+		response, err := c.acquireWithRetries(ctx, acquire, config)
 		if err != nil {
 			if isUnavailable(err) && config.failOpen && ctx.Err() == nil {
 				return runUnprotected(ctx, namespace, key, work)
@@ -260,10 +272,11 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 		case pb.Outcome_OUTCOME_IN_PROGRESS:
 			if waits >= config.maxWaits {
 				return Outcome{}, &Error{
-					Code:    codes.Aborted,
-					Reason:  "IN_PROGRESS",
-					Message: fmt.Sprintf("%s/%s is still in progress after %d waits", namespace, key, config.maxWaits),
-					kind:    ErrInProgress,
+					Code:       codes.Aborted,
+					Reason:     "IN_PROGRESS",
+					Message:    fmt.Sprintf("%s/%s is still in progress after %d waits", namespace, key, config.maxWaits),
+					RetryAfter: response.GetRetryAfter().AsDuration(),
+					kind:       ErrInProgress,
 				}
 			}
 			waits++
@@ -304,6 +317,28 @@ func (c *Client) Idempotent(ctx context.Context, namespace, key string, request 
 			return Outcome{}, &Error{Code: codes.Internal, Reason: "UNEXPECTED_OUTCOME", Message: fmt.Sprintf("unexpected Acquire outcome %v", response.GetOutcome())}
 		}
 	}
+}
+
+// acquireWithRetries is Acquire with the retries of withRetries, bounded by WithAcquireTimeout when
+// set. An Acquire that the bound ended (not the caller's ctx) is idemd not answering in time: an
+// unavailable idemd, for which fail-open is meant.
+func (c *Client) acquireWithRetries(ctx context.Context, acquire *pb.AcquireRequest, config callConfig) (*pb.AcquireResponse, error) {
+	if config.acquireTimeout <= 0 {
+		return withRetries(ctx, config, func() (*pb.AcquireResponse, error) { return c.Acquire(ctx, acquire) })
+	}
+	bounded, cancel := context.WithTimeout(ctx, config.acquireTimeout)
+	defer cancel()
+	response, err := withRetries(bounded, config, func() (*pb.AcquireResponse, error) { return c.Acquire(bounded, acquire) })
+	if err != nil && ctx.Err() == nil && bounded.Err() != nil {
+		return nil, &Error{
+			Code:   codes.DeadlineExceeded,
+			Reason: codeName(codes.DeadlineExceeded),
+			// No cause: the bound is not the caller's context, and errors.Is(err,
+			// context.DeadlineExceeded) must keep meaning that the caller's ended.
+			Message: fmt.Sprintf("no answer to Acquire within the acquire timeout (%v): %v", config.acquireTimeout, err),
+		}
+	}
+	return response, err
 }
 
 // runUnprotected is fail-open: the work runs without idemd, with fencing token 0.

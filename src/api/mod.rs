@@ -7,7 +7,6 @@
 pub mod admin;
 pub mod authenticate;
 mod commands;
-pub mod content_type;
 mod deadline;
 pub mod decode;
 mod encode;

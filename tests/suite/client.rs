@@ -254,11 +254,16 @@ async fn orders_example_creates_exactly_one_order_per_request() {
     );
 }
 
-/// Builds the orders example, which belongs to the client crate and so is not part of this
-/// suite's build, in the profile this test binary was built with, and returns its path. The
-/// packages are those the README's test command tests before the server's (the client and the
-/// bench): the same features, so there cargo finds it already built.
+/// Builds the orders example.
 fn build_orders_example() -> std::path::PathBuf {
+    build_client_example("orders")
+}
+
+/// Builds an example of the client crate, which is not part of this suite's build, in the
+/// profile this test binary was built with, and returns its path. The packages are those the
+/// README's test command tests before the server's (the client and the bench): the same
+/// features, so there cargo finds it already built.
+pub(crate) fn build_client_example(name: &str) -> std::path::PathBuf {
     // target/<profile directory>/deps/suite-…; the dev profile's directory is `debug`.
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
@@ -273,20 +278,13 @@ fn build_orders_example() -> std::path::PathBuf {
     let output = std::process::Command::new(env!("CARGO"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["build", "--quiet", "--locked", "--profile", profile])
-        .args([
-            "-p",
-            "idemd-client",
-            "-p",
-            "idemd-bench",
-            "--example",
-            "orders",
-        ])
+        .args(["-p", "idemd-client", "-p", "idemd-bench", "--example", name])
         .output()
         .expect("run cargo");
     assert!(
         output.status.success(),
-        "cargo could not build the orders example:\n{}",
+        "cargo could not build the {name} example:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    profile_dir.join("examples").join("orders")
+    profile_dir.join("examples").join(name)
 }

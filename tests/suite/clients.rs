@@ -167,7 +167,8 @@ fn run_ok(what: &str, command: &mut Command) -> String {
 
 /// The Node client as an application depends on it (clients/node/README.md, "Installing"):
 /// `npm pack` makes a tarball, a fresh project `npm install`s it, and both `require` and
-/// `import` load it and construct a client, which reads the proto the tarball ships (there is no
+/// `import` load it (and its `@idemd/client/http` middleware, which needs no Express at run time)
+/// and construct a client, which reads the proto the tarball ships (there is no
 /// repository around the project). The package is packed from a copy, so `prepack`'s clean of
 /// `dist/` cannot race the Node suite running from it.
 #[test]
@@ -237,15 +238,23 @@ fn node_client_installs_from_its_packed_tarball() {
     let check = "const client = new idemd.IdempotencyClient('127.0.0.1:1'); client.close();
         if (typeof idemd.RateLimitedError !== 'function') throw new Error('no RateLimitedError');
         if (idemd.fingerprint({ a: 1 }).length !== 32) throw new Error('bad fingerprint');
+        if (typeof http.idempotency !== 'function') throw new Error('no idempotency middleware');
+        if (http.idemdKey('', 'abc') !== 'e3b0c44298fc1c149afbf4c8996fb924:abc') throw new Error('bad idemdKey');
         console.log('loaded');";
     for (flavour, script) in [
         (
             "require",
-            format!("const idemd = require('@idemd/client'); {check}"),
+            format!(
+                "const idemd = require('@idemd/client'); \
+                 const http = require('@idemd/client/http'); {check}"
+            ),
         ),
         (
             "import",
-            format!("const idemd = await import('@idemd/client'); {check}"),
+            format!(
+                "const idemd = await import('@idemd/client'); \
+                 const http = await import('@idemd/client/http'); {check}"
+            ),
         ),
     ] {
         let mut node = Command::new("node");

@@ -59,13 +59,33 @@ pub(crate) fn java_behaviour_runner() -> Command {
 }
 
 /// `java MAIN_CLASS` for a class of the Java client's tests (the behaviour runner, the
-/// cross-language worker). The first call compiles the client and its tests with Maven into a
-/// build directory of its own under Cargo's test temp dir (so it never races
-/// `java_client_tests_pass`, whose `mvn test` writes clients/java/target at the same time); every
-/// program then costs one JVM start, not one Maven run.
+/// cross-language worker, the Servlet example app): see [`java_test_classpath`]. Every program
+/// costs one JVM start, not one Maven run.
 pub(crate) fn java_test_program(main_class: &str) -> Command {
+    let mut java = Command::new("java");
+    java.args(java_test_program_args(main_class));
+    java
+}
+
+/// The arguments of `java` that start `main_class` from the Java client's tests.
+pub(crate) fn java_test_program_args(main_class: &str) -> Vec<String> {
+    // A short-lived JVM: the quick compiler tier and the serial collector start fastest.
+    vec![
+        "-XX:TieredStopAtLevel=1".to_string(),
+        "-XX:+UseSerialGC".to_string(),
+        "-cp".to_string(),
+        java_test_classpath().to_string(),
+        main_class.to_string(),
+    ]
+}
+
+/// The classpath of the Java client's classes, its tests and the Servlet example app (which
+/// compiles with the tests). The first call compiles them with Maven into a build directory of
+/// its own under Cargo's test temp dir (so it never races `java_client_tests_pass`, whose `mvn
+/// test` writes clients/java/target at the same time).
+pub(crate) fn java_test_classpath() -> &'static str {
     static CLASSPATH: OnceLock<String> = OnceLock::new();
-    let classpath = CLASSPATH.get_or_init(|| {
+    CLASSPATH.get_or_init(|| {
         let build = concat!(env!("CARGO_TARGET_TMPDIR"), "/java-behaviour-runner");
         let output = Command::new("mvn")
             .current_dir(JAVA_DIR)
@@ -83,17 +103,7 @@ pub(crate) fn java_test_program(main_class: &str) -> Command {
         let libraries = std::fs::read_to_string(format!("{build}/test-classpath.txt"))
             .expect("Maven wrote test-classpath.txt");
         format!("{build}/test-classes:{build}/classes:{}", libraries.trim())
-    });
-    let mut java = Command::new("java");
-    // A short-lived JVM: the quick compiler tier and the serial collector start fastest.
-    java.args([
-        "-XX:TieredStopAtLevel=1",
-        "-XX:+UseSerialGC",
-        "-cp",
-        classpath,
-        main_class,
-    ]);
-    java
+    })
 }
 
 /// The runner's one line of JSON for `case` of `cases_file`, against `address`.

@@ -182,6 +182,20 @@ export interface IdempotentResult {
   protected: boolean;
 }
 
+/** Per-call options of the low-level methods. */
+export interface CallOptions {
+  /** This call's deadline, instead of the client's `rpcTimeoutMs`. */
+  timeoutMs?: number;
+}
+
+/** A lease kept alive in the background (`IdempotencyClient.keepLease`). */
+export interface LeaseKeeper {
+  /** Aborted, with a LeaseLostError as its reason, when a Renew finds that the lease was taken over. */
+  readonly signal: AbortSignal;
+  /** Stops renewing. */
+  stop(): void;
+}
+
 export interface ClientOptions {
   /** Bearer token sent as `authorization: Bearer <token>` on every call. */
   token?: string;
@@ -260,7 +274,8 @@ function storedResult(r: StoredResult | null | undefined): StoredResult {
   return { body: r?.body ?? Buffer.alloc(0), code: r?.code ?? 0, metadata: r?.metadata ?? {} };
 }
 
-function defaultHolder(): string {
+/** `hostname:pid`, without control characters, at most 128 bytes: the holder idemd shows for this process's leases. */
+export function defaultHolder(): string {
   const h = `${hostname()}:${process.pid}`.replace(/[\u0000-\u001f\u007f-\u009f]/g, "");
   return Buffer.byteLength(h) <= 128 ? h : Buffer.from(h).subarray(0, 128).toString("utf8").replace(/\uFFFD$/, "");
 }
@@ -325,25 +340,56 @@ export class IdempotencyClient {
 
   // Low-level RPCs: errors are IdemdError (IdemdUnavailableError for UNAVAILABLE / DEADLINE_EXCEEDED).
 
-  acquire(req: AcquireRequest): Promise<AcquireResponse> {
-    return this.unary("Acquire", req, this.rpcTimeoutMs);
+  // `call.timeoutMs` replaces the client's `rpcTimeoutMs` for one call.
+
+  acquire(req: AcquireRequest, call: CallOptions = {}): Promise<AcquireResponse> {
+    return this.unary("Acquire", req, call.timeoutMs ?? this.rpcTimeoutMs);
   }
-  complete(req: CompleteRequest): Promise<CompleteResponse> {
-    return this.unary("Complete", req, this.rpcTimeoutMs);
+  complete(req: CompleteRequest, call: CallOptions = {}): Promise<CompleteResponse> {
+    return this.unary("Complete", req, call.timeoutMs ?? this.rpcTimeoutMs);
   }
-  release(req: ReleaseRequest): Promise<{}> {
-    return this.unary("Release", req, this.rpcTimeoutMs);
+  release(req: ReleaseRequest, call: CallOptions = {}): Promise<{}> {
+    return this.unary("Release", req, call.timeoutMs ?? this.rpcTimeoutMs);
   }
-  renew(req: RenewRequest): Promise<RenewResponse> {
-    return this.unary("Renew", req, this.rpcTimeoutMs);
+  renew(req: RenewRequest, call: CallOptions = {}): Promise<RenewResponse> {
+    return this.unary("Renew", req, call.timeoutMs ?? this.rpcTimeoutMs);
   }
-  get(req: GetRequest): Promise<GetResponse> {
-    return this.unary("Get", req, this.rpcTimeoutMs);
+  get(req: GetRequest, call: CallOptions = {}): Promise<GetResponse> {
+    return this.unary("Get", req, call.timeoutMs ?? this.rpcTimeoutMs);
   }
-  /** Wait; the call's deadline is the wait timeout plus the RPC timeout. */
-  wait(req: WaitRequest): Promise<WaitResponse> {
+  /** Wait; the call's deadline is the wait timeout plus the RPC timeout (or `call.timeoutMs`). */
+  wait(req: WaitRequest, call: CallOptions = {}): Promise<WaitResponse> {
     const t = durationToMs(req.timeout) || 30_000;
-    return this.unary("Wait", req, t + this.rpcTimeoutMs);
+    return this.unary("Wait", req, t + (call.timeoutMs ?? this.rpcTimeoutMs));
+  }
+
+  /**
+   * Renews the lease every `everyMs` (default `leaseTtlMs/3`) until `stop()`, asking for `leaseTtlMs` (undefined:
+   * idemd's default); transient failures are tried again at the next tick. `signal` is aborted (with a LeaseLostError) when a Renew finds the lease gone. `idempotent()`
+   * keeps its leases with this; so does the HTTP middleware (`@idemd/client/http`).
+   */
+  keepLease(namespace: string, key: string, leaseToken: string, leaseTtlMs: number | undefined, everyMs?: number): LeaseKeeper {
+    const every = everyMs ?? Math.floor((leaseTtlMs ?? 30_000) / 3);
+    const leaseTtl = leaseTtlMs === undefined ? undefined : durationFromMs(leaseTtlMs);
+    const abort = new AbortController();
+    let renewing = false;
+    const timer = setInterval(async () => {
+      if (renewing || abort.signal.aborted) return;
+      renewing = true;
+      try {
+        await this.renew({ namespace, key, leaseToken, leaseTtl });
+      } catch (err) {
+        // Transient failures: try again at the next tick. Anything else means the lease is gone.
+        if (!isRetried(err)) {
+          const e = err as IdemdError;
+          abort.abort(new LeaseLostError(`lease on ${namespace}/${key} lost: ${e.message}`, e.code ?? grpc.status.UNKNOWN, e.reason ?? "LEASE_NOT_HELD", { cause: err }));
+          clearInterval(timer);
+        }
+      } finally {
+        renewing = false;
+      }
+    }, Math.max(1, every));
+    return { signal: abort.signal, stop: () => clearInterval(timer) };
   }
 
   /**
@@ -467,24 +513,7 @@ export class IdempotencyClient {
     policy: RetryPolicy,
   ): Promise<IdempotentResult> {
     const leaseToken = lease.token;
-    const abort = new AbortController();
-    let renewing = false;
-    const timer = setInterval(async () => {
-      if (renewing || abort.signal.aborted) return;
-      renewing = true;
-      try {
-        await this.renew({ namespace, key, leaseToken, leaseTtl: durationFromMs(leaseTtlMs) });
-      } catch (err) {
-        // Transient failures: try again at the next tick. Anything else means the lease is gone.
-        if (!isRetried(err)) {
-          const e = err as IdemdError;
-          abort.abort(new LeaseLostError(`lease on ${namespace}/${key} lost: ${e.message}`, e.code ?? grpc.status.UNKNOWN, e.reason ?? "LEASE_NOT_HELD", { cause: err }));
-          clearInterval(timer);
-        }
-      } finally {
-        renewing = false;
-      }
-    }, Math.max(1, Math.floor(leaseTtlMs / 3)));
+    const keeper = this.keepLease(namespace, key, leaseToken, leaseTtlMs);
 
     const ctx: WorkContext = {
       namespace,
@@ -492,14 +521,14 @@ export class IdempotencyClient {
       fencingToken: BigInt(lease.fencingToken),
       leaseToken,
       protected: true,
-      signal: abort.signal,
+      signal: keeper.signal,
     };
 
     let produced: ResultInput;
     try {
       produced = await work(ctx);
     } catch (workErr) {
-      clearInterval(timer);
+      keeper.stop();
       const retryable = workErr instanceof RetryableError || (options.isRetryable?.(workErr) ?? false);
       if (!retryable && options.completeOnError) {
         let stored = false;
@@ -517,7 +546,7 @@ export class IdempotencyClient {
       });
       throw workErr;
     }
-    clearInterval(timer);
+    keeper.stop();
 
     let result: StoredResult;
     try {
@@ -542,6 +571,15 @@ export class IdempotencyClient {
       }
       throw err;
     }
+  }
+
+  /**
+   * Complete, retried as `idempotent()` retries it (unreachable, rate limited, overloaded: `maxAttempts` calls with
+   * backoff and jitter; each call's deadline `timeoutMs`). Safe: a repeated Complete with the same lease token returns
+   * the first stored record. The HTTP middleware stores responses with this.
+   */
+  completeRetrying(req: CompleteRequest, options: Pick<IdempotentOptions, "maxAttempts" | "backoffInitialMs" | "backoffMaxMs"> & CallOptions = {}): Promise<CompleteResponse> {
+    return retrying(retryPolicy(options), () => this.complete(req, options));
   }
 
   /** Complete is safe to retry with the same lease token (the first stored result stands). */

@@ -264,13 +264,14 @@ class AsyncLease(LeaseBase):
                 return
             if resp.outcome != pb.OUTCOME_IN_PROGRESS:
                 raise IdemdError(f"idemd Acquire: unexpected outcome {resp.outcome}")
+            retry_after = duration_seconds(resp.retry_after) if resp.HasField("retry_after") else None
             if waits >= opts.max_waits:
                 raise InProgressError(
                     f"idemd: {self.namespace}/{self.key} still in progress after {waits} waits",
                     reason="IN_PROGRESS",
+                    retry_after=retry_after,
                 )
             waits += 1
-            retry_after = duration_seconds(resp.retry_after) if resp.HasField("retry_after") else None
             timeout = wait_timeout_for(retry_after, opts)
             try:
                 w = await client.wait(self.namespace, self.key, timeout)

@@ -112,7 +112,13 @@ class InvalidRequest(IdemdError):
 
 
 class InProgressError(IdemdError):
-    """Another caller still holds the key after ``max_waits`` rounds of waiting."""
+    """Another caller still holds the key after ``max_waits`` rounds of waiting. ``retry_after``
+    is the last Acquire's ``retry_after`` in seconds (None when idemd sent none): when the
+    holder's lease ends if it is not renewed."""
+
+    def __init__(self, message: str, *, retry_after: Optional[float] = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class NotCanonicalizable(ValueError):

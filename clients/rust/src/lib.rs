@@ -43,6 +43,9 @@ use tonic_types::StatusExt;
 use crate::proto::idempotency::v1 as pb;
 use crate::proto::idempotency::v1::idempotency_service_client::IdempotencyServiceClient;
 
+#[cfg(feature = "http")]
+pub mod http;
+
 /// Client stubs and messages generated from the repository's `proto/` (by `build.rs`): the
 /// [`IdempotencyClient`] is built on them, and they are there for calling an RPC directly.
 pub mod proto {
@@ -231,7 +234,7 @@ pub enum ClientError<E: std::fmt::Debug> {
     Rpc(Status),
 }
 
-fn reason(status: &Status) -> String {
+pub(crate) fn reason(status: &Status) -> String {
     status
         .get_details_error_info()
         .map(|info| info.reason)
@@ -260,7 +263,7 @@ fn retryable_status(status: &Status) -> bool {
 }
 
 /// The error of a status, as clients/BEHAVIOUR.md's table says.
-fn error_of<E: std::fmt::Debug>(status: Status) -> ClientError<E> {
+pub(crate) fn error_of<E: std::fmt::Debug>(status: Status) -> ClientError<E> {
     if unreachable_status(&status) {
         return ClientError::Unavailable(status);
     }
@@ -288,7 +291,7 @@ fn complete_error_of<E: std::fmt::Debug>(status: Status) -> ClientError<E> {
 }
 
 /// One call with a deadline: no answer in `timeout` is DEADLINE_EXCEEDED, as from the transport.
-async fn with_deadline<R>(
+pub(crate) async fn with_deadline<R>(
     timeout: Duration,
     call: impl Future<Output = Result<tonic::Response<R>, Status>>,
 ) -> Result<R, Status> {
@@ -302,7 +305,7 @@ async fn with_deadline<R>(
 
 /// Calls `call` until it succeeds, fails for good, or the retry budget is spent (backoff with
 /// full jitter between attempts); the last status otherwise.
-async fn with_retries<R, F, Fut>(options: &Options, mut call: F) -> Result<R, Status>
+pub(crate) async fn with_retries<R, F, Fut>(options: &Options, mut call: F) -> Result<R, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<tonic::Response<R>, Status>>,
@@ -320,7 +323,7 @@ where
     }
 }
 
-fn duration(value: Duration) -> Option<prost_types::Duration> {
+pub(crate) fn duration(value: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(value).ok()
 }
 
@@ -355,7 +358,7 @@ fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
 }
 
 /// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -395,7 +398,7 @@ impl IdempotencyClient {
         Ok(self)
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(token) = &self.token {
             request
@@ -410,6 +413,41 @@ impl IdempotencyClient {
     /// The raw gRPC client, for the other RPCs.
     pub fn raw(&self) -> IdempotencyServiceClient<Channel> {
         self.inner.clone()
+    }
+
+    /// Renews a lease every `every` (at least 10 ms) in the background, asking for `lease_ttl`
+    /// (`None`: idemd's default), until the returned guard is dropped. A failure is retried at the
+    /// next tick; a lost lease shows at Complete. [`Self::idempotent`] keeps its leases with this;
+    /// so does the HTTP middleware.
+    pub(crate) fn keep_lease(
+        &self,
+        namespace: &str,
+        key: &str,
+        lease_token: &str,
+        lease_ttl: Option<Duration>,
+        every: Duration,
+        rpc_timeout: Duration,
+    ) -> AbortOnDrop {
+        let mut client = self.inner.clone();
+        let renew = self.request(pb::RenewRequest {
+            namespace: namespace.into(),
+            key: key.into(),
+            lease_token: lease_token.into(),
+            lease_ttl: lease_ttl.and_then(duration),
+        });
+        let (metadata, _, message) = renew.into_parts();
+        let every = every.max(Duration::from_millis(10));
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let request =
+                    Request::from_parts(metadata.clone(), Default::default(), message.clone());
+                if let Err(status) = with_deadline(rpc_timeout, client.renew(request)).await {
+                    tracing::warn!(%status, "could not renew the lease");
+                }
+            }
+        }))
     }
 
     /// Runs `work` at most once for (namespace, key) — see the module documentation and
@@ -548,33 +586,16 @@ impl IdempotencyClient {
         Fut: Future<Output = Result<pb::Result, WorkError<E>>>,
         E: std::fmt::Debug,
     {
-        // Keep the lease alive while the work runs: renew every third of its length.
-        let renewer = {
-            let mut client = self.inner.clone();
-            let renew = self.request(pb::RenewRequest {
-                namespace: namespace.into(),
-                key: key.into(),
-                lease_token: lease.token.clone(),
-                lease_ttl: duration(options.lease_ttl),
-            });
-            let (metadata, _, message) = renew.into_parts();
-            let every = (options.lease_ttl / 3).max(Duration::from_millis(10));
-            let rpc_timeout = options.rpc_timeout;
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-                loop {
-                    tick.tick().await;
-                    let request =
-                        Request::from_parts(metadata.clone(), Default::default(), message.clone());
-                    // A failure is retried at the next tick; a lost lease shows at Complete.
-                    if let Err(status) = with_deadline(rpc_timeout, client.renew(request)).await {
-                        tracing::warn!(%status, "could not renew the lease");
-                    }
-                }
-            })
-        };
-        // Stops renewing when the work ends, and also if this future is dropped mid-work.
-        let renewer = AbortOnDrop(renewer);
+        // Keep the lease alive while the work runs: renew every third of its length. Stops
+        // renewing when the work ends, and also if this future is dropped mid-work.
+        let renewer = self.keep_lease(
+            namespace,
+            key,
+            &lease.token,
+            Some(options.lease_ttl),
+            options.lease_ttl / 3,
+            options.rpc_timeout,
+        );
         let outcome = work(Lease {
             fencing_token: lease.fencing_token,
             token: lease.token.clone(),

@@ -370,9 +370,10 @@ public final class IdempotencyClient implements AutoCloseable {
       if (waits >= options.maxWaits()) {
         throw new InProgressException(
             namespace + "/" + key + " is still in progress after " + waits + " waits",
-            io.grpc.Status.Code.ABORTED,
-            "IN_PROGRESS",
-            null);
+            answer.hasRetryAfter()
+                ? Duration.ofSeconds(
+                    answer.getRetryAfter().getSeconds(), answer.getRetryAfter().getNanos())
+                : null);
       }
       waits++;
       Duration timeout = options.waitTimeout();
@@ -426,10 +427,25 @@ public final class IdempotencyClient implements AutoCloseable {
   /** Acquire, retried within the options' budget on the errors BEHAVIOUR.md retries. */
   private AcquireResponse acquireWithRetry(
       AcquireRequest request, IdempotentOptions options, long deadline) {
-    Backoff backoff = new Backoff(options, deadline);
+    Duration acquireTimeout = options.acquireTimeout();
+    long acquireDeadline =
+        acquireTimeout == null
+            ? deadline
+            : Math.min(deadline, System.nanoTime() + acquireTimeout.toNanos());
+    Backoff backoff = new Backoff(options, acquireDeadline);
     while (true) {
       try {
-        return acquire(request);
+        if (acquireTimeout == null) {
+          return acquire(request);
+        }
+        // Each call's own deadline ends with the Acquire's budget (never below 1 ms).
+        long left = Math.max(TimeUnit.MILLISECONDS.toNanos(1), acquireDeadline - System.nanoTime());
+        Duration callTimeout = Duration.ofNanos(Math.min(left, rpcTimeout.toNanos()));
+        try {
+          return blocking(callTimeout).acquire(request);
+        } catch (StatusRuntimeException failure) {
+          throw Errors.from(failure);
+        }
       } catch (IdemdException failed) {
         if (!Errors.retried(failed) || !backoff.pause()) {
           throw failed;

@@ -18,6 +18,7 @@ public final class IdempotentOptions {
   private final Duration waitTimeout;
   private final int maxWaits;
   private final Duration deadline;
+  private final Duration acquireTimeout;
   private final int maxAttempts;
   private final Duration backoffInitial;
   private final Duration backoffMax;
@@ -32,6 +33,7 @@ public final class IdempotentOptions {
     this.waitTimeout = builder.waitTimeout;
     this.maxWaits = builder.maxWaits;
     this.deadline = builder.deadline;
+    this.acquireTimeout = builder.acquireTimeout;
     this.maxAttempts = builder.maxAttempts;
     this.backoffInitial = builder.backoffInitial;
     this.backoffMax = builder.backoffMax;
@@ -75,6 +77,11 @@ public final class IdempotentOptions {
     return deadline;
   }
 
+  /** The budget of each Acquire with its retries, or {@code null} for none. */
+  Duration acquireTimeout() {
+    return acquireTimeout;
+  }
+
   int maxAttempts() {
     return maxAttempts;
   }
@@ -107,6 +114,7 @@ public final class IdempotentOptions {
     private Duration waitTimeout = Duration.ofSeconds(30);
     private int maxWaits = 10;
     private Duration deadline;
+    private Duration acquireTimeout;
     private int maxAttempts = 4;
     private Duration backoffInitial = Duration.ofMillis(100);
     private Duration backoffMax = Duration.ofSeconds(2);
@@ -230,6 +238,27 @@ public final class IdempotentOptions {
         throw new IllegalArgumentException("deadline must not be negative");
       }
       this.deadline = deadline;
+      return this;
+    }
+
+    /**
+     * The longest each Acquire may take, its retries and backoff included: every call's own
+     * deadline ends with it (or sooner, with the client's {@code rpcTimeout}), and no retry starts
+     * past it; the call then fails as its last attempt did (e.g. {@link
+     * IdemdUnavailableException}, which {@link #failOpen} may turn into an unprotected run).
+     * Unlike {@link #deadline} it bounds only Acquire, counted afresh for each one (the first,
+     * and each after a Wait), so Complete keeps its retries however long the work ran. An HTTP
+     * middleware's {@code idemd_timeout}. Default: none (the retry budget and {@code rpcTimeout}
+     * alone).
+     *
+     * @param acquireTimeout a positive duration
+     * @return this builder
+     */
+    public Builder acquireTimeout(Duration acquireTimeout) {
+      if (acquireTimeout.isNegative() || acquireTimeout.isZero()) {
+        throw new IllegalArgumentException("acquireTimeout must be positive");
+      }
+      this.acquireTimeout = acquireTimeout;
       return this;
     }
 

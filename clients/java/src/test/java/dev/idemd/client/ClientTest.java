@@ -144,6 +144,34 @@ class ClientTest {
   }
 
   @Test
+  void inProgressWithoutWaitingSaysWhenToRetry() {
+    String key = uniqueKey("in-progress");
+    AcquireResponse holder =
+        client.acquire(
+            AcquireRequest.newBuilder()
+                .setNamespace(NS)
+                .setKey(key)
+                .setLeaseTtl(com.google.protobuf.Duration.newBuilder().setSeconds(20))
+                .build());
+    assertEquals(Outcome.OUTCOME_ACQUIRED, holder.getOutcome());
+    InProgressException inProgress =
+        assertThrows(
+            InProgressException.class,
+            () ->
+                client.idempotent(
+                    NS,
+                    key,
+                    null,
+                    IdempotentOptions.builder().maxWaits(0).build(),
+                    context -> StoredResult.of("never")));
+    // The other lease's remaining time, as idemd reported it (an HTTP Retry-After's source).
+    Duration retryAfter = inProgress.retryAfter().orElseThrow();
+    assertTrue(
+        retryAfter.compareTo(Duration.ZERO) > 0 && retryAfter.compareTo(Duration.ofSeconds(20)) <= 0,
+        "retryAfter " + retryAfter);
+  }
+
+  @Test
   void concurrentDuplicatesWaitForTheFirstAndGetItsResult() throws Exception {
     String key = uniqueKey("concurrent");
     AtomicInteger calls = new AtomicInteger();

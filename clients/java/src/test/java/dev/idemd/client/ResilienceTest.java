@@ -114,6 +114,41 @@ class ResilienceTest {
   }
 
   @Test
+  void acquireTimeoutBoundsAnAcquireThatGetsNoAnswer() throws Exception {
+    // A port that accepts connections (the kernel's backlog does) and never answers: a hung idemd.
+    try (java.net.ServerSocket silent =
+            new java.net.ServerSocket(0, 50, java.net.InetAddress.getLoopbackAddress());
+        IdempotencyClient client =
+            IdempotencyClient.builder("127.0.0.1:" + silent.getLocalPort())
+                .rpcTimeout(Duration.ofSeconds(30))
+                .build()) {
+      AtomicInteger calls = new AtomicInteger();
+      IdempotentOptions bounded =
+          IdempotentOptions.builder().maxAttempts(2).acquireTimeout(Duration.ofMillis(500)).build();
+      long started = System.nanoTime();
+      IdemdUnavailableException unavailable =
+          assertThrows(
+              IdemdUnavailableException.class,
+              () -> client.idempotent(NS, ClientTest.uniqueKey("hung"), null, bounded, counting(calls, "never")));
+      long elapsedMillis = TimeUnit.NANOSECONDS.toMillis(System.nanoTime() - started);
+      assertEquals(0, calls.get(), "fail closed: the work did not run");
+      // Each call's deadline ended with the budget, not with the 30 s rpcTimeout.
+      assertTrue(elapsedMillis >= 500, "gave up before the budget: " + elapsedMillis + " ms " + unavailable);
+      assertTrue(elapsedMillis < 10_000, "gave up long after the budget: " + elapsedMillis + " ms");
+
+      IdempotentResult unprotected =
+          client.idempotent(
+              NS,
+              ClientTest.uniqueKey("hung-open"),
+              null,
+              IdempotentOptions.builder().acquireTimeout(Duration.ofMillis(200)).failOpen(true).build(),
+              counting(calls, "unprotected"));
+      assertFalse(unprotected.isProtected());
+      assertEquals(1, calls.get());
+    }
+  }
+
+  @Test
   void anInterruptStopsTheRetriesAndNeverFailsOpen() throws Exception {
     String address = "127.0.0.1:" + IdemdProcess.freePort();
     AtomicInteger calls = new AtomicInteger();
