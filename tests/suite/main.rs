@@ -24,6 +24,7 @@ mod hostile;
 mod java_client;
 mod model;
 mod operations;
+mod plans;
 mod processes;
 mod production;
 mod replay_cache;
