@@ -58,6 +58,10 @@ struct Args {
     connections: usize,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Run exactly this many operations (shared by all clients) instead of for `--duration`: a
+    /// fixed workload, for comparing CPU or instruction counts per operation between builds.
+    #[arg(long)]
+    operations: Option<u64>,
     /// Completed keys the replay workload reads.
     #[arg(long, default_value_t = 10_000)]
     keyspace: usize,
@@ -80,6 +84,10 @@ struct Args {
 
 struct Shared {
     stop: AtomicBool,
+    /// Operations claimed so far, in the fixed-count mode.
+    claimed: AtomicU64,
+    /// `--operations`, or unbounded.
+    limit: u64,
     errors: AtomicU64,
     run: String,
 }
@@ -183,6 +191,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let body = vec![b'x'; args.result_size];
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
+        claimed: AtomicU64::new(0),
+        limit: args.operations.unwrap_or(u64::MAX),
         errors: AtomicU64::new(0),
         run: format!(
             "{:x}",
@@ -218,7 +228,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut sequence = 0u64;
-            while !shared.stop.load(Ordering::Relaxed) {
+            while !shared.stop.load(Ordering::Relaxed)
+                && shared.claimed.fetch_add(1, Ordering::Relaxed) < shared.limit
+            {
                 sequence += 1;
                 let begun = Instant::now();
                 let ok = match workload {
@@ -285,8 +297,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             histogram
         }));
     }
-    tokio::time::sleep(args.duration).await;
-    shared.stop.store(true, Ordering::Relaxed);
+    if args.operations.is_none() {
+        tokio::time::sleep(args.duration).await;
+        shared.stop.store(true, Ordering::Relaxed);
+    }
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for task in tasks {
         total.add(task.await?)?;
@@ -301,8 +315,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = match (before, after) {
         (Some((cpu0, _)), Some((cpu1, peak))) => {
             format!(
-                " server_cpu_s={:.1} server_peak_rss_mib={:.1}",
+                " server_cpu_s={:.2} server_cpu_us_per_op={:.1} server_peak_rss_mib={:.1}",
                 cpu1 - cpu0,
+                (cpu1 - cpu0) * 1e6 / (total.len() as f64).max(1.0),
                 peak as f64 / 1024.0
             )
         }

@@ -27,6 +27,7 @@ mod http_middleware;
 mod java_client;
 mod model;
 mod operations;
+mod plans;
 mod processes;
 mod production;
 mod replay_cache;

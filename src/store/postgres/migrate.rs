@@ -46,8 +46,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 6,
+        name: "admin_index_apart",
+        sql: include_str!("../../../migrations/0006_admin_index_apart.sql"),
+    },
+    Migration {
+        version: 7,
         name: "minute_counts",
-        sql: include_str!("../../../migrations/0006_minute_counts.sql"),
+        sql: include_str!("../../../migrations/0007_minute_counts.sql"),
     },
 ];
 

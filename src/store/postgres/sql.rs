@@ -350,12 +350,13 @@ pub const LISTENER_SESSIONS: &str = "SELECT pid FROM pg_stat_activity
 pub const TERMINATE_LISTENER: &str = "SELECT pg_terminate_backend($1)";
 
 /// The record filter of ListRecords and PurgeRecords, the SQL image of
-/// `domain::admin::RecordFilter::matches` on live records: $1 namespace, $2 states (smallint[],
-/// empty: all), $3 key prefix, $4 holder (NULL: any), $5 stuck only, $6 created after (NULL:
+/// `domain::admin::RecordFilter::matches` on live records: $1 namespace (compared in the "C"
+/// collation, the only one `idemd_records_namespace_created` serves: see migration 0006), $2
+/// states (smallint[], empty: all), $3 key prefix, $4 holder (NULL: any), $5 stuck only, $6 created after (NULL:
 /// unbounded), $7 created before (NULL: unbounded).
 macro_rules! record_filter {
     () => {
-        "namespace = $1 AND expires_at > now()
+        "namespace COLLATE \"C\" = $1 AND expires_at > now()
         AND (cardinality($2::smallint[]) = 0 OR state = ANY($2::smallint[]))
         AND starts_with(key, $3::text)
         AND ($4::text IS NULL OR holder = $4::text)
@@ -366,13 +367,14 @@ macro_rules! record_filter {
 }
 
 /// The first page of ListRecords in the order (created_at descending, key ascending byte-wise),
-/// at most $8 rows. The index `idemd_records_namespace_created` (migration 0005) serves the order.
+/// at most $8 rows. The index `idemd_records_namespace_created` (migrations 0005 and 0006) serves
+/// the order.
 pub const LIST_RECORDS_FIRST: &str = concat!(
     "SELECT ",
     record_columns!(),
     " FROM idemd_records WHERE ",
     record_filter!(),
-    " ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+    " ORDER BY namespace COLLATE \"C\", created_at DESC, key COLLATE \"C\" LIMIT $8"
 );
 
 /// A later page of ListRecords: the rows after the position ($9 created_at, $10 key), at most $8.
@@ -385,7 +387,7 @@ pub const LIST_RECORDS_AFTER: &str = concat!(
     record_filter!(),
     " AND created_at <= $9::timestamptz
         AND (created_at < $9::timestamptz OR key COLLATE \"C\" > $10::text)
-    ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+    ORDER BY namespace COLLATE \"C\", created_at DESC, key COLLATE \"C\" LIMIT $8"
 );
 
 /// A dry run of PurgeRecords: how many records match, up to $8.
@@ -458,7 +460,7 @@ pub const LIST_NAMESPACES: &str = "SELECT namespace,
     FROM idemd_records WHERE expires_at > now()
     GROUP BY namespace ORDER BY namespace COLLATE \"C\"";
 
-/// GetNamespaceStats: a namespace's per-minute event counts (migration 0006) of the minutes from
+/// GetNamespaceStats: a namespace's per-minute event counts (migration 0007) of the minutes from
 /// the one $2 µs before now on: at most 1,441 rows by primary key. The database's time comes first,
 /// on a row of its own when no minute has counts. $1 namespace, $2 window µs.
 pub const NAMESPACE_STATS: &str = "SELECT n.now, c.minute, c.created, c.completed, c.taken_over
