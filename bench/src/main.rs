@@ -8,8 +8,9 @@
 //! Wait if in progress; one operation = one request seen through), `echo` (the standard health
 //! Check, which never touches a store: the gRPC ceiling of the same server), `admin-list`
 //! (ListRecords pages of 50 of `--namespace`, each client walking the listing from its newest
-//! record and starting over at its end; one operation = one page) and `admin-stats`
-//! (GetNamespaceStats of `--namespace` over `--stats-window`); `bench/admin.sh` runs the admin
+//! record and starting over at its end; one operation = one page), `admin-stats`
+//! (GetNamespaceStats of `--namespace` over `--stats-window`) and `admin-namespaces`
+//! (ListNamespaces); `bench/admin.sh` runs the admin
 //! workloads on a namespace of a million records. Prints one line:
 //! throughput, latency percentiles, errors, its own CPU seconds, and, with --server-pid, the
 //! server's CPU seconds and peak RSS from /proc.
@@ -38,6 +39,7 @@ enum Workload {
     Echo,
     AdminList,
     AdminStats,
+    AdminNamespaces,
 }
 
 #[derive(Debug, Parser)]
@@ -271,6 +273,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             namespace: namespace.clone(),
                             window: stats_window,
                         })
+                        .await
+                        .is_ok(),
+                    Workload::AdminNamespaces => admin_client
+                        .list_namespaces(admin::ListNamespacesRequest {})
                         .await
                         .is_ok(),
                     Workload::Echo => health

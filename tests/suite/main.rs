@@ -33,6 +33,7 @@ mod production;
 mod replay_cache;
 mod security;
 mod soak;
+mod stats;
 mod tracing_otlp;
 mod validation;
 mod wait;

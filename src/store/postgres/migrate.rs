@@ -49,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "admin_index_apart",
         sql: include_str!("../../../migrations/0006_admin_index_apart.sql"),
     },
+    Migration {
+        version: 7,
+        name: "minute_counts",
+        sql: include_str!("../../../migrations/0007_minute_counts.sql"),
+    },
 ];
 
 /// The schema version this binary needs.
