@@ -7,9 +7,13 @@
 #
 # The records are written straight into the table (one INSERT ... SELECT from generate_series,
 # as Acquire and Complete would leave them): 90 % completed, 10 % in progress (1 % of all stuck),
-# created evenly over the last 24 hours, then VACUUM ANALYZE. One client at a time, so the
+# created evenly over the last 24 hours, then VACUUM ANALYZE. GetNamespaceStats reads the
+# per-minute counts the replicas flush into idemd_minute_counts, so the script writes those too,
+# as the data plane would have counted these records (and 25 hours of minutes of 99 other
+# namespaces, so the table is not the bench namespace's alone). One client at a time, so the
 # latencies are those of one call on an idle server: ListRecords walks the listing 50 records a
-# page from the newest; GetNamespaceStats counts the last hour and the last 24 hours.
+# page from the newest; GetNamespaceStats reads the last hour and the last 24 hours;
+# ListNamespaces counts every namespace's live records (a scan of the records table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 records=${1:-1000000}
@@ -18,7 +22,7 @@ admin=${IDEMD_BENCH_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 export PGSSLMODE=${PGSSLMODE:-disable}
 db=idemd_admin_bench_$$
 url=${admin%/*}/$db
-port=20997
+port=${IDEMD_BENCH_PORT:-20997}
 addr=127.0.0.1:$port
 ns=bench-admin
 cleanup() {
@@ -53,7 +57,20 @@ SELECT '$ns', 'order-' || g,
 FROM generate_series(1, $records) AS g,
     LATERAL (SELECT now() - (g::float8 / $records) * interval '24 hours' AS c) AS t;
 SELECT setval('idemd_fencing_token_seq', $records);
+INSERT INTO idemd_minute_counts (namespace, minute, created, completed, taken_over)
+SELECT '$ns', minute, sum(created), sum(completed), sum(taken_over) FROM (
+    SELECT date_trunc('minute', created_at, 'UTC') AS minute, 1 AS created, 0 AS completed,
+        CASE WHEN attempts > 1 THEN 1 ELSE 0 END AS taken_over
+    FROM idemd_records
+    UNION ALL
+    SELECT date_trunc('minute', completed_at, 'UTC'), 0, 1, 0
+    FROM idemd_records WHERE completed_at IS NOT NULL
+) AS events GROUP BY minute;
+INSERT INTO idemd_minute_counts (namespace, minute, created, completed, taken_over)
+SELECT 'other-' || n, date_trunc('minute', now() - m * interval '1 minute', 'UTC'), 10, 9, 1
+FROM generate_series(1, 99) AS n, generate_series(0, 1499) AS m;
 VACUUM ANALYZE idemd_records;
+VACUUM ANALYZE idemd_minute_counts;
 SQL
 
 "$IDEMD_BIN" serve --listen "$addr" --metrics-listen 127.0.0.1:0 --database-url "$url" \
@@ -71,3 +88,4 @@ echo "records=$records"
 bench --workload admin-list
 bench --workload admin-stats --stats-window 1h
 bench --workload admin-stats --stats-window 24h
+bench --workload admin-namespaces

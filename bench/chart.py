@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Draws throughput against clients, idemd beside the pgbench peer, from bench/run.sh's CSV.
+"""Draws throughput (or p50 latency) against clients, idemd beside the pgbench peer, from
+bench/run.sh's CSV.
 
     python3 bench/chart.py bench/results.csv docs/throughput.svg
+    python3 bench/chart.py bench/results.csv docs/latency.svg p50_ms
 
 Plain SVG written by hand: no plotting library needed.
 """
@@ -9,25 +11,38 @@ import csv
 import sys
 from xml.sax.saxutils import escape
 
-PANELS = [("fresh", "fresh: Acquire+Complete pairs/s"), ("replay", "replay: requests/s (90 % replays)")]
+METRICS = {
+    "ops_per_s": {
+        "fresh": "fresh: Acquire+Complete pairs/s",
+        "replay": "replay: requests/s (90 % replays)",
+    },
+    "p50_ms": {
+        "fresh": "fresh: p50 ms of a pair (lower is better)",
+        "replay": "replay: p50 ms of a request (lower is better)",
+    },
+}
 SERIES = [("idemd", "#1f77b4", "idemd"), ("pgbench", "#d62728", "pgbench peer (same SQL per request)")]
 WIDTH, HEIGHT, PANEL_W, TOP, BOTTOM, LEFT = 900, 380, 400, 50, 320, 70
 
 
-def main(source: str, target: str) -> None:
+def main(source: str, target: str, metric: str = "ops_per_s") -> None:
+    if metric not in METRICS:
+        sys.exit(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
+    panels = list(METRICS[metric].items())
+    decimals = 0 if metric == "ops_per_s" else 2
     rows = list(csv.DictReader(open(source, newline="")))
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         'font-family="sans-serif" font-size="12">',
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
     ]
-    for index, (workload, title) in enumerate(PANELS):
+    for index, (workload, title) in enumerate(panels):
         x0 = LEFT + index * (PANEL_W + 50)
         points = {
             system: sorted(
-                (int(r["clients"]), float(r["ops_per_s"]))
+                (int(r["clients"]), float(r[metric]))
                 for r in rows
-                if r["system"] == system and r["workload"] == workload and r["ops_per_s"]
+                if r["system"] == system and r["workload"] == workload and r[metric]
             )
             for system, _, _ in SERIES
         }
@@ -44,7 +59,7 @@ def main(source: str, target: str) -> None:
         for step in range(0, 6):
             value = top * step / 5
             out.append(
-                f'<text x="{x0 - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:,.0f}</text>'
+                f'<text x="{x0 - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:,.{decimals}f}</text>'
             )
             out.append(
                 f'<line x1="{x0}" y1="{y(value):.1f}" x2="{x0 + PANEL_W}" y2="{y(value):.1f}" '
@@ -62,7 +77,7 @@ def main(source: str, target: str) -> None:
             for c, v in series:
                 out.append(f'<circle cx="{x_of[c]:.1f}" cy="{y(v):.1f}" r="3.5" fill="{colour}"/>')
                 out.append(
-                    f'<text x="{x_of[c] + 6:.1f}" y="{y(v) - 6:.1f}" fill="{colour}">{v:,.0f}</text>'
+                    f'<text x="{x_of[c] + 6:.1f}" y="{y(v) - 6:.1f}" fill="{colour}">{v:,.{decimals}f}</text>'
                 )
     for index, (_, colour, label) in enumerate(SERIES):
         x = LEFT + index * 300
@@ -74,4 +89,4 @@ def main(source: str, target: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

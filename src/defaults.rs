@@ -70,6 +70,9 @@ pub const REAPER_INTERVAL: DurationDefault = DurationDefault::new("10s");
 pub const REAPER_BATCH: u32 = 1000;
 /// Pause between readiness checks of the store; not a flag.
 pub const READINESS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often a replica adds its per-minute event counts into the database (GetNamespaceStats):
+/// what a replica killed with SIGKILL loses at most.
+pub const COUNTS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const SHUTDOWN_GRACE: DurationDefault = DurationDefault::new("10s");
 pub const MAX_CONCURRENT_RPCS: u32 = 1024;
 pub const MAX_WAITERS: u32 = 10_000;

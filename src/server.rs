@@ -44,6 +44,9 @@ pub struct ServerSettings {
     pub reaper_batch: u32,
     /// Pause between readiness checks of the store.
     pub readiness_interval: Duration,
+    /// Pause between flushes of the per-minute event counts (GetNamespaceStats) to the store;
+    /// they are flushed once more at shutdown.
+    pub counts_flush_interval: Duration,
     /// How long in-flight RPCs may run after shutdown begins.
     pub shutdown_grace: Duration,
     /// Each client connection is closed gracefully (GOAWAY) this long after it opened; `None`:
@@ -76,6 +79,7 @@ impl Default for ServerSettings {
             reaper_interval: defaults::REAPER_INTERVAL.value,
             reaper_batch: defaults::REAPER_BATCH,
             readiness_interval: defaults::READINESS_INTERVAL,
+            counts_flush_interval: defaults::COUNTS_FLUSH_INTERVAL,
             shutdown_grace: defaults::SHUTDOWN_GRACE.value,
             max_connection_age: None,
             max_concurrent_rpcs: defaults::MAX_CONCURRENT_RPCS as usize,
@@ -176,7 +180,7 @@ pub async fn serve<S: Store + AdminStore>(
     );
 
     let background = tokio::spawn(run_background(
-        store,
+        store.clone(),
         health.clone(),
         settings.clone(),
         stopped.clone(),
@@ -281,6 +285,15 @@ pub async fn serve<S: Store + AdminStore>(
     let _ = drain_over.send(true);
     background.abort();
     upkeep.abort();
+    // The counts of the RPCs just drained (a flush the abort cut short is sent again, once).
+    match tokio::time::timeout(grace, store.flush_counts()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "the last per-minute counts were not flushed"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "the last per-minute counts were not flushed in time"
+        ),
+    }
     for task in [
         metrics_task,
         console_task,
@@ -350,7 +363,8 @@ impl Health for DrainingHealth {
     }
 }
 
-/// Keeps readiness in step with the store, and reaps expired records.
+/// Keeps readiness in step with the store, reaps expired records, and flushes the per-minute
+/// counts.
 async fn run_background<S: Store>(
     store: Arc<S>,
     health: HealthReporter,
@@ -366,6 +380,11 @@ async fn run_background<S: Store>(
         settings.reaper_interval,
     );
     reaper.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flushes = tokio::time::interval_at(
+        tokio::time::Instant::now() + settings.counts_flush_interval,
+        settings.counts_flush_interval,
+    );
+    flushes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut gauges = tokio::time::interval(settings.metrics_interval);
     gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reload = tokio::time::interval(settings.reload_interval);
@@ -397,6 +416,11 @@ async fn run_background<S: Store>(
                 }
             }
             _ = reaper.tick() => reap(store.as_ref(), settings.reaper_batch).await,
+            _ = flushes.tick() => {
+                if let Err(error) = store.flush_counts().await {
+                    tracing::debug!(%error, "flush of per-minute counts failed; they go with the next");
+                }
+            }
             _ = gauges.tick() => store.report_metrics().await,
             _ = reload.tick() => reload_files(&settings),
             Some(()) = hangups.recv() => {

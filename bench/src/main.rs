@@ -8,8 +8,9 @@
 //! Wait if in progress; one operation = one request seen through), `echo` (the standard health
 //! Check, which never touches a store: the gRPC ceiling of the same server), `admin-list`
 //! (ListRecords pages of 50 of `--namespace`, each client walking the listing from its newest
-//! record and starting over at its end; one operation = one page) and `admin-stats`
-//! (GetNamespaceStats of `--namespace` over `--stats-window`); `bench/admin.sh` runs the admin
+//! record and starting over at its end; one operation = one page), `admin-stats`
+//! (GetNamespaceStats of `--namespace` over `--stats-window`) and `admin-namespaces`
+//! (ListNamespaces); `bench/admin.sh` runs the admin
 //! workloads on a namespace of a million records. Prints one line:
 //! throughput, latency percentiles, errors, its own CPU seconds, and, with --server-pid, the
 //! server's CPU seconds and peak RSS from /proc.
@@ -38,6 +39,7 @@ enum Workload {
     Echo,
     AdminList,
     AdminStats,
+    AdminNamespaces,
 }
 
 #[derive(Debug, Parser)]
@@ -56,6 +58,10 @@ struct Args {
     connections: usize,
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Run exactly this many operations (shared by all clients) instead of for `--duration`: a
+    /// fixed workload, for comparing CPU or instruction counts per operation between builds.
+    #[arg(long)]
+    operations: Option<u64>,
     /// Completed keys the replay workload reads.
     #[arg(long, default_value_t = 10_000)]
     keyspace: usize,
@@ -78,6 +84,10 @@ struct Args {
 
 struct Shared {
     stop: AtomicBool,
+    /// Operations claimed so far, in the fixed-count mode.
+    claimed: AtomicU64,
+    /// `--operations`, or unbounded.
+    limit: u64,
     errors: AtomicU64,
     run: String,
 }
@@ -181,6 +191,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let body = vec![b'x'; args.result_size];
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
+        claimed: AtomicU64::new(0),
+        limit: args.operations.unwrap_or(u64::MAX),
         errors: AtomicU64::new(0),
         run: format!(
             "{:x}",
@@ -216,7 +228,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut histogram =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut sequence = 0u64;
-            while !shared.stop.load(Ordering::Relaxed) {
+            while !shared.stop.load(Ordering::Relaxed)
+                && shared.claimed.fetch_add(1, Ordering::Relaxed) < shared.limit
+            {
                 sequence += 1;
                 let begun = Instant::now();
                 let ok = match workload {
@@ -261,6 +275,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         })
                         .await
                         .is_ok(),
+                    Workload::AdminNamespaces => admin_client
+                        .list_namespaces(admin::ListNamespacesRequest {})
+                        .await
+                        .is_ok(),
                     Workload::Echo => health
                         .check(tonic_health::pb::HealthCheckRequest {
                             service: String::new(),
@@ -279,8 +297,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             histogram
         }));
     }
-    tokio::time::sleep(args.duration).await;
-    shared.stop.store(true, Ordering::Relaxed);
+    if args.operations.is_none() {
+        tokio::time::sleep(args.duration).await;
+        shared.stop.store(true, Ordering::Relaxed);
+    }
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for task in tasks {
         total.add(task.await?)?;
@@ -295,8 +315,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = match (before, after) {
         (Some((cpu0, _)), Some((cpu1, peak))) => {
             format!(
-                " server_cpu_s={:.1} server_peak_rss_mib={:.1}",
+                " server_cpu_s={:.2} server_cpu_us_per_op={:.1} server_peak_rss_mib={:.1}",
                 cpu1 - cpu0,
+                (cpu1 - cpu0) * 1e6 / (total.len() as f64).max(1.0),
                 peak as f64 / 1024.0
             )
         }

@@ -149,7 +149,8 @@ pub struct NamespaceSummary {
     pub oldest_in_progress: Option<SystemTime>,
 }
 
-/// What happened in one minute of a namespace (see the proto's `MinuteCounts`).
+/// What happened in one minute of a namespace (see the proto's `MinuteCounts`): events counted
+/// as they happened (`store::counts`), not live records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MinuteCounts {
     /// Start of the minute.
@@ -166,37 +167,6 @@ pub fn minute_of(time: SystemTime) -> SystemTime {
         .unwrap_or_default()
         .as_secs();
     SystemTime::UNIX_EPOCH + Duration::from_secs(since - since % 60)
-}
-
-/// Per-minute counts of `records` (live records of one namespace) over `window` ending at
-/// `now`, every minute present, oldest first. The memory store counts this way; the PostgreSQL
-/// store counts in SQL and fills the minutes with `fill_minutes`.
-pub fn count_minutes<'a>(
-    records: impl Iterator<Item = &'a Record>,
-    window: Duration,
-    now: SystemTime,
-) -> Vec<MinuteCounts> {
-    let start = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
-    let mut minutes = fill_minutes(start, now);
-    let in_window = |time: SystemTime| (time >= start && time <= now).then_some(time);
-    for record in records {
-        if let Some(minute) =
-            in_window(record.created_at).and_then(|time| minute_slot(&mut minutes, time))
-        {
-            minute.created += 1;
-            if record.attempts > 1 {
-                minute.taken_over += 1;
-            }
-        }
-        if let Some(minute) = record
-            .completed_at
-            .and_then(in_window)
-            .and_then(|time| minute_slot(&mut minutes, time))
-        {
-            minute.completed += 1;
-        }
-    }
-    minutes
 }
 
 /// The entry of `minutes` (as `fill_minutes` made them) that `time` falls in.

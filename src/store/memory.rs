@@ -15,13 +15,13 @@ use std::{
 
 use tokio::time::Instant;
 
+use super::counts::{self, Event, MinuteCounter};
 use super::waiters::{self, Waiters};
 use super::{AdminStore, Store, StoreError};
 use crate::defaults;
 use crate::domain::admin::{
-    count_minutes, decide_change, is_stuck, AuditAction, AuditEntry, AuditPage, BulkPurge,
-    ListAuditQuery, ListRecordsQuery, MinuteCounts, NamespaceSummary, RecordChange, RecordPage,
-    RecordPosition,
+    decide_change, is_stuck, AuditAction, AuditEntry, AuditPage, BulkPurge, ListAuditQuery,
+    ListRecordsQuery, MinuteCounts, NamespaceSummary, RecordChange, RecordPage, RecordPosition,
 };
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, unfinished_expiry,
@@ -62,6 +62,8 @@ pub struct MemoryStore {
     /// lock from before it reads the record until its entry is in, so no change is without its
     /// entry. Lock order: this, then a shard.
     audit: Mutex<AuditLog>,
+    /// GetNamespaceStats' per-minute counts of events (see `counts`).
+    counts: MinuteCounter,
 }
 
 /// Audit entries the memory store keeps (the oldest go first); PostgreSQL keeps them all.
@@ -107,6 +109,7 @@ impl MemoryStore {
             earliest_expiry: AtomicU64::new(u64::MAX),
             sweeping: Mutex::new(()),
             audit: Mutex::new(AuditLog::default()),
+            counts: MinuteCounter::default(),
         }
     }
 
@@ -293,6 +296,13 @@ impl Store for MemoryStore {
             };
             self.note_expiry(record.expires_at);
             shard.insert(map_key, record.clone());
+            drop(shard);
+            let event = if taken_over {
+                Event::TakenOver
+            } else {
+                Event::Created
+            };
+            self.counts.count(&record.namespace, now, event);
             return Ok(AcquireOutcome::Acquired {
                 lease: record.lease(),
                 record,
@@ -324,6 +334,7 @@ impl Store for MemoryStore {
                     record.revision += 1;
                     self.note_expiry(record.expires_at);
                     self.waiters.wake(&record.namespace, &record.key);
+                    self.counts.count(&record.namespace, now, Event::Completed);
                 }
                 Ok(record.clone())
             }
@@ -413,6 +424,8 @@ impl Store for MemoryStore {
 
     async fn reap_expired(&self, batch: u32) -> Result<u64, StoreError> {
         let now = self.now();
+        let kept_from = now.checked_sub(counts::COUNTS_KEPT).unwrap_or(now);
+        self.counts.forget_before(counts::minute_key(kept_from));
         let mut budget = u64::from(batch);
         let mut deleted = 0;
         for shard in &self.shards {
@@ -434,6 +447,11 @@ impl Store for MemoryStore {
             deleted += removed;
         }
         Ok(deleted)
+    }
+
+    /// The counts are the store's own: nothing to hand on.
+    async fn flush_counts(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     async fn report_metrics(&self) {
@@ -586,9 +604,9 @@ impl AdminStore for MemoryStore {
         namespace: Namespace,
         window: std::time::Duration,
     ) -> Result<Vec<MinuteCounts>, StoreError> {
-        let now = self.now();
-        let records = self.live_records(now, |record| record.namespace == namespace);
-        Ok(count_minutes(records.iter(), window, now))
+        let (mut minutes, first_minute) = counts::window_minutes(window, self.now());
+        self.counts.add_to(&namespace, first_minute, &mut minutes);
+        Ok(minutes)
     }
 
     async fn purge_record(&self, change: RecordChange) -> Result<Record, StoreError> {

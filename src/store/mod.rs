@@ -15,6 +15,7 @@ use crate::domain::{
     ReleaseCommand, RenewCommand, WaitCommand, WaitOutcome,
 };
 
+pub mod counts;
 pub mod memory;
 pub mod postgres;
 pub mod waiters;
@@ -131,6 +132,12 @@ pub trait Store: Send + Sync + 'static {
     /// only one reaps at a time (the others return 0).
     fn reap_expired(&self, batch: u32) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Hands this replica's per-minute event counts (see `counts`) on to where every replica's
+    /// GetNamespaceStats reads them: on PostgreSQL, adds them into `idemd_minute_counts` in one
+    /// statement. Run about once a second and at shutdown, never on the hot path. Counts a flush
+    /// could not hand on are kept and go with the next.
+    fn flush_counts(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Publishes the store's gauges (pool usage, record counts) to the metrics recorder.
     fn report_metrics(&self) -> impl Future<Output = ()> + Send;
 
@@ -154,7 +161,9 @@ pub trait AdminStore: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<Vec<NamespaceSummary>, StoreError>> + Send;
 
-    /// Per-minute counts of a namespace over `window` ending now, every minute present.
+    /// Per-minute counts of a namespace's events (records created, completed, taken over) over
+    /// `window` ending now, every minute present: every replica's flushed counts, plus this
+    /// replica's not yet flushed.
     fn namespace_stats(
         &self,
         namespace: crate::domain::Namespace,

@@ -669,7 +669,41 @@ pub async fn audit_entries_record_every_change(server: &TestServer) {
         .all(|entry| entry.namespace == NS && entry.time.is_some()));
 }
 
-/// ListNamespaces counts by state; GetNamespaceStats counts per minute.
+/// The totals of a namespace's per-minute counts over the last ten minutes: (created, completed,
+/// taken over), after checking the minutes are consecutive and span the window.
+pub async fn stats_totals(admin_client: &mut AdminClient, namespace: &str) -> (u64, u64, u64) {
+    let minutes = admin_client
+        .get_namespace_stats(admin::GetNamespaceStatsRequest {
+            namespace: namespace.into(),
+            window: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("stats")
+        .into_inner()
+        .minutes;
+    assert!(
+        (10..=11).contains(&minutes.len()),
+        "{} minutes",
+        minutes.len()
+    );
+    assert!(minutes
+        .windows(2)
+        .all(|pair| to_system_time(&pair[1].minute)
+            == to_system_time(&pair[0].minute) + Duration::from_secs(60)));
+    let total = |pick: fn(&admin::MinuteCounts) -> u64| minutes.iter().map(pick).sum::<u64>();
+    (
+        total(|m| m.created),
+        total(|m| m.completed),
+        total(|m| m.taken_over),
+    )
+}
+
+/// ListNamespaces counts live records by state; GetNamespaceStats counts events per minute:
+/// records created, results stored (a retried Complete does not count again), takeovers (of an
+/// expired lease, or after a ForceRelease); a purge lowers no count.
 pub async fn namespaces_and_stats_count(server: &TestServer) {
     let mut client = server.client().await;
     let mut admin_client = server.admin().await;
@@ -677,6 +711,10 @@ pub async fn namespaces_and_stats_count(server: &TestServer) {
         let key = format!("c-{index}");
         let lease = acquire(&mut client, "adm-count-a", &key, 60_000, "w").await;
         complete(&mut client, "adm-count-a", &key, &lease.token).await;
+        if index == 0 {
+            // A retry of the same Complete answers the stored record and stores nothing.
+            complete(&mut client, "adm-count-a", &key, &lease.token).await;
+        }
     }
     let first = acquire(&mut client, "adm-count-a", "running", 60_000, "w").await;
     let taken = acquire(&mut client, "adm-count-b", "taken", 20, "w").await;
@@ -701,41 +739,48 @@ pub async fn namespaces_and_stats_count(server: &TestServer) {
     assert_eq!(a.oldest_in_progress, first_record.created_at);
     assert!(first.fencing_token > 0);
 
-    let stats = |namespace: &str| {
-        let mut admin_client = admin_client.clone();
-        let namespace = namespace.to_string();
-        async move {
-            admin_client
-                .get_namespace_stats(admin::GetNamespaceStatsRequest {
-                    namespace,
-                    window: Some(prost_types::Duration {
-                        seconds: 600,
-                        nanos: 0,
-                    }),
-                })
-                .await
-                .expect("stats")
-                .into_inner()
-                .minutes
-        }
-    };
-    let minutes = stats("adm-count-a").await;
-    assert!(
-        (10..=11).contains(&minutes.len()),
-        "{} minutes",
-        minutes.len()
+    assert_eq!(
+        stats_totals(&mut admin_client, "adm-count-a").await,
+        (4, 3, 0)
     );
-    assert!(minutes
-        .windows(2)
-        .all(|pair| to_system_time(&pair[1].minute)
-            == to_system_time(&pair[0].minute) + Duration::from_secs(60)));
-    let total = |pick: fn(&admin::MinuteCounts) -> u64| minutes.iter().map(pick).sum::<u64>();
-    assert_eq!(total(|m| m.created), 4);
-    assert_eq!(total(|m| m.completed), 3);
-    assert_eq!(total(|m| m.taken_over), 0);
-    let b = stats("adm-count-b").await;
-    let b_total = |pick: fn(&admin::MinuteCounts) -> u64| b.iter().map(pick).sum::<u64>();
-    assert_eq!((b_total(|m| m.created), b_total(|m| m.taken_over)), (1, 1));
+    assert_eq!(
+        stats_totals(&mut admin_client, "adm-count-b").await,
+        (1, 0, 1)
+    );
+
+    // Counts are of events: purging records lowers none of them.
+    admin_client
+        .purge_record(purge("adm-count-a", "c-0", "support case"))
+        .await
+        .expect("purge");
+    admin_client
+        .purge_records(admin::PurgeRecordsRequest {
+            namespace: "adm-count-a".into(),
+            reason: "clean up".into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("bulk purge");
+    assert_eq!(
+        stats_totals(&mut admin_client, "adm-count-a").await,
+        (4, 3, 0)
+    );
+    // A ForceRelease ends the lease; the next Acquire takes the record over.
+    admin_client
+        .force_release(force_release("adm-count-b", "taken", "stuck worker"))
+        .await
+        .expect("force release");
+    let after_release = client
+        .acquire(acquire_request("adm-count-b", "taken", b"fp"))
+        .await
+        .expect("acquire after force release")
+        .into_inner();
+    assert_eq!(after_release.outcome(), pb::Outcome::Acquired);
+    assert_eq!(
+        stats_totals(&mut admin_client, "adm-count-b").await,
+        (1, 0, 2)
+    );
 }
 
 macro_rules! admin_suite {

@@ -410,6 +410,19 @@ async fn console_sessions_csrf_headers_and_bad_input_over_plain_http() {
     assert_eq!(namespaces.status, 200);
     assert!(namespaces.body.contains(NAMESPACE));
     assert!(!namespaces.body.contains(ONCALL_TOKEN));
+    // The chart counts the one record created and completed above (GetNamespaceStats answers
+    // this replica's counts at once, flushed or not).
+    for legend in [
+        ">created 1<",
+        ">completed 1<",
+        "<polyline class=\"created\"",
+    ] {
+        assert!(
+            namespaces.body.contains(legend),
+            "{legend}: {}",
+            namespaces.body
+        );
+    }
     let csrf = csrf_of(&namespaces.body);
     assert_eq!(csrf.len(), 64);
 

@@ -31,12 +31,11 @@ use tokio_postgres::{types::ToSql, Row};
 
 use super::errors::from_db;
 use super::listener::{Acks, Expected};
-use super::row::{db_now, micros, record_from_row};
+use super::row::{db_now, record_from_row};
 use super::sql;
 use crate::domain::admin::{
-    decide_change, fill_minutes, minute_slot, AuditAction, AuditEntry, AuditPage, BulkPurge,
-    ListAuditQuery, ListRecordsQuery, MinuteCounts, NamespaceSummary, RecordChange, RecordFilter,
-    RecordPage, RecordPosition,
+    decide_change, AuditAction, AuditEntry, AuditPage, BulkPurge, ListAuditQuery, ListRecordsQuery,
+    NamespaceSummary, RecordChange, RecordFilter, RecordPage, RecordPosition,
 };
 use crate::domain::{Key, Namespace, Record, RecordState};
 use crate::store::StoreError;
@@ -151,42 +150,6 @@ pub async fn list_namespaces(client: &Object) -> Result<Vec<NamespaceSummary>, S
             })
         })
         .collect()
-}
-
-pub async fn namespace_stats(
-    client: &Object,
-    namespace: &Namespace,
-    window: Duration,
-) -> Result<Vec<MinuteCounts>, StoreError> {
-    let now = client.query_one(sql::DB_NOW, &[]).await.map_err(from_db)?;
-    let now = db_now(&now, 0)?;
-    let statement = client
-        .prepare_cached(sql::NAMESPACE_STATS)
-        .await
-        .map_err(from_db)?;
-    let rows = client
-        .query(&statement, &[&namespace.as_str(), &micros(window)])
-        .await
-        .map_err(from_db)?;
-    let start = now.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
-    let mut minutes = fill_minutes(start, now);
-    for row in &rows {
-        let kind: i16 = row.try_get(0).map_err(from_db)?;
-        let minute: SystemTime = row.try_get(1).map_err(from_db)?;
-        // A row of a minute after this statement's `now` (a record committed meanwhile with a
-        // later now()) has no slot: it is left for the next look.
-        let Some(slot) = minute_slot(&mut minutes, minute) else {
-            continue;
-        };
-        match kind {
-            1 => {
-                slot.created += count(row, 2)?;
-                slot.taken_over += count(row, 3)?;
-            }
-            _ => slot.completed += count(row, 2)?,
-        }
-    }
-    Ok(minutes)
 }
 
 /// Inserts the audit entry of a change in its transaction; returns its id.

@@ -203,8 +203,12 @@ async fn update_or_decide<T>(
     Err(lost_too_many_races(command))
 }
 
-/// Complete: store the result under the current lease; returns the completed record.
-pub async fn complete(client: &Object, command: &CompleteCommand) -> Result<Record, StoreError> {
+/// Complete: store the result under the current lease; returns the completed record, and whether
+/// this call stored it (`false`: a retried Complete found its result already stored).
+pub async fn complete(
+    client: &Object,
+    command: &CompleteCommand,
+) -> Result<(Record, bool), StoreError> {
     let (namespace, key) = (command.namespace.as_str(), command.key.as_str());
     let token: &[u8] = command.lease_token.as_bytes();
     let (meta_keys, meta_values): (Vec<&str>, Vec<&str>) = command
@@ -231,12 +235,14 @@ pub async fn complete(client: &Object, command: &CompleteCommand) -> Result<Reco
         sql::COMPLETE,
         &parameters,
         (namespace, key),
-        |row| record_from_row(&row),
+        |row| Ok((record_from_row(&row)?, true)),
         |record, now| match decide_complete(record.as_ref(), &command.lease_token, now) {
             CompleteDecision::Reject(rejection) => ControlFlow::Break(Err(rejection.into())),
-            CompleteDecision::AlreadyCompleted => {
-                ControlFlow::Break(record.ok_or(StoreError::Rejected(LeaseRejection::NotFound)))
-            }
+            CompleteDecision::AlreadyCompleted => ControlFlow::Break(
+                record
+                    .map(|record| (record, false))
+                    .ok_or(StoreError::Rejected(LeaseRejection::NotFound)),
+            ),
             // The row changed between the two statements; try the update again.
             CompleteDecision::Store => ControlFlow::Continue(()),
         },
@@ -423,26 +429,31 @@ pub struct Completes {
 
 impl Batched for Completes {
     type Command = CompleteCommand;
-    type Output = Record;
+    /// The record, and whether this command stored it (see `complete`).
+    type Output = (Record, bool);
     const NAME: &'static str = "complete";
 
     fn row(command: &CompleteCommand) -> (&str, &str) {
         (command.namespace.as_str(), command.key.as_str())
     }
 
-    async fn one(&self, command: &CompleteCommand, client: &Object) -> Result<Record, StoreError> {
+    async fn one(
+        &self,
+        command: &CompleteCommand,
+        client: &Object,
+    ) -> Result<(Record, bool), StoreError> {
         let generation = self.completed.generation();
-        let record = complete(client, command).await?;
+        let (record, stored) = complete(client, command).await?;
         self.completed
             .remember(&record, generation, identity::created(client));
-        Ok(record)
+        Ok((record, stored))
     }
 
     async fn many(
         &self,
         commands: &[&CompleteCommand],
         client: &Object,
-    ) -> Result<Vec<Option<Record>>, StoreError> {
+    ) -> Result<Vec<Option<(Record, bool)>>, StoreError> {
         let generation = self.completed.generation();
         let namespaces: Vec<&str> = commands.iter().map(|c| c.namespace.as_str()).collect();
         let keys: Vec<&str> = commands.iter().map(|c| c.key.as_str()).collect();
@@ -485,7 +496,7 @@ impl Batched for Completes {
             &counts,
             &retentions,
         ];
-        let mut settled: Vec<Option<Record>> = commands.iter().map(|_| None).collect();
+        let mut settled: Vec<Option<(Record, bool)>> = commands.iter().map(|_| None).collect();
         let rows = query_batch(client, sql::COMPLETE_BATCH, &parameters).await?;
         for row in &rows {
             let position: i32 = row.try_get(sql::AFTER_RECORD + 2).map_err(from_db)?;
@@ -496,7 +507,8 @@ impl Batched for Completes {
                 let record = record_from_row(row)?;
                 self.completed
                     .remember(&record, generation, identity::created(client));
-                *slot = Some(record);
+                // The batch statement settles only the rows it stored.
+                *slot = Some((record, true));
             }
         }
         Ok(settled)

@@ -44,6 +44,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "admin",
         sql: include_str!("../../../migrations/0005_admin.sql"),
     },
+    Migration {
+        version: 6,
+        name: "admin_index_apart",
+        sql: include_str!("../../../migrations/0006_admin_index_apart.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "minute_counts",
+        sql: include_str!("../../../migrations/0007_minute_counts.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

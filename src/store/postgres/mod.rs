@@ -7,8 +7,8 @@
 //! budget), `commands` (the SQL-running code of each command), `sql` (every SQL text), `batch`
 //! (Acquires and Completes sharing statements), `cache` (completed records for replays),
 //! `identity` (which server a connection reached, and what a failover changes),
-//! `listener` (LISTEN/NOTIFY for Waits and cache invalidation), `admin` (the admin API), `reaper`,
-//! `stats`, `migrate` (the schema), `row` (rows to records), `errors` (driver errors to
+//! `listener` (LISTEN/NOTIFY for Waits and cache invalidation), `admin` (the admin API), `counts`
+//! (GetNamespaceStats' per-minute counts), `reaper`, `stats`, `migrate` (the schema), `row` (rows to records), `errors` (driver errors to
 //! `StoreError`) and `tls`.
 
 mod admin;
@@ -17,6 +17,7 @@ mod cache;
 mod commands;
 mod config;
 mod connection;
+mod counts;
 mod errors;
 mod identity;
 mod listener;
@@ -47,6 +48,7 @@ use self::cache::CompletedRecords;
 use self::commands::{Acquires, Completes};
 use self::connection::{Connections, Watched};
 use self::identity::ServerWatch;
+use super::counts::{acquire_event, completion_time, Event};
 use super::waiters::{self, Waiters};
 use super::{AdminStore, Store, StoreError};
 use crate::domain::admin::{
@@ -117,6 +119,8 @@ pub struct PostgresStore {
     completed: Arc<CompletedRecords>,
     /// The database server this replica talks to (see `identity`).
     servers: Arc<ServerWatch>,
+    /// GetNamespaceStats' per-minute counts of the events this replica answered (see `counts`).
+    counts: Arc<counts::ReplicaCounts>,
 }
 
 /// The batch slots and queues of the two batched commands.
@@ -182,6 +186,7 @@ impl PostgresStore {
             reap_cursor: Arc::default(),
             completed,
             servers,
+            counts: Arc::new(counts::ReplicaCounts::new()?),
         };
         // A cache that does not hear of purges could replay a purged record. Outside a runtime
         // (a tool building the store) the listener starts with the first command instead.
@@ -289,7 +294,8 @@ impl Store for PostgresStore {
             }
         }
         record_cache(&span, "miss");
-        async {
+        let lease_ttl = command.lease_ttl;
+        let outcome = async {
             if let Some(batchers) = &self.batchers {
                 return batchers.acquires.run(command, deadline).await;
             }
@@ -300,7 +306,11 @@ impl Store for PostgresStore {
                 .await
         }
         .instrument(span)
-        .await
+        .await?;
+        if let Some((namespace, event, at)) = acquire_event(&outcome, lease_ttl) {
+            self.counts.counter.count(namespace, at, event);
+        }
+        Ok(outcome)
     }
 
     async fn complete(
@@ -309,24 +319,32 @@ impl Store for PostgresStore {
         deadline: Option<Instant>,
     ) -> Result<Record, StoreError> {
         let span = store_span!("postgresql complete", "complete");
-        async {
+        let (record, stored) = async {
             match &self.batchers {
                 Some(batchers) => batchers.completes.run(command, deadline).await,
                 None => {
                     self.connections
                         .run(deadline, async |client| {
                             let generation = self.completed.generation();
-                            let record = commands::complete(client, &command).await?;
+                            let (record, stored) = commands::complete(client, &command).await?;
                             self.completed
                                 .remember(&record, generation, identity::created(client));
-                            Ok(record)
+                            Ok((record, stored))
                         })
                         .await
                 }
             }
         }
         .instrument(span)
-        .await
+        .await?;
+        if stored {
+            self.counts.counter.count(
+                &record.namespace,
+                completion_time(&record),
+                Event::Completed,
+            );
+        }
+        Ok(record)
     }
 
     async fn release(
@@ -381,6 +399,10 @@ impl Store for PostgresStore {
                 reaper::reap(client, batch, &self.reap_cursor).await
             })
             .await
+    }
+
+    async fn flush_counts(&self) -> Result<(), StoreError> {
+        self.counts.flush(&self.connections).await
     }
 
     async fn report_metrics(&self) {
@@ -498,10 +520,8 @@ impl AdminStore for PostgresStore {
         namespace: crate::domain::Namespace,
         window: Duration,
     ) -> Result<Vec<MinuteCounts>, StoreError> {
-        self.connections
-            .run(None, async |client| {
-                admin::namespace_stats(client, &namespace, window).await
-            })
+        self.counts
+            .stats(&self.connections, &namespace, window)
             .await
     }
 

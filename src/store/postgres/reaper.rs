@@ -1,10 +1,11 @@
-//! The reaper's sweep: deletes expired records a range of blocks at a time, on the replica that
-//! holds the reaper lock.
+//! The reaper's sweep: deletes expired records a range of blocks at a time, and per-minute
+//! counts older than 25 hours, on the replica that holds the reaper lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use deadpool_postgres::Object;
 
+use super::counts;
 use super::errors::from_db;
 use super::sql;
 use crate::store::StoreError;
@@ -30,6 +31,8 @@ pub async fn reap(client: &mut Object, batch: u32, cursor: &AtomicU64) -> Result
     if !leader {
         return Ok(0);
     }
+    // GetNamespaceStats' old minutes: a few rows by index, whatever the records table holds.
+    counts::reap(&transaction).await?;
     let batch = u64::from(batch);
     let (mut deleted, mut scanned) = (0u64, 0u64);
     while deleted < batch {

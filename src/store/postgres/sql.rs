@@ -350,12 +350,13 @@ pub const LISTENER_SESSIONS: &str = "SELECT pid FROM pg_stat_activity
 pub const TERMINATE_LISTENER: &str = "SELECT pg_terminate_backend($1)";
 
 /// The record filter of ListRecords and PurgeRecords, the SQL image of
-/// `domain::admin::RecordFilter::matches` on live records: $1 namespace, $2 states (smallint[],
-/// empty: all), $3 key prefix, $4 holder (NULL: any), $5 stuck only, $6 created after (NULL:
+/// `domain::admin::RecordFilter::matches` on live records: $1 namespace (compared in the "C"
+/// collation, the only one `idemd_records_namespace_created` serves: see migration 0006), $2
+/// states (smallint[], empty: all), $3 key prefix, $4 holder (NULL: any), $5 stuck only, $6 created after (NULL:
 /// unbounded), $7 created before (NULL: unbounded).
 macro_rules! record_filter {
     () => {
-        "namespace = $1 AND expires_at > now()
+        "namespace COLLATE \"C\" = $1 AND expires_at > now()
         AND (cardinality($2::smallint[]) = 0 OR state = ANY($2::smallint[]))
         AND starts_with(key, $3::text)
         AND ($4::text IS NULL OR holder = $4::text)
@@ -366,13 +367,14 @@ macro_rules! record_filter {
 }
 
 /// The first page of ListRecords in the order (created_at descending, key ascending byte-wise),
-/// at most $8 rows. The index `idemd_records_namespace_created` (migration 0005) serves the order.
+/// at most $8 rows. The index `idemd_records_namespace_created` (migrations 0005 and 0006) serves
+/// the order.
 pub const LIST_RECORDS_FIRST: &str = concat!(
     "SELECT ",
     record_columns!(),
     " FROM idemd_records WHERE ",
     record_filter!(),
-    " ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+    " ORDER BY namespace COLLATE \"C\", created_at DESC, key COLLATE \"C\" LIMIT $8"
 );
 
 /// A later page of ListRecords: the rows after the position ($9 created_at, $10 key), at most $8.
@@ -385,7 +387,7 @@ pub const LIST_RECORDS_AFTER: &str = concat!(
     record_filter!(),
     " AND created_at <= $9::timestamptz
         AND (created_at < $9::timestamptz OR key COLLATE \"C\" > $10::text)
-    ORDER BY namespace, created_at DESC, key COLLATE \"C\" LIMIT $8"
+    ORDER BY namespace COLLATE \"C\", created_at DESC, key COLLATE \"C\" LIMIT $8"
 );
 
 /// A dry run of PurgeRecords: how many records match, up to $8.
@@ -458,20 +460,49 @@ pub const LIST_NAMESPACES: &str = "SELECT namespace,
     FROM idemd_records WHERE expires_at > now()
     GROUP BY namespace ORDER BY namespace COLLATE \"C\"";
 
-/// GetNamespaceStats: per-minute (UTC) counts of a namespace's live records over the $2 µs
-/// before now: kind 1 rows count records created (and of those, taken over since), kind 2 rows
-/// records completed. The database's time comes last on every row.
-pub const NAMESPACE_STATS: &str =
-    "SELECT 1::smallint, date_trunc('minute', created_at AT TIME ZONE 'UTC')
-            AT TIME ZONE 'UTC', count(*), count(*) FILTER (WHERE attempts > 1)
-        FROM idemd_records
-        WHERE namespace = $1 AND expires_at > now()
-            AND created_at >= now() - $2::bigint * interval '1 microsecond'
-        GROUP BY 2
-    UNION ALL
-    SELECT 2::smallint, date_trunc('minute', completed_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC',
-            count(*), 0
-        FROM idemd_records
-        WHERE namespace = $1 AND state = 2 AND expires_at > now()
-            AND completed_at >= now() - $2::bigint * interval '1 microsecond'
-        GROUP BY 2";
+/// GetNamespaceStats: a namespace's per-minute event counts (migration 0007) of the minutes from
+/// the one $2 µs before now on: at most 1,441 rows by primary key. The database's time comes first,
+/// on a row of its own when no minute has counts. $1 namespace, $2 window µs.
+pub const NAMESPACE_STATS: &str = "SELECT n.now, c.minute, c.created, c.completed, c.taken_over
+    FROM (SELECT now() AS now) AS n
+    LEFT JOIN idemd_minute_counts AS c
+        ON c.namespace = $1
+        AND c.minute >= date_trunc('minute', n.now - $2::bigint * interval '1 microsecond', 'UTC')";
+
+/// Adds one replica's counts into `idemd_minute_counts`, exactly once per flush: the flush
+/// claims its sequence number $2 for replica $1 first, and adds nothing when the replica's last
+/// applied flush is not older (a flush sent again after its answer was lost). Rows are added in
+/// the order given (sorted by namespace and minute on every replica), so two replicas' flushes
+/// lock shared rows in one order and cannot deadlock. Arrays: $3 namespaces, $4 minutes,
+/// $5 created, $6 completed, $7 taken over. Returns whether the flush was claimed.
+pub const FLUSH_COUNTS: &str = "WITH claimed AS (
+        INSERT INTO idemd_count_flushes AS f (replica, seq, at) VALUES ($1, $2, now())
+        ON CONFLICT (replica) DO UPDATE SET seq = EXCLUDED.seq, at = EXCLUDED.at
+            WHERE f.seq < EXCLUDED.seq
+        RETURNING 1
+    ), added AS (
+        INSERT INTO idemd_minute_counts AS c (namespace, minute, created, completed, taken_over)
+        SELECT i.namespace, i.minute, i.created, i.completed, i.taken_over
+        FROM unnest($3::text[], $4::timestamptz[], $5::int8[], $6::int8[], $7::int8[])
+            WITH ORDINALITY AS i(namespace, minute, created, completed, taken_over, position)
+        WHERE EXISTS (SELECT 1 FROM claimed)
+        ORDER BY i.position
+        ON CONFLICT (namespace, minute) DO UPDATE SET
+            created = c.created + EXCLUDED.created,
+            completed = c.completed + EXCLUDED.completed,
+            taken_over = c.taken_over + EXCLUDED.taken_over
+    )
+    SELECT EXISTS (SELECT 1 FROM claimed)";
+
+/// The reaper's upkeep of the counts: deletes minutes older than $1 µs, and the flush
+/// sequence of replicas silent as long.
+pub const REAP_COUNTS: &str = "WITH minutes AS (
+        DELETE FROM idemd_minute_counts
+        WHERE minute < now() - $1::bigint * interval '1 microsecond'
+        RETURNING 1
+    ), replicas AS (
+        DELETE FROM idemd_count_flushes
+        WHERE at < now() - $1::bigint * interval '1 microsecond'
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM minutes), (SELECT count(*) FROM replicas)";
