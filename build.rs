@@ -4,8 +4,6 @@
 
 use std::{env, error::Error, fs, path::PathBuf};
 
-use prost::Message;
-
 const PROTOS: &[&str] = &[
     "proto/idempotency/v1/idempotency.proto",
     "proto/idempotency/admin/v1/admin.proto",
@@ -13,14 +11,22 @@ const PROTOS: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(PROTOS, ["proto"])?;
+    // proto/ is also the include path of the vendored google/api protos the RPCs' HTTP options
+    // import (protox ships google/protobuf itself).
+    let mut compiler = protox::Compiler::new(["proto"])?;
+    compiler
+        .include_source_info(true)
+        .include_imports(true)
+        .open_files(PROTOS)?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    // Encoded by protox itself, not through prost_types, which would drop the options' extensions
+    // (`google.api.http`, the gateway's routes) as unknown fields.
     fs::write(
         out_dir.join("idempotency_descriptor.bin"),
-        descriptors.encode_to_vec(),
+        compiler.encode_file_descriptor_set(),
     )?;
     tonic_prost_build::configure()
         .btree_map(".")
-        .compile_fds(descriptors)?;
+        .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

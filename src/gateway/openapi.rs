@@ -116,7 +116,7 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
         "info": {
             "title": "idemd HTTP/JSON API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "idempotency.v1 and idempotency.admin.v1 over HTTP/JSON, on the gRPC listener. Generated from the protos and the routes in proto/**/*_http.yaml.",
+            "description": "idempotency.v1 and idempotency.admin.v1 over HTTP/JSON, on the gRPC listener. Generated from the protos and their google.api.http options.",
         },
         "paths": paths,
         "components": {

@@ -1,23 +1,11 @@
-//! The gateway's routes, read at start from the `http` section of the service configs next to the
-//! protos (`proto/**/*_http.yaml`, the shape of `google.api.Http`) and checked against the
-//! descriptors: every rule names an RPC that exists, every path variable a string field of its
-//! request, and every unary RPC of the served packages has a route.
+//! The gateway's routes, read at start from each RPC's `option (google.api.http)` (a
+//! `google.api.HttpRule` in the proto, proto/google/api/http.proto) and checked against the
+//! descriptors: every unary RPC of the served services has a route, every path variable names a
+//! string field of its request, and no two RPCs share a route.
 
-use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MethodDescriptor};
+use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor};
 use serde::Deserialize;
 use tonic::codegen::http::{Method, Uri};
-
-/// The service configs compiled into idemd.
-const CONFIGS: &[(&str, &str)] = &[
-    (
-        "proto/idempotency/v1/idempotency_http.yaml",
-        include_str!("../../proto/idempotency/v1/idempotency_http.yaml"),
-    ),
-    (
-        "proto/idempotency/admin/v1/admin_http.yaml",
-        include_str!("../../proto/idempotency/admin/v1/admin_http.yaml"),
-    ),
-];
 
 /// The services whose every RPC must have a route.
 const SERVED: &[&str] = &[
@@ -25,27 +13,15 @@ const SERVED: &[&str] = &[
     "idempotency.admin.v1.AdminService",
 ];
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceConfig {
-    #[serde(rename = "type")]
-    kind: String,
-    config_version: u32,
-    http: Http,
-}
+/// The method option that holds a route (proto/google/api/annotations.proto).
+const HTTP_EXTENSION: &str = "google.api.http";
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Http {
-    rules: Vec<HttpRule>,
-}
-
-/// One `google.api.HttpRule` (without `custom` and `additional_bindings`, which idemd does not
-/// use: a config that sets them fails to load).
+/// One `google.api.HttpRule`, read through its proto3 JSON form, without `selector` (which only a
+/// service config uses), `custom`, `response_body` and `additional_bindings`, which idemd does
+/// not use: an option that sets them fails start.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpRule {
-    selector: String,
     get: Option<String>,
     post: Option<String>,
     put: Option<String>,
@@ -53,6 +29,13 @@ struct HttpRule {
     patch: Option<String>,
     #[serde(default)]
     body: String,
+}
+
+impl HttpRule {
+    fn from_message(message: &DynamicMessage) -> Result<Self, String> {
+        let json = serde_json::to_value(message).map_err(|error| error.to_string())?;
+        serde_json::from_value(json).map_err(|error| error.to_string())
+    }
 }
 
 /// One segment of a path template.
@@ -125,28 +108,46 @@ impl Route {
     }
 }
 
-/// Why the routes could not be built (a defect of the shipped configs: idemd does not start).
+/// Why the routes could not be built (a defect of the shipped protos: idemd does not start).
 #[derive(Debug, thiserror::Error)]
-#[error("HTTP routes, {file}: {problem}")]
+#[error("HTTP routes, {rpc}: {problem}")]
 pub struct RouteError {
-    file: &'static str,
+    rpc: String,
     problem: String,
 }
 
-/// The routes of every shipped service config.
+/// The routes of every RPC of the served services.
 pub fn load(pool: &DescriptorPool) -> Result<Vec<Route>, RouteError> {
+    let Some(http) = pool.get_extension_by_name(HTTP_EXTENSION) else {
+        return Err(RouteError {
+            rpc: "descriptors".into(),
+            problem: format!("the extension {HTTP_EXTENSION} is missing"),
+        });
+    };
     let mut routes: Vec<Route> = Vec::new();
-    for (file, text) in CONFIGS {
-        let fail = |problem: String| RouteError { file, problem };
-        let config: ServiceConfig =
-            serde_norway::from_str(text).map_err(|error| fail(error.to_string()))?;
-        if config.kind != "google.api.Service" || config.config_version != 3 {
-            return Err(fail(
-                "expected `type: google.api.Service` and `config_version: 3`".into(),
-            ));
-        }
-        for rule in config.http.rules {
-            let route = build(pool, rule).map_err(fail)?;
+    for service in SERVED {
+        let Some(service) = pool.get_service_by_name(service) else {
+            return Err(RouteError {
+                rpc: "descriptors".into(),
+                problem: format!("service {service} is missing"),
+            });
+        };
+        for method in service.methods() {
+            let fail = |problem: String| RouteError {
+                rpc: method.full_name().to_string(),
+                problem,
+            };
+            let options = method.options();
+            if !options.has_extension(&http) {
+                return Err(fail(format!(
+                    "has no HTTP route (option ({HTTP_EXTENSION}))"
+                )));
+            }
+            let rule = match options.get_extension(&http).as_message() {
+                Some(message) => HttpRule::from_message(message).map_err(fail)?,
+                None => return Err(fail(format!("{HTTP_EXTENSION} is not a message"))),
+            };
+            let route = build(method.clone(), rule).map_err(fail)?;
             if let Some(other) = routes.iter().find(|other| {
                 other.http_method == route.http_method
                     && other.segments == route.segments
@@ -163,26 +164,10 @@ pub fn load(pool: &DescriptorPool) -> Result<Vec<Route>, RouteError> {
             routes.push(route);
         }
     }
-    for service in SERVED {
-        let Some(service) = pool.get_service_by_name(service) else {
-            return Err(RouteError {
-                file: "descriptors",
-                problem: format!("service {service} is missing"),
-            });
-        };
-        for method in service.methods() {
-            if !routes.iter().any(|route| route.method == method) {
-                return Err(RouteError {
-                    file: "descriptors",
-                    problem: format!("{} has no HTTP route", method.full_name()),
-                });
-            }
-        }
-    }
     Ok(routes)
 }
 
-fn build(pool: &DescriptorPool, rule: HttpRule) -> Result<Route, String> {
+fn build(method: MethodDescriptor, rule: HttpRule) -> Result<Route, String> {
     let patterns = [
         (Method::GET, rule.get),
         (Method::POST, rule.post),
@@ -194,34 +179,18 @@ fn build(pool: &DescriptorPool, rule: HttpRule) -> Result<Route, String> {
         .into_iter()
         .filter_map(|(method, template)| template.map(|template| (method, template)));
     let (Some((http_method, template)), None) = (set.next(), set.next()) else {
-        return Err(format!(
-            "{}: exactly one of get, post, put, delete, patch",
-            rule.selector
-        ));
+        return Err("exactly one of get, post, put, delete, patch".into());
     };
-    let (service, name) = rule
-        .selector
-        .rsplit_once('.')
-        .ok_or_else(|| format!("{}: not a method's full name", rule.selector))?;
-    let method = pool
-        .get_service_by_name(service)
-        .and_then(|service| service.methods().find(|method| method.name() == name))
-        .ok_or_else(|| format!("{}: no such RPC", rule.selector))?;
     if method.is_client_streaming() || method.is_server_streaming() {
-        return Err(format!("{}: only unary RPCs are served", rule.selector));
+        return Err("only unary RPCs are served".into());
     }
     let body = match rule.body.as_str() {
         "*" => true,
         "" => false,
-        other => {
-            return Err(format!(
-                "{}: body {other:?}: only \"*\" or none",
-                rule.selector
-            ))
-        }
+        other => return Err(format!("body {other:?}: only \"*\" or none")),
     };
-    let (segments, verb) = parse_template(&template)
-        .map_err(|problem| format!("{}: {template}: {problem}", rule.selector))?;
+    let (segments, verb) =
+        parse_template(&template).map_err(|problem| format!("{template}: {problem}"))?;
     let input = method.input();
     let mut path_fields = Vec::new();
     for segment in &segments {
@@ -230,21 +199,17 @@ fn build(pool: &DescriptorPool, rule: HttpRule) -> Result<Route, String> {
                 .get_field_by_name(name)
                 .filter(|field| field.kind() == Kind::String && !field.is_list())
                 .ok_or_else(|| {
-                    format!(
-                        "{}: {{{name}}} is not a string field of {}",
-                        rule.selector,
-                        input.full_name()
-                    )
+                    format!("{{{name}}} is not a string field of {}", input.full_name())
                 })?;
             if path_fields.contains(&field) {
-                return Err(format!("{}: {{{name}}} bound twice", rule.selector));
+                return Err(format!("{{{name}}} bound twice"));
             }
             path_fields.push(field);
         }
     }
     let grpc_uri = format!("/{}/{}", method.parent_service().full_name(), method.name())
         .parse()
-        .map_err(|error| format!("{}: {error}", rule.selector))?;
+        .map_err(|error| format!("{error}"))?;
     Ok(Route {
         http_method,
         grpc_uri,
@@ -301,6 +266,8 @@ fn is_literal(text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     #[test]
@@ -325,11 +292,17 @@ mod tests {
         }
     }
 
+    fn method(pool: &DescriptorPool, service: &str, name: &str) -> MethodDescriptor {
+        pool.get_service_by_name(service)
+            .and_then(|service| service.methods().find(|method| method.name() == name))
+            .expect("method")
+    }
+
     #[test]
     fn rules_that_do_not_fit_the_descriptors_are_refused() {
         let pool = super::super::descriptor_pool().expect("pool");
-        let rule = |selector: &str, post: &str| HttpRule {
-            selector: selector.into(),
+        let acquire = method(&pool, "idempotency.v1.IdempotencyService", "Acquire");
+        let rule = |post: &str| HttpRule {
             get: None,
             post: Some(post.into()),
             put: None,
@@ -337,41 +310,105 @@ mod tests {
             patch: None,
             body: "*".into(),
         };
-        for (selector, template, why) in [
-            (
-                "idempotency.v1.IdempotencyService.Nope",
-                "/v1/x",
-                "no such RPC",
-            ),
-            (
-                "idempotency.v1.IdempotencyService.Acquire",
-                "/v1/{holdr}",
-                "is not a string field",
-            ),
-            (
-                "idempotency.v1.IdempotencyService.Acquire",
-                "/v1/{lease_ttl}",
-                "is not a string field",
-            ),
-            (
-                "idempotency.v1.IdempotencyService.Acquire",
-                "/v1/{key}/{key}",
-                "bound twice",
-            ),
-            ("grpc.health.v1.Health.Watch", "/v1/health", "no such RPC"),
+        for (template, why) in [
+            ("/v1/{holdr}", "is not a string field"),
+            ("/v1/{lease_ttl}", "is not a string field"),
+            ("/v1/{key}/{key}", "bound twice"),
+            ("/v1/{key=*}", "only {field} variables"),
         ] {
-            let error = build(&pool, rule(selector, template)).expect_err(template);
-            assert!(error.contains(why), "{selector} {template}: {error}");
+            let error = build(acquire.clone(), rule(template)).expect_err(template);
+            assert!(error.contains(why), "{template}: {error}");
         }
-        let mut two = rule("idempotency.v1.IdempotencyService.Get", "/v1/a");
+        let mut two = rule("/v1/a");
         two.get = Some("/v1/b".into());
-        assert!(build(&pool, two).is_err());
+        assert!(build(acquire.clone(), two).is_err());
+        let mut body = rule("/v1/a");
+        body.body = "key".into();
+        assert!(build(acquire, body).is_err());
+    }
+
+    /// The option is read as a whole `google.api.HttpRule`: the parts idemd does not serve are
+    /// refused rather than dropped, so a route can never mean less than the proto says.
+    #[test]
+    fn http_rule_options_idemd_does_not_serve_are_refused() {
+        let pool = super::super::descriptor_pool().expect("pool");
+        let descriptor = pool
+            .get_message_by_name("google.api.HttpRule")
+            .expect("google.api.HttpRule in the pool");
+        let rule = |fields: &[(&str, prost_reflect::Value)]| {
+            let mut message = DynamicMessage::new(descriptor.clone());
+            message.set_field_by_name("post", prost_reflect::Value::String("/v1/a".into()));
+            for (name, value) in fields {
+                message.set_field_by_name(name, value.clone());
+            }
+            HttpRule::from_message(&message)
+        };
+        let plain = rule(&[("body", prost_reflect::Value::String("*".into()))]).expect("plain");
+        assert_eq!(plain.post.as_deref(), Some("/v1/a"));
+        assert_eq!(plain.body, "*");
+        let binding = prost_reflect::Value::Message(DynamicMessage::new(descriptor.clone()));
+        for (name, value) in [
+            ("selector", prost_reflect::Value::String("a.B.C".into())),
+            ("response_body", prost_reflect::Value::String("x".into())),
+            (
+                "additional_bindings",
+                prost_reflect::Value::List(vec![binding]),
+            ),
+        ] {
+            assert!(rule(&[(name, value)]).is_err(), "{name}");
+        }
+    }
+
+    /// An RPC of a served service without `option (google.api.http)` fails start: here every
+    /// option is gone (prost_types keeps no extension when it decodes the descriptors).
+    #[test]
+    fn an_rpc_without_a_route_fails_start() {
+        let set = prost_types::FileDescriptorSet::decode(crate::server::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set");
+        let pool = DescriptorPool::from_file_descriptor_set(set).expect("pool");
+        let error = load(&pool).expect_err("routes without options").to_string();
+        assert!(
+            error.contains("idempotency.v1.IdempotencyService.Acquire: has no HTTP route"),
+            "{error}"
+        );
     }
 
     #[test]
-    fn shipped_configs_cover_every_rpc_and_match_paths() {
+    fn shipped_protos_route_every_rpc_and_match_paths() {
         let pool = super::super::descriptor_pool().expect("pool");
         let routes = load(&pool).expect("routes");
+        let mut table: Vec<String> = routes
+            .iter()
+            .map(|route| {
+                format!(
+                    "{} {} {}{}",
+                    route.method.full_name(),
+                    route.http_method,
+                    route.template,
+                    if route.body { " body=*" } else { "" }
+                )
+            })
+            .collect();
+        table.sort();
+        let ns = "/v1/namespaces/{namespace}/keys/{key}";
+        let admin = "/v1/admin/namespaces";
+        let mut expected = vec![
+            format!("idempotency.v1.IdempotencyService.Acquire POST {ns}:acquire body=*"),
+            format!("idempotency.v1.IdempotencyService.Complete POST {ns}:complete body=*"),
+            format!("idempotency.v1.IdempotencyService.Release POST {ns}:release body=*"),
+            format!("idempotency.v1.IdempotencyService.Renew POST {ns}:renew body=*"),
+            format!("idempotency.v1.IdempotencyService.Wait POST {ns}:wait body=*"),
+            format!("idempotency.v1.IdempotencyService.Get GET {ns}"),
+            format!("idempotency.admin.v1.AdminService.ListNamespaces GET {admin}"),
+            format!("idempotency.admin.v1.AdminService.ListRecords GET {admin}/{{namespace}}/records"),
+            format!("idempotency.admin.v1.AdminService.GetNamespaceStats GET {admin}/{{namespace}}/stats"),
+            format!("idempotency.admin.v1.AdminService.ListAuditEntries GET {admin}/{{namespace}}/audit"),
+            format!("idempotency.admin.v1.AdminService.PurgeRecord POST {admin}/{{namespace}}/records/{{key}}:purge body=*"),
+            format!("idempotency.admin.v1.AdminService.ForceRelease POST {admin}/{{namespace}}/records/{{key}}:forceRelease body=*"),
+            format!("idempotency.admin.v1.AdminService.PurgeRecords POST {admin}/{{namespace}}/records:purge body=*"),
+        ];
+        expected.sort();
+        assert_eq!(table, expected);
         let acquire = routes
             .iter()
             .find(|route| route.method.name() == "Acquire")

@@ -235,6 +235,12 @@ fn node_client_installs_from_its_packed_tarball() {
             .is_file(),
         "the tarball does not ship the proto"
     );
+    for imported in ["google/api/annotations.proto", "google/api/http.proto"] {
+        assert!(
+            installed.join("proto").join(imported).is_file(),
+            "the tarball does not ship {imported}, which the proto imports"
+        );
+    }
     let check = "const client = new idemd.IdempotencyClient('127.0.0.1:1'); client.close();
         if (typeof idemd.RateLimitedError !== 'function') throw new Error('no RateLimitedError');
         if (idemd.fingerprint({ a: 1 }).length !== 32) throw new Error('bad fingerprint');

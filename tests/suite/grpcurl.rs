@@ -35,7 +35,9 @@ fn walkthrough(server: &IdemdProcess) {
     for expected in [
         "grpc.health.v1.Health",
         "idempotency.v1.IdempotencyService",
-        "rpc Acquire ( .idempotency.v1.AcquireRequest ) returns ( .idempotency.v1.AcquireResponse );",
+        "rpc Acquire ( .idempotency.v1.AcquireRequest ) returns ( .idempotency.v1.AcquireResponse ) {",
+        // The route the HTTP/JSON gateway serves it on, from the proto, through reflection.
+        "option (.google.api.http) = { post:\"/v1/namespaces/{namespace}/keys/{key}:acquire\" body:\"*\"",
         "// Tenant or service scope of the key.",
         "\"outcome\": \"OUTCOME_ACQUIRED\"",
         "\"outcome\": \"OUTCOME_IN_PROGRESS\"",

@@ -34,6 +34,7 @@
 package idempotencyv1
 
 import (
+	_ "google.golang.org/genproto/googleapis/api/annotations"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
@@ -1252,7 +1253,7 @@ var File_idempotency_v1_idempotency_proto protoreflect.FileDescriptor
 
 const file_idempotency_v1_idempotency_proto_rawDesc = "" +
 	"\n" +
-	" idempotency/v1/idempotency.proto\x12\x0eidempotency.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n" +
+	" idempotency/v1/idempotency.proto\x12\x0eidempotency.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n" +
 	"\x0eAcquireRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12 \n" +
@@ -1343,14 +1344,14 @@ const file_idempotency_v1_idempotency_proto_rawDesc = "" +
 	"\x18WAIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16WAIT_OUTCOME_COMPLETED\x10\x01\x12\x15\n" +
 	"\x11WAIT_OUTCOME_FREE\x10\x02\x12\x1a\n" +
-	"\x16WAIT_OUTCOME_TIMED_OUT\x10\x032\xc4\x03\n" +
-	"\x12IdempotencyService\x12J\n" +
-	"\aAcquire\x12\x1e.idempotency.v1.AcquireRequest\x1a\x1f.idempotency.v1.AcquireResponse\x12M\n" +
-	"\bComplete\x12\x1f.idempotency.v1.CompleteRequest\x1a .idempotency.v1.CompleteResponse\x12J\n" +
-	"\aRelease\x12\x1e.idempotency.v1.ReleaseRequest\x1a\x1f.idempotency.v1.ReleaseResponse\x12D\n" +
-	"\x05Renew\x12\x1c.idempotency.v1.RenewRequest\x1a\x1d.idempotency.v1.RenewResponse\x12>\n" +
-	"\x03Get\x12\x1a.idempotency.v1.GetRequest\x1a\x1b.idempotency.v1.GetResponse\x12A\n" +
-	"\x04Wait\x12\x1b.idempotency.v1.WaitRequest\x1a\x1c.idempotency.v1.WaitResponseB[\n" +
+	"\x16WAIT_OUTCOME_TIMED_OUT\x10\x032\x94\x06\n" +
+	"\x12IdempotencyService\x12\x84\x01\n" +
+	"\aAcquire\x12\x1e.idempotency.v1.AcquireRequest\x1a\x1f.idempotency.v1.AcquireResponse\"8\x82\xd3\xe4\x93\x022:\x01*\"-/v1/namespaces/{namespace}/keys/{key}:acquire\x12\x88\x01\n" +
+	"\bComplete\x12\x1f.idempotency.v1.CompleteRequest\x1a .idempotency.v1.CompleteResponse\"9\x82\xd3\xe4\x93\x023:\x01*\"./v1/namespaces/{namespace}/keys/{key}:complete\x12\x84\x01\n" +
+	"\aRelease\x12\x1e.idempotency.v1.ReleaseRequest\x1a\x1f.idempotency.v1.ReleaseResponse\"8\x82\xd3\xe4\x93\x022:\x01*\"-/v1/namespaces/{namespace}/keys/{key}:release\x12|\n" +
+	"\x05Renew\x12\x1c.idempotency.v1.RenewRequest\x1a\x1d.idempotency.v1.RenewResponse\"6\x82\xd3\xe4\x93\x020:\x01*\"+/v1/namespaces/{namespace}/keys/{key}:renew\x12m\n" +
+	"\x03Get\x12\x1a.idempotency.v1.GetRequest\x1a\x1b.idempotency.v1.GetResponse\"-\x82\xd3\xe4\x93\x02'\x12%/v1/namespaces/{namespace}/keys/{key}\x12x\n" +
+	"\x04Wait\x12\x1b.idempotency.v1.WaitRequest\x1a\x1c.idempotency.v1.WaitResponse\"5\x82\xd3\xe4\x93\x02/:\x01*\"*/v1/namespaces/{namespace}/keys/{key}:waitB[\n" +
 	"\x18dev.idemd.idempotency.v1P\x01Z=github.com/idemd/idemd/clients/go/idempotencyv1;idempotencyv1b\x06proto3"
 
 var (

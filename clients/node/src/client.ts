@@ -1,5 +1,6 @@
 import { existsSync } from "node:fs";
 import { hostname } from "node:os";
+import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -205,7 +206,7 @@ export interface ClientOptions {
   channelOptions?: grpc.ChannelOptions;
   /** Deadline of each Acquire, Complete, Release, Renew and Get (a Wait's is its timeout plus this). Default 10000 ms. */
   rpcTimeoutMs?: number;
-  /** Path of idempotency/v1/idempotency.proto. Default: env IDEMD_PROTO_PATH, then `proto/` in the package, then the repository's `proto/`. */
+  /** Path of idempotency/v1/idempotency.proto, in a tree that also holds google/api/{annotations,http}.proto (its imports). Default: env IDEMD_PROTO_PATH, then `proto/` in the package, then the repository's `proto/`. */
   protoPath?: string;
 }
 
@@ -237,7 +238,12 @@ const serviceCache = new Map<string, ServiceCtor>();
 function loadService(protoPath: string): ServiceCtor {
   let ctor = serviceCache.get(protoPath);
   if (!ctor) {
-    const def = protoLoader.loadSync(protoPath, PROTO_LOADER_OPTIONS);
+    // The proto imports google/api/annotations.proto (its HTTP routes) from the root it lives
+    // under, `<root>/idempotency/v1/idempotency.proto`: proto-loader resolves imports against
+    // includeDirs only (protobufjs alone would look next to the importing file).
+    const absolute = resolve(protoPath);
+    const root = resolve(dirname(absolute), "..", "..");
+    const def = protoLoader.loadSync(absolute, { ...PROTO_LOADER_OPTIONS, includeDirs: [root] });
     const pkg = grpc.loadPackageDefinition(def) as any;
     ctor = pkg.idempotency.v1.IdempotencyService as ServiceCtor;
     serviceCache.set(protoPath, ctor);

@@ -6,7 +6,8 @@
 The package ships the idemd proto as a serialized ``FileDescriptorProto`` (in ``_descriptor.py``,
 committed) and builds its message classes from it at import time (``_proto.py``). Nothing is
 generated at install time, so ``pip install`` works from a read-only checkout or an sdist, and no
-protoc-version-specific ``_pb2`` code ties users to one protobuf release. Needs grpcio-tools
+protoc-version-specific ``_pb2`` code ties users to one protobuf release. The RPCs' HTTP routes
+(``option (google.api.http)``) are left out, with their import: see ``strip_http_routes``. Needs grpcio-tools
 (the ``test`` extra); tests/test_packaging.py fails when the committed descriptor is stale.
 
 This module imports nothing from the rest of idemd_client.
@@ -20,6 +21,7 @@ import tempfile
 from typing import List, Optional
 
 PROTO_FILE = "idempotency/v1/idempotency.proto"
+ANNOTATIONS = "google/api/annotations.proto"
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: clients/python/idemd_client -> repository root /proto
@@ -58,7 +60,22 @@ def compile_descriptor(proto_dir: Optional[str] = None) -> bytes:
         with open(out, "rb") as f:
             descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(f.read())
     (file,) = [f for f in descriptor_set.file if f.name == PROTO_FILE]
+    strip_http_routes(file)
     return file.SerializeToString(deterministic=True)
+
+
+def strip_http_routes(file) -> None:
+    """Drops the RPCs' ``option (google.api.http)`` and the import of google/api/annotations.proto.
+
+    The routes are the server's HTTP gateway's business; a gRPC client has no use for them, and
+    keeping the import would make the descriptor unloadable unless google/api/annotations.proto
+    were in the default pool first (googleapis-common-protos, which this package does not depend
+    on, and whose copy of the file may differ from ours by release, which the pool refuses)."""
+    if ANNOTATIONS in file.dependency:
+        file.dependency.remove(ANNOTATIONS)
+    for service in file.service:
+        for method in service.method:
+            method.ClearField("options")
 
 
 def render(serialized: bytes) -> str:
