@@ -5,8 +5,10 @@
 # pairs, then exactly `operations` operations of WORKLOAD (default fresh) at CLIENTS (default 64)
 # through idemd-bench --operations. Prints per variant and round: ops/s, p50, idemd's CPU µs per
 # operation (/proc utime+stime), the CPU µs per operation of idemd's PostgreSQL backends (the
-# same, summed over the backends of its database), and WAL bytes per operation (the whole
-# server's WAL: other sessions on the same server count too).
+# same, summed over the backends of its database), WAL bytes per operation (the whole
+# server's WAL: other sessions on the same server count too), the share of the records table's
+# updates that were HOT (no new index entries; counted since the database was made) and the
+# table's size in 8 KiB pages.
 #
 #   VARIANTS="name:bindir[:setup.sql] ..."   bindir holds idemd and idemd-bench; setup.sql runs
 #                                             on the migrated database before idemd starts
@@ -93,9 +95,13 @@ for round in $(seq 1 "$rounds"); do
       rm -f "$work"/callgrind.*
     fi
     kill "$server"; wait "$server" 2>/dev/null || true; server=""
+    # Its backends report their table statistics as they exit: the share of updates that were
+    # HOT (no new index entries) and the table's size.
+    storage=$(psql "$url" -Atq -F' ' -c "SELECT round(100.0 * n_tup_hot_upd / greatest(n_tup_upd, 1), 1),
+        pg_relation_size('idemd_records') / 8192 FROM pg_stat_user_tables WHERE relname = 'idemd_records'")
     echo "round=$round variant=$name ops=$ops ops_per_s=$(field ops_per_s) p50_ms=$(field p50_ms)" \
       "errors=$(field errors) idemd_cpu_us_per_op=$(field server_cpu_us_per_op)" \
       "db_cpu_us_per_op=$(( (db_after - db_before) * 1000000 / hz / ops ))" \
-      "wal_bytes_per_op=$(( wal / ops ))$extra"
+      "wal_bytes_per_op=$(( wal / ops )) hot_update_pct=${storage% *} table_pages=${storage#* }$extra"
   done
 done

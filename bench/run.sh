@@ -2,8 +2,9 @@
 # idemd vs the "do it yourself" pgbench peer, same database server, same concurrency.
 #   bench/run.sh [seconds-per-run] [repeats]   (defaults 10 and 1; needs PostgreSQL on
 #                                               127.0.0.1:5432 and pgbench)
-# Each cell runs `repeats` times; the median is reported. Prints one row per cell, writes them to
-# bench/results.csv and the charts docs/throughput.svg and docs/latency.svg (p50), and ends with:
+# Each cell runs `repeats` times; the median is reported. Prints one row per cell (with what one
+# operation cost the whole box in CPU, box_cpu_us_per_op), writes them to bench/results.csv and
+# the charts docs/throughput.svg and docs/latency.svg (p50), and ends with:
 #   fresh ratio=X.XX replay ratio=Y.YY           (idemd ÷ peer in ops/s at 64 clients)
 #   min fresh ratio=X.XX min replay ratio=Y.YY   (the lowest of those ratios at 4, 16 and 64)
 set -euo pipefail
@@ -53,9 +54,15 @@ csv=bench/results.csv
 echo "system,workload,clients,ops_per_s,p50_ms,p99_ms,p999_ms,server_cpu_s,server_peak_rss_mib,runs" >"$csv"
 printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' system workload clients ops/s p50_ms p99_ms p999_ms "extra (median run; all runs' ops/s)"
 
+# Busy CPU time of the whole box so far (user, nice, system, irq, softirq, steal), in ticks: a
+# cell's difference, divided by its operations, is what one operation cost the box (idemd or the
+# peer, the load generator, PostgreSQL and the kernel together).
+box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+hz=$(getconf CLK_TCK)
+box_us_per_op() { awk -v t="$1" -v n="$2" -v hz="$hz" 'BEGIN { printf "%.0f", (n > 0 ? t * 1000000 / hz / n : 0) }'; }
 median_line() { sort -t' ' -k1,1n | awk '{ lines[NR] = $0 } END { print lines[int((NR + 1) / 2)] }'; }
 field() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$2"; }
-declare -A tps p50s
+declare -A tps p50s boxes
 
 # idemd-bench `repeats` times; prints "<ops/s> <line>" of the median run, and all runs' ops/s.
 run_idemd() {
@@ -63,9 +70,13 @@ run_idemd() {
   for _ in $(seq 1 "$repeats"); do
     local line pid
     pid=$([ "$target" = "$idemd_port" ] && echo "$server" || echo "$memory")
+    local before after
+    before=$(box_ticks)
     line=$($bench --target "http://127.0.0.1:$target" --workload "$workload" --clients "$clients" \
       --connections $(( clients < 8 ? clients : 8 )) --duration "${seconds}s" --keyspace 2000 \
       --server-pid "$pid")
+    after=$(box_ticks)
+    line="$line box_cpu_us_per_op=$(box_us_per_op $((after - before)) "$(field ops "$line")")"
     runs="$runs$(field ops_per_s "$line")/"
     results+="$(field ops_per_s "$line") $line"$'\n'
   done
@@ -78,9 +89,10 @@ report_idemd() {
   line=${out%|*}; runs=${out##*|}
   tps[$system-$workload-$clients]=$(field ops_per_s "$line")
   p50s[$system-$workload-$clients]=$(field p50_ms "$line")
+  boxes[$system-$workload-$clients]=$(field box_cpu_us_per_op "$line")
   printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" \
     "$(field ops_per_s "$line")" "$(field p50_ms "$line")" "$(field p99_ms "$line")" \
-    "$(field p999_ms "$line")" "errors=$(field errors "$line") cpu_s=$(field server_cpu_s "$line") client_cpu_s=$(field client_cpu_s "$line") peak_rss_mib=$(field server_peak_rss_mib "$line") runs=$runs"
+    "$(field p999_ms "$line")" "errors=$(field errors "$line") cpu_s=$(field server_cpu_s "$line") client_cpu_s=$(field client_cpu_s "$line") box_cpu_us_per_op=$(field box_cpu_us_per_op "$line") peak_rss_mib=$(field server_peak_rss_mib "$line") runs=$runs"
   echo "$system,$workload,$clients,$(field ops_per_s "$line"),$(field p50_ms "$line"),$(field p99_ms "$line"),$(field p999_ms "$line"),$(field server_cpu_s "$line"),$(field server_peak_rss_mib "$line"),$runs" >>"$csv"
 }
 
@@ -93,6 +105,8 @@ report_pgbench() {
     # Every transaction's latency is logged, for the same percentiles idemd-bench reports.
     local logs
     logs=$(mktemp -d)
+    local before after
+    before=$(box_ticks)
     out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" \
       -l --log-prefix="$logs/tx" "${scripts[@]}" "$url" 2>&1) || {
       # E.g. too many clients: 64 pgbench sessions, idemd's pool and anyone else's sessions
@@ -100,22 +114,25 @@ report_pgbench() {
       echo "pgbench failed: $out" >&2
       exit 1
     }
-    local t l p
+    after=$(box_ticks)
+    local t l p n
     t=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1); t=${t%.*}
+    n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out")
     l=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' <<<"$out")
     p=$(cat "$logs"/tx* | awk '{ print $3 }' | sort -n | awk '{ v[NR] = $1 }
       END { q = "0.5 0.99 0.999"; split(q, qs, " ");
             for (i = 1; i <= 3; i++) { n = int(NR * qs[i]); if (n < 1) n = 1; printf "%.2f ", v[n] / 1000 } }')
     rm -rf "$logs"
     runs="$runs$t/"
-    results+="$t $l $p"$'\n'
+    results+="$t $l $p$(box_us_per_op $((after - before)) "$n")"$'\n'
   done
-  local median avg p50 p99 p999
+  local median avg p50 p99 p999 box
   median=$(printf '%s' "$results" | median_line)
-  read -r _ avg p50 p99 p999 <<<"$median"
+  read -r _ avg p50 p99 p999 box <<<"$median"
   tps[$system-$workload-$clients]=${median%% *}
   p50s[$system-$workload-$clients]=$p50
-  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" "${median%% *}" "$p50" "$p99" "$p999" "avg_ms=$avg runs=${runs%/}"
+  boxes[$system-$workload-$clients]=$box
+  printf '%-8s %-9s %7s %10s %8s %8s %8s %s\n' "$system" "$workload" "$clients" "${median%% *}" "$p50" "$p99" "$p999" "avg_ms=$avg box_cpu_us_per_op=$box runs=${runs%/}"
   echo "$system,$workload,$clients,${median%% *},$p50,$p99,$p999,,,${runs%/}" >>"$csv"
 }
 
@@ -147,7 +164,7 @@ python3 bench/chart.py "$csv" docs/throughput.svg
 python3 bench/chart.py "$csv" docs/latency.svg p50_ms
 for workload in fresh replay; do
   for clients in 1 4 16 64; do
-    echo "$workload at $clients clients: ops/s ratio $(ratio "${tps[idemd-$workload-$clients]}" "${tps[pgbench-$workload-$clients]}"), p50 idemd ${p50s[idemd-$workload-$clients]} ms, peer ${p50s[pgbench-$workload-$clients]} ms"
+    echo "$workload at $clients clients: ops/s ratio $(ratio "${tps[idemd-$workload-$clients]}" "${tps[pgbench-$workload-$clients]}"), p50 idemd ${p50s[idemd-$workload-$clients]} ms, peer ${p50s[pgbench-$workload-$clients]} ms, box CPU per op idemd ${boxes[idemd-$workload-$clients]} us, peer ${boxes[pgbench-$workload-$clients]} us"
   done
 done
 echo "memory store: $(ratio "$(( ${tps[memory-fresh-64]} * 2 ))" "${tps[echo-echo-64]}")x the echo ceiling in RPC/s at 64 clients (a pair is 2 RPCs)"
