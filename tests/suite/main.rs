@@ -28,6 +28,7 @@ mod java_client;
 mod model;
 mod operations;
 mod plans;
+mod pool;
 mod processes;
 mod production;
 mod replay_cache;

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, QueueMode, RecyclingMethod, Runtime, Timeouts,
+};
 use tokio::time::Instant;
 
 use super::cache::CompletedRecords;
@@ -48,6 +50,11 @@ impl Connections {
         let manager = Manager::from_config(driver_config, tls.clone(), manager_config);
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
+            // The connection returned last goes out first: at low load the same few backends
+            // serve, warm, instead of each command waking the one that slept longest (FIFO).
+            // Same-minute A/B on 2 cores: 24 of 28 cells at 4–64 clients faster, by ~10 % at
+            // the median (docs/PERFORMANCE.md).
+            .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(connect_timeout))
             .create_timeout(Some(connect_timeout))
