@@ -52,7 +52,7 @@ impl Connections {
             .max_size(pool_size.max(1))
             // The connection returned last goes out first: at low load the same few backends
             // serve, warm, instead of each command waking the one that slept longest (FIFO).
-            // Same-minute A/B on 2 cores: 24 of 28 cells at 4–64 clients faster, by ~10 % at
+            // Same-minute A/B on 2 cores: 26 of 30 cells at 4–64 clients faster, by ~10 % at
             // the median (docs/PERFORMANCE.md).
             .queue_mode(QueueMode::Lifo)
             .runtime(Runtime::Tokio1)
