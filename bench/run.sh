@@ -68,9 +68,8 @@ declare -A tps p50s boxes
 run_idemd() {
   local target=$1 workload=$2 clients=$3 runs="" results=""
   for _ in $(seq 1 "$repeats"); do
-    local line pid
+    local line pid before after
     pid=$([ "$target" = "$idemd_port" ] && echo "$server" || echo "$memory")
-    local before after
     before=$(box_ticks)
     line=$($bench --target "http://127.0.0.1:$target" --workload "$workload" --clients "$clients" \
       --connections $(( clients < 8 ? clients : 8 )) --duration "${seconds}s" --keyspace 2000 \
@@ -103,9 +102,8 @@ report_pgbench() {
   local scripts=("$@")
   for _ in $(seq 1 "$repeats"); do
     # Every transaction's latency is logged, for the same percentiles idemd-bench reports.
-    local logs
+    local logs before after
     logs=$(mktemp -d)
-    local before after
     before=$(box_ticks)
     out=$(pgbench -n -M prepared -c "$clients" -j $(( clients < 2 ? 1 : 2 )) -T "$seconds" \
       -l --log-prefix="$logs/tx" "${scripts[@]}" "$url" 2>&1) || {
