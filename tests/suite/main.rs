@@ -31,6 +31,7 @@ mod plans;
 mod pool;
 mod processes;
 mod production;
+mod records;
 mod replay_cache;
 mod security;
 mod soak;
