@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_auth;
+mod batching;
 mod behaviour;
 mod chaos;
 mod client;
