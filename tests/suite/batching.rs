@@ -94,6 +94,8 @@ async fn one_worker_drains_the_queue_and_a_lone_waiter_takes_a_free_slot() {
             max_batch: 64,
             batch_slots: 2,
             pool_size: 8,
+            // Held statements wait as long as the test holds them, never for a timeout.
+            query_timeout: Duration::from_secs(120),
             ..database.config()
         })
         .expect("pool"),
