@@ -3,6 +3,7 @@
 
 mod admin;
 mod admin_auth;
+mod batching;
 mod behaviour;
 mod chaos;
 mod client;
@@ -31,6 +32,7 @@ mod plans;
 mod pool;
 mod processes;
 mod production;
+mod records;
 mod replay_cache;
 mod security;
 mod soak;

@@ -3,10 +3,13 @@
 //! statements and commits per request than one-statement-per-request SQL.
 //!
 //! There is no added delay. Each kind of command has a few batch slots. A command that finds a
-//! free slot and nobody queued runs at once, alone, on its own task, by the ordinary one-command
-//! path. Only while every slot is busy do newcomers queue; a slot that frees up takes everything
-//! queued (up to the batch size) as the next batch, on a worker task that keeps going while the
-//! queue is not empty. A batch is sorted by (namespace, key), so batches on every replica touch
+//! free slot and nobody queued runs at once, alone, in the caller's task, by the ordinary
+//! one-command path. Only while every slot is busy do newcomers queue; a slot that frees up takes
+//! everything queued (up to the batch size) as the next batch, on a worker task that keeps going
+//! while the queue is not empty. One worker at most drains the queue: a slot that frees up while
+//! it runs takes a single waiter, alone, and otherwise leaves the queue to it, so that under load
+//! the queue goes in as few statements (and commits) as possible, while at low load nobody waits
+//! behind a batch when a slot is free. A batch is sorted by (namespace, key), so batches on every replica touch
 //! rows in one global order. The callers whose commands the batch statement settled get their
 //! answers as soon as it commits. Whatever it does not settle (a key that already exists, the same
 //! key twice in one batch, a refused Complete, a deadlock) goes back to its caller, which runs it
@@ -75,6 +78,10 @@ enum Reply<K: Batched> {
 struct Queue<K: Batched> {
     jobs: VecDeque<Job<K>>,
     free_slots: usize,
+    /// A worker is draining the queue (on one of the slots). There is never more than one: the
+    /// other slots serve only commands that find nobody queued, so under load the queue goes in
+    /// as few statements as possible.
+    draining: bool,
 }
 
 /// The batch slots and queue of one kind of command, and the connections its statements run on.
@@ -96,6 +103,7 @@ impl<K: Batched> Batcher<K> {
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 free_slots: slots.max(1),
+                draining: false,
             }),
             max_batch: max_batch.max(1),
             shared: AtomicU64::new(0),
@@ -105,6 +113,11 @@ impl<K: Batched> Batcher<K> {
     /// How many statements carried more than one command.
     pub fn shared_batches(&self) -> u64 {
         self.shared.load(Ordering::Relaxed)
+    }
+
+    /// How many commands wait in the queue now.
+    pub fn queued(&self) -> usize {
+        self.lock().jobs.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue<K>> {
@@ -131,9 +144,10 @@ impl<K: Batched> Batcher<K> {
                     deadline,
                     reply,
                 });
-                let start_worker = queue.free_slots > 0;
+                let start_worker = queue.free_slots > 0 && !queue.draining;
                 if start_worker {
                     queue.free_slots -= 1;
+                    queue.draining = true;
                 }
                 Ok((answer, start_worker))
             }
@@ -147,7 +161,7 @@ impl<K: Batched> Batcher<K> {
         batch_size(1);
         // Alone. The guard hands the slot on (to a worker for whatever queued meanwhile) however
         // this ends, even if the caller gives up and this future is dropped.
-        let _slot = Slot(self.clone());
+        let _slot = Slot(self.clone(), false);
         self.one(command, deadline).await
     }
 
@@ -195,15 +209,40 @@ impl<K: Batched> Batcher<K> {
         }
     }
 
-    /// A slot came free: a worker takes the queue, or the slot goes back.
-    fn hand_on(self: &Arc<Self>) {
+    /// A slot came free (`worker`: the draining worker's): a worker takes the queue if none
+    /// drains it, or the slot goes back.
+    fn hand_on(self: &Arc<Self>, worker: bool) {
         let mut queue = self.lock();
+        if worker {
+            queue.draining = false;
+        }
         if queue.jobs.is_empty() || tokio::runtime::Handle::try_current().is_err() {
             queue.free_slots += 1;
-        } else {
+        } else if !queue.draining {
+            queue.draining = true;
             drop(queue);
             self.spawn_worker();
+        } else if queue.jobs.len() == 1 {
+            // A lone waiter behind a running batch: it goes now, alone, on this slot.
+            let job = queue.jobs.pop_front();
+            drop(queue);
+            if let Some(job) = job {
+                self.spawn_single(job);
+            }
+        } else {
+            queue.free_slots += 1;
         }
+    }
+
+    /// Runs one queued job alone on a slot it takes over.
+    fn spawn_single(self: &Arc<Self>, job: Job<K>) {
+        let batcher = self.clone();
+        tokio::spawn(async move {
+            let _slot = Slot(batcher.clone(), false);
+            if !job.reply.is_closed() {
+                batcher.execute(vec![job]).await;
+            }
+        });
     }
 
     /// Runs batches with one slot until the queue is empty, then frees the slot.
@@ -212,7 +251,7 @@ impl<K: Batched> Batcher<K> {
         tokio::spawn(async move {
             // However the worker ends (the queue is empty, or the task is aborted or panics), the
             // guard hands its slot on: to a new worker if jobs queued meanwhile, else back.
-            let _slot = Slot(batcher.clone());
+            let _slot = Slot(batcher.clone(), true);
             loop {
                 let batch = {
                     let mut queue = batcher.lock();
@@ -298,11 +337,12 @@ fn batch_size(size: usize) {
     tracing::Span::current().record("idemd.batch_size", size);
 }
 
-/// A batch slot held by a command running alone or by a worker; dropping it hands the slot on.
-struct Slot<K: Batched>(Arc<Batcher<K>>);
+/// A batch slot held by a command running alone or (`true`) by the draining worker; dropping it
+/// hands the slot on.
+struct Slot<K: Batched>(Arc<Batcher<K>>, bool);
 
 impl<K: Batched> Drop for Slot<K> {
     fn drop(&mut self) {
-        self.0.hand_on();
+        self.0.hand_on(self.1);
     }
 }

@@ -18,7 +18,9 @@ use super::batch::Batched;
 use super::cache::CompletedRecords;
 use super::errors::from_db;
 use super::identity;
-use super::row::{db_now, micros, record_from_row};
+use super::row::{
+    completed_record, db_now, inserted_record, inserted_token, micros, record_from_row,
+};
 use super::sql;
 use crate::domain::{
     decide_acquire, decide_complete, decide_release, decide_renew, AcquireCommand, AcquireDecision,
@@ -235,7 +237,7 @@ pub async fn complete(
         sql::COMPLETE,
         &parameters,
         (namespace, key),
-        |row| Ok((record_from_row(&row)?, true)),
+        |row| Ok((completed_record(command, &row)?, true)),
         |record, now| match decide_complete(record.as_ref(), &command.lease_token, now) {
             CompleteDecision::Reject(rejection) => ControlFlow::Break(Err(rejection.into())),
             CompleteDecision::AlreadyCompleted => ControlFlow::Break(
@@ -406,10 +408,13 @@ impl Batched for Acquires {
         let mut settled: Vec<Option<AcquireOutcome>> = commands.iter().map(|_| None).collect();
         let rows = query_batch(client, sql::ACQUIRE_BATCH, &parameters).await?;
         for row in &rows {
-            let record = record_from_row(row)?;
             // Lease tokens are random and fresh: the token names the input row.
-            let index = tokens.iter().position(|token| *token == record.lease_token);
-            if let Some(slot) = index.and_then(|index| settled.get_mut(index)) {
+            let token = inserted_token(row)?;
+            let Some(index) = tokens.iter().position(|mine| *mine == token) else {
+                continue;
+            };
+            if let (Some(slot), Some(command)) = (settled.get_mut(index), commands.get(index)) {
+                let record = inserted_record(command, token, row)?;
                 *slot = Some(AcquireOutcome::Acquired {
                     lease: record.lease(),
                     record,
@@ -499,12 +504,13 @@ impl Batched for Completes {
         let mut settled: Vec<Option<(Record, bool)>> = commands.iter().map(|_| None).collect();
         let rows = query_batch(client, sql::COMPLETE_BATCH, &parameters).await?;
         for row in &rows {
-            let position: i32 = row.try_get(sql::AFTER_RECORD + 2).map_err(from_db)?;
-            let slot = usize::try_from(position)
-                .ok()
-                .and_then(|position| settled.get_mut(position));
-            if let Some(slot) = slot {
-                let record = record_from_row(row)?;
+            let position: i32 = row.try_get(sql::AFTER_COMPLETED + 2).map_err(from_db)?;
+            let Ok(position) = usize::try_from(position) else {
+                continue;
+            };
+            if let (Some(slot), Some(command)) = (settled.get_mut(position), commands.get(position))
+            {
+                let record = completed_record(command, row)?;
                 self.completed
                     .remember(&record, generation, identity::created(client));
                 // The batch statement settles only the rows it stored.

@@ -211,6 +211,13 @@ impl PostgresStore {
         })
     }
 
+    /// How many Acquires, and how many Completes, wait in the batch queues now.
+    pub fn queued(&self) -> (usize, usize) {
+        self.batchers.as_ref().map_or((0, 0), |batchers| {
+            (batchers.acquires.queued(), batchers.completes.queued())
+        })
+    }
+
     /// Whether the LISTEN connection is up.
     pub fn listening(&self) -> bool {
         self.listening.load(Ordering::SeqCst)

@@ -10,7 +10,8 @@ use tokio_postgres::Row;
 
 use super::errors::from_db;
 use crate::domain::{
-    Fingerprint, Holder, Key, LeaseToken, Namespace, Record, RecordState, StoredResult,
+    AcquireCommand, CompleteCommand, Fingerprint, Holder, Key, LeaseToken, Namespace, Record,
+    RecordState, StoredResult,
 };
 use crate::store::StoreError;
 
@@ -66,6 +67,75 @@ pub fn record_from_row(row: &Row) -> Result<Record, StoreError> {
         completed_at: row.try_get(13).map_err(get_err)?,
         expires_at: row.try_get(14).map_err(get_err)?,
         result,
+    })
+}
+
+/// The record a Complete stored, from the command and the columns of `completed_columns!()`
+/// starting at index 0 (the rest of the record is the command's own: its key, its token, the
+/// result it stored).
+pub fn completed_record(command: &CompleteCommand, row: &Row) -> Result<Record, StoreError> {
+    let get_err = from_db;
+    Ok(Record {
+        namespace: command.namespace.clone(),
+        key: command.key.clone(),
+        state: RecordState::Completed,
+        fingerprint: Fingerprint::parse(row.try_get(0).map_err(get_err)?)
+            .map_err(|_| corrupt("fingerprint"))?,
+        lease_token: command.lease_token,
+        released: false,
+        fencing_token: u64::try_from(row.try_get::<_, i64>(1).map_err(get_err)?)
+            .map_err(|_| corrupt("fencing_token"))?,
+        attempts: u32::try_from(row.try_get::<_, i32>(2).map_err(get_err)?)
+            .map_err(|_| corrupt("attempts"))?,
+        holder: Holder::parse(row.try_get(3).map_err(get_err)?).map_err(|_| corrupt("holder"))?,
+        retention: Duration::from_micros(
+            u64::try_from(row.try_get::<_, i64>(4).map_err(get_err)?)
+                .map_err(|_| corrupt("retention_us"))?,
+        ),
+        revision: u64::try_from(row.try_get::<_, i64>(5).map_err(get_err)?)
+            .map_err(|_| corrupt("revision"))?,
+        created_at: row.try_get(6).map_err(get_err)?,
+        lease_expires_at: row.try_get(7).map_err(get_err)?,
+        completed_at: Some(row.try_get(8).map_err(get_err)?),
+        expires_at: row.try_get(9).map_err(get_err)?,
+        result: Some(command.result.clone()),
+    })
+}
+
+/// The lease token of an inserted record (column 0 of `inserted_columns!()`), which names the
+/// command it was inserted for.
+pub fn inserted_token(row: &Row) -> Result<LeaseToken, StoreError> {
+    let token: &[u8] = row.try_get(0).map_err(from_db)?;
+    LeaseToken::from_bytes(token).ok_or_else(|| corrupt("lease_token"))
+}
+
+/// The record an Acquire inserted for `command` with `token`, from the columns of
+/// `inserted_columns!()` starting at index 0: a first lease, everything else the command's own.
+pub fn inserted_record(
+    command: &AcquireCommand,
+    token: LeaseToken,
+    row: &Row,
+) -> Result<Record, StoreError> {
+    let get_err = from_db;
+    Ok(Record {
+        namespace: command.namespace.clone(),
+        key: command.key.clone(),
+        state: RecordState::InProgress,
+        fingerprint: command.fingerprint.clone(),
+        lease_token: token,
+        released: false,
+        fencing_token: u64::try_from(row.try_get::<_, i64>(1).map_err(get_err)?)
+            .map_err(|_| corrupt("fencing_token"))?,
+        attempts: 1,
+        holder: command.holder.clone(),
+        // As stored: in whole microseconds.
+        retention: Duration::from_micros(micros(command.retention).unsigned_abs()),
+        revision: 1,
+        created_at: row.try_get(2).map_err(get_err)?,
+        lease_expires_at: row.try_get(3).map_err(get_err)?,
+        completed_at: None,
+        expires_at: row.try_get(4).map_err(get_err)?,
+        result: None,
     })
 }
 

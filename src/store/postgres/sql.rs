@@ -47,6 +47,28 @@ pub const MARK_WAITED_ON: &str = "UPDATE idemd_records SET has_waiters = true
 /// Index of the first column after `record_columns!()`.
 pub const AFTER_RECORD: usize = 19;
 
+/// What a completing statement returns of the record: the columns the Complete command does not
+/// itself carry, in the order `super::row::completed_record` expects. The result (which may be
+/// large), the key and the token are the command's own: sending them back would only cost the
+/// database, the wire and the decoding.
+macro_rules! completed_columns {
+    () => {
+        "fingerprint, fencing_token, attempts, holder, retention_us, revision, created_at, \
+         lease_expires_at, completed_at, expires_at"
+    };
+}
+
+/// Index of the first column after `completed_columns!()`.
+pub const AFTER_COMPLETED: usize = 10;
+
+/// What an inserting Acquire returns of the new record: the columns PostgreSQL chose, in the
+/// order `super::row::inserted_record` expects; the rest is the command's own.
+macro_rules! inserted_columns {
+    () => {
+        "lease_token, fencing_token, created_at, lease_expires_at, expires_at"
+    };
+}
+
 /// Acquire, first step: insert a new in-progress record, or return the existing one.
 /// $1 namespace, $2 key, $3 fingerprint, $4 lease token, $5 holder, $6 lease_ttl µs,
 /// $7 retention µs. Returns the record, `created`, and the database time.
@@ -107,7 +129,8 @@ pub const ACQUIRE_GRANT: &str = concat!(
 
 /// Complete with the current lease (live or expired, not released, record live).
 /// $1 namespace, $2 key, $3 lease token, $4 body, $5 code, $6 metadata keys, $7 metadata values,
-/// $8 retention µs or NULL for the retention given at Acquire.
+/// $8 retention µs or NULL for the retention given at Acquire. Returns `completed_columns!()`, the
+/// database time and the NOTIFY's (empty) value.
 pub const COMPLETE: &str = concat!(
     "UPDATE idemd_records SET
         state = 2, result_body = $4, result_code = $5,
@@ -119,7 +142,7 @@ pub const COMPLETE: &str = concat!(
     WHERE namespace = $1 AND key = $2 AND lease_token = $3
         AND state = 1 AND NOT released AND expires_at > now()
     RETURNING ",
-    record_columns!(),
+    completed_columns!(),
     ", now() AS db_now, ",
     notify_waiters!()
 );
@@ -254,9 +277,9 @@ pub const REAP_RANGE: &str = "WITH doomed AS (
 /// whose key has none, in the order given (the batcher sorts by namespace and key, so concurrent
 /// batches wait for each other's inserts in one global order and cannot deadlock). Arrays:
 /// $1 namespaces, $2 keys, $3 fingerprints, $4 lease tokens, $5 holders, $6 lease_ttl µs,
-/// $7 retention µs. Returns the record columns and the database time of every inserted row; an
-/// input row whose key exists (or repeats an earlier input row) returns nothing, and the store
-/// decides it one by one.
+/// $7 retention µs. Returns `inserted_columns!()` and the database time of every inserted row
+/// (its lease token names its input row); an input row whose key exists (or repeats an earlier
+/// input row) returns nothing, and the store decides it one by one.
 pub const ACQUIRE_BATCH: &str = concat!(
     "INSERT INTO idemd_records (namespace, key, state, fingerprint, lease_token, released,
         fencing_token, attempts, holder, retention_us, revision, created_at,
@@ -271,7 +294,7 @@ pub const ACQUIRE_BATCH: &str = concat!(
     ORDER BY i.position
     ON CONFLICT (namespace, key) DO NOTHING
     RETURNING ",
-    record_columns!(),
+    inserted_columns!(),
     ", now() AS db_now"
 );
 
@@ -279,12 +302,17 @@ pub const ACQUIRE_BATCH: &str = concat!(
 /// one statement and one commit (the function is migration 0003). Arrays: $1 namespaces, $2 keys,
 /// $3 lease tokens, $4 bodies, $5 codes, $6 metadata names and $7 values of all rows flattened,
 /// $8 where each row's metadata start in them (1-based) and $9 how many they are, $10 retention µs
-/// (NULL: keep). Returns the record columns, the database time, whether it notified, and the
-/// input position, for each input row it applied; an input row whose lease is not held (or which
+/// (NULL: keep). Returns `completed_columns!()`, the database time, whether it notified, and the
+/// input position, for each input row it applied (the function returns every column; only these
+/// travel back); an input row whose lease is not held (or which
 /// repeats an earlier input row's key) returns nothing.
-pub const COMPLETE_BATCH: &str = "SELECT * FROM idemd_complete_batch($1::text[], $2::text[], \
-    $3::bytea[], $4::bytea[], $5::int4[], $6::text[], $7::text[], $8::int4[], $9::int4[], \
-    $10::int8[])";
+pub const COMPLETE_BATCH: &str = concat!(
+    "SELECT ",
+    completed_columns!(),
+    ", db_now, notified, input_position \
+    FROM idemd_complete_batch($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::int4[], \
+        $6::text[], $7::text[], $8::int4[], $9::int4[], $10::int8[])"
+);
 
 // ---- The admin API (see `super::admin`) ----
 
