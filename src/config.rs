@@ -85,8 +85,9 @@ pub struct ServeArgs {
     /// at once, alone: batching adds no delay.
     #[arg(long, env = "IDEMD_DB_BATCH", default_value_t = defaults::DB_BATCH, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_batch: u16,
-    /// Batched statements of each kind (Acquire, Complete) in flight at once. While they are all
-    /// busy, newcomers queue and go together in the next one: fewer slots make bigger batches.
+    /// Statements of each kind (Acquire, Complete) in flight at once. While they are all busy,
+    /// newcomers queue and go together in the next batch; one worker at most sends the queue (a
+    /// slot that frees meanwhile takes a single waiter, else leaves the queue to it).
     #[arg(long, env = "IDEMD_DB_BATCH_SLOTS", default_value_t = defaults::DB_BATCH_SLOTS, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_batch_slots: u16,
     /// Bytes of completed records each replica keeps in memory, so replays (Acquire of a
