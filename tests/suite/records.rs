@@ -50,7 +50,9 @@ fn complete_command(acquired: &Record, index: usize) -> CompleteCommand {
             code: 200 + index as i32 % 7,
             metadata,
         },
-        retention: index.is_multiple_of(3).then(|| Duration::from_secs(7200 + index as u64)),
+        retention: index
+            .is_multiple_of(3)
+            .then(|| Duration::from_secs(7200 + index as u64)),
     }
 }
 

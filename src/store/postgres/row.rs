@@ -6,7 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio_postgres::Row;
+use tokio_postgres::{types::FromSql, Row};
 
 use super::errors::from_db;
 use crate::domain::{
@@ -17,6 +17,36 @@ use crate::store::StoreError;
 
 fn corrupt(what: &str) -> StoreError {
     StoreError::Internal(format!("unexpected value in idemd_records.{what}"))
+}
+
+/// Column `index`.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, index: usize) -> Result<T, StoreError> {
+    row.try_get(index).map_err(from_db)
+}
+
+/// Column `index`, stored signed (as PostgreSQL has no unsigned integers), which is never negative.
+fn unsigned<'a, S: FromSql<'a>, T: TryFrom<S>>(
+    row: &'a Row,
+    index: usize,
+    name: &str,
+) -> Result<T, StoreError> {
+    T::try_from(column::<S>(row, index)?).map_err(|_| corrupt(name))
+}
+
+fn fingerprint(row: &Row, index: usize) -> Result<Fingerprint, StoreError> {
+    Fingerprint::parse(column(row, index)?).map_err(|_| corrupt("fingerprint"))
+}
+
+fn holder(row: &Row, index: usize) -> Result<Holder, StoreError> {
+    Holder::parse(column(row, index)?).map_err(|_| corrupt("holder"))
+}
+
+fn retention(row: &Row, index: usize) -> Result<Duration, StoreError> {
+    Ok(Duration::from_micros(unsigned::<i64, u64>(
+        row,
+        index,
+        "retention_us",
+    )?))
 }
 
 /// Decodes the columns of `record_columns!()` starting at index 0.
@@ -47,21 +77,14 @@ pub fn record_from_row(row: &Row) -> Result<Record, StoreError> {
             .map_err(|_| corrupt("namespace"))?,
         key: Key::parse(row.try_get(1).map_err(get_err)?).map_err(|_| corrupt("key"))?,
         state,
-        fingerprint: Fingerprint::parse(row.try_get(3).map_err(get_err)?)
-            .map_err(|_| corrupt("fingerprint"))?,
+        fingerprint: fingerprint(row, 3)?,
         lease_token: LeaseToken::from_bytes(&token).ok_or_else(|| corrupt("lease_token"))?,
         released: row.try_get(5).map_err(get_err)?,
-        fencing_token: u64::try_from(row.try_get::<_, i64>(6).map_err(get_err)?)
-            .map_err(|_| corrupt("fencing_token"))?,
-        attempts: u32::try_from(row.try_get::<_, i32>(7).map_err(get_err)?)
-            .map_err(|_| corrupt("attempts"))?,
-        holder: Holder::parse(row.try_get(8).map_err(get_err)?).map_err(|_| corrupt("holder"))?,
-        retention: Duration::from_micros(
-            u64::try_from(row.try_get::<_, i64>(9).map_err(get_err)?)
-                .map_err(|_| corrupt("retention_us"))?,
-        ),
-        revision: u64::try_from(row.try_get::<_, i64>(10).map_err(get_err)?)
-            .map_err(|_| corrupt("revision"))?,
+        fencing_token: unsigned::<i64, _>(row, 6, "fencing_token")?,
+        attempts: unsigned::<i32, _>(row, 7, "attempts")?,
+        holder: holder(row, 8)?,
+        retention: retention(row, 9)?,
+        revision: unsigned::<i64, _>(row, 10, "revision")?,
         created_at: row.try_get(11).map_err(get_err)?,
         lease_expires_at: row.try_get(12).map_err(get_err)?,
         completed_at: row.try_get(13).map_err(get_err)?,
@@ -79,21 +102,14 @@ pub fn completed_record(command: &CompleteCommand, row: &Row) -> Result<Record, 
         namespace: command.namespace.clone(),
         key: command.key.clone(),
         state: RecordState::Completed,
-        fingerprint: Fingerprint::parse(row.try_get(0).map_err(get_err)?)
-            .map_err(|_| corrupt("fingerprint"))?,
+        fingerprint: fingerprint(row, 0)?,
         lease_token: command.lease_token,
         released: false,
-        fencing_token: u64::try_from(row.try_get::<_, i64>(1).map_err(get_err)?)
-            .map_err(|_| corrupt("fencing_token"))?,
-        attempts: u32::try_from(row.try_get::<_, i32>(2).map_err(get_err)?)
-            .map_err(|_| corrupt("attempts"))?,
-        holder: Holder::parse(row.try_get(3).map_err(get_err)?).map_err(|_| corrupt("holder"))?,
-        retention: Duration::from_micros(
-            u64::try_from(row.try_get::<_, i64>(4).map_err(get_err)?)
-                .map_err(|_| corrupt("retention_us"))?,
-        ),
-        revision: u64::try_from(row.try_get::<_, i64>(5).map_err(get_err)?)
-            .map_err(|_| corrupt("revision"))?,
+        fencing_token: unsigned::<i64, _>(row, 1, "fencing_token")?,
+        attempts: unsigned::<i32, _>(row, 2, "attempts")?,
+        holder: holder(row, 3)?,
+        retention: retention(row, 4)?,
+        revision: unsigned::<i64, _>(row, 5, "revision")?,
         created_at: row.try_get(6).map_err(get_err)?,
         lease_expires_at: row.try_get(7).map_err(get_err)?,
         completed_at: Some(row.try_get(8).map_err(get_err)?),
@@ -124,8 +140,7 @@ pub fn inserted_record(
         fingerprint: command.fingerprint.clone(),
         lease_token: token,
         released: false,
-        fencing_token: u64::try_from(row.try_get::<_, i64>(1).map_err(get_err)?)
-            .map_err(|_| corrupt("fencing_token"))?,
+        fencing_token: unsigned::<i64, _>(row, 1, "fencing_token")?,
         attempts: 1,
         holder: command.holder.clone(),
         // As stored: in whole microseconds.
