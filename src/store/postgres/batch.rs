@@ -9,8 +9,8 @@
 //! while the queue is not empty. One worker at most drains the queue: a slot that frees up while
 //! it runs takes a single waiter, alone, and otherwise leaves the queue to it, so that under load
 //! the queue goes in as few statements (and commits) as possible, while at low load nobody waits
-//! behind a batch when a slot is free. A batch is sorted by (namespace, key), so batches on every replica touch
-//! rows in one global order. The callers whose commands the batch statement settled get their
+//! behind a batch when a slot is free. A batch is sorted by (namespace, key), so batches on every
+//! replica touch rows in one global order. The callers whose commands the batch statement settled get their
 //! answers as soon as it commits. Whatever it does not settle (a key that already exists, the same
 //! key twice in one batch, a refused Complete, a deadlock) goes back to its caller, which runs it
 //! by the one-command path on a pooled connection of its own, within its own deadline: it decides
@@ -79,8 +79,8 @@ struct Queue<K: Batched> {
     jobs: VecDeque<Job<K>>,
     free_slots: usize,
     /// A worker is draining the queue (on one of the slots). There is never more than one: the
-    /// other slots serve only commands that find nobody queued, so under load the queue goes in
-    /// as few statements as possible.
+    /// other slots serve commands that find nobody queued, or a single waiter, so under load the
+    /// queue goes in as few statements as possible.
     draining: bool,
 }
 
@@ -210,7 +210,7 @@ impl<K: Batched> Batcher<K> {
     }
 
     /// A slot came free (`worker`: the draining worker's): a worker takes the queue if none
-    /// drains it, or the slot goes back.
+    /// drains it, else a single waiter runs alone on it, else the slot goes back.
     fn hand_on(self: &Arc<Self>, worker: bool) {
         let mut queue = self.lock();
         if worker {

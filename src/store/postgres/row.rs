@@ -97,7 +97,6 @@ pub fn record_from_row(row: &Row) -> Result<Record, StoreError> {
 /// starting at index 0 (the rest of the record is the command's own: its key, its token, the
 /// result it stored).
 pub fn completed_record(command: &CompleteCommand, row: &Row) -> Result<Record, StoreError> {
-    let get_err = from_db;
     Ok(Record {
         namespace: command.namespace.clone(),
         key: command.key.clone(),
@@ -110,10 +109,10 @@ pub fn completed_record(command: &CompleteCommand, row: &Row) -> Result<Record, 
         holder: holder(row, 3)?,
         retention: retention(row, 4)?,
         revision: unsigned::<i64, _>(row, 5, "revision")?,
-        created_at: row.try_get(6).map_err(get_err)?,
-        lease_expires_at: row.try_get(7).map_err(get_err)?,
-        completed_at: Some(row.try_get(8).map_err(get_err)?),
-        expires_at: row.try_get(9).map_err(get_err)?,
+        created_at: column(row, 6)?,
+        lease_expires_at: column(row, 7)?,
+        completed_at: Some(column(row, 8)?),
+        expires_at: column(row, 9)?,
         result: Some(command.result.clone()),
     })
 }
@@ -121,8 +120,7 @@ pub fn completed_record(command: &CompleteCommand, row: &Row) -> Result<Record, 
 /// The lease token of an inserted record (column 0 of `inserted_columns!()`), which names the
 /// command it was inserted for.
 pub fn inserted_token(row: &Row) -> Result<LeaseToken, StoreError> {
-    let token: &[u8] = row.try_get(0).map_err(from_db)?;
-    LeaseToken::from_bytes(token).ok_or_else(|| corrupt("lease_token"))
+    LeaseToken::from_bytes(column(row, 0)?).ok_or_else(|| corrupt("lease_token"))
 }
 
 /// The record an Acquire inserted for `command` with `token`, from the columns of
@@ -132,7 +130,6 @@ pub fn inserted_record(
     token: LeaseToken,
     row: &Row,
 ) -> Result<Record, StoreError> {
-    let get_err = from_db;
     Ok(Record {
         namespace: command.namespace.clone(),
         key: command.key.clone(),
@@ -146,10 +143,10 @@ pub fn inserted_record(
         // As stored: in whole microseconds.
         retention: Duration::from_micros(micros(command.retention).unsigned_abs()),
         revision: 1,
-        created_at: row.try_get(2).map_err(get_err)?,
-        lease_expires_at: row.try_get(3).map_err(get_err)?,
+        created_at: column(row, 2)?,
+        lease_expires_at: column(row, 3)?,
         completed_at: None,
-        expires_at: row.try_get(4).map_err(get_err)?,
+        expires_at: column(row, 4)?,
         result: None,
     })
 }
