@@ -183,6 +183,8 @@ pub async fn serve<S: AdminStore>(
             }
         });
     }
+    // No more connections: the listening socket closes (over TLS, the accept loop ends).
+    drop(incoming);
     let _ = stopping.send(true);
     // Every connection holds a place until it closes: having them all back means all closed.
     let _ = open.acquire_many(MAX_CONNECTIONS).await;
