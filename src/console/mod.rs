@@ -16,22 +16,25 @@ mod pages;
 pub mod session;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::{FormRejection, QueryRejection};
 use axum::extract::{Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use axum::Router;
 use futures_util::StreamExt;
 use maud::Markup;
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -41,7 +44,7 @@ use crate::api::admin::{
     PurgeRecords,
 };
 use crate::api::AdminApi;
-use crate::auth::{AdminAccess, AuthState, Caller, Credentials, PeerIdentities};
+use crate::auth::{AdminAccess, AuthState, Caller, Credentials};
 use crate::domain::Namespace;
 use crate::proto::idempotency::admin::v1 as admin;
 use crate::proto::idempotency::v1 as pb;
@@ -108,7 +111,17 @@ pub fn router<S: AdminStore>(
         .with_state(console)
 }
 
-/// Serves the console on `listener` (over TLS with `tls`) until `shutdown` resolves.
+/// Longest a console client may take to send a request's headers, counted from when the server
+/// waits for them (so also how long an idle keep-alive connection stays open). A client that
+/// opens connections and sends its headers a byte at a time is cut off rather than holding them.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most console connections open at once. Past that the console stops accepting (clients wait in
+/// the listen backlog), so a flood of console connections cannot use up the file descriptors the
+/// API needs.
+const MAX_CONNECTIONS: u32 = 256;
+
+/// Serves the console on `listener` (over TLS with `tls`) until `shutdown` resolves, then lets
+/// the requests in progress finish and returns once every connection has closed.
 pub async fn serve<S: AdminStore>(
     listener: TcpListener,
     tls: Option<Arc<TlsState>>,
@@ -117,50 +130,146 @@ pub async fn serve<S: AdminStore>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let routes = router(admin, auth, tls.is_some());
-    match tls {
-        None => {
-            let service = routes.into_make_service_with_connect_info::<ConsolePeer>();
-            axum::serve(listener, service)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        Some(tls) => {
-            let connections = crate::tls::incoming_http1(listener, tls);
-            let service = routes.into_make_service_with_connect_info::<ConsolePeer>();
-            axum::serve(TlsListener { connections }, service)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    }
-}
-
-/// Connections that completed the TLS handshake (`tls::incoming_http1`), as axum accepts them.
-struct TlsListener {
-    connections: ReceiverStream<std::io::Result<TlsConnection>>,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    /// What axum calls the remote address: here, who the client's certificate names.
-    type Addr = PeerIdentities;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.connections.next().await {
-                Some(Ok(connection)) => {
-                    let peer = connection.peer().clone();
-                    return (connection, peer);
+    let mut incoming = match tls {
+        None => Incoming::Plain(listener),
+        Some(tls) => Incoming::Tls(crate::tls::incoming_http1(listener, tls)),
+    };
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS as usize));
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let next = async {
+            // A free place first: while all are taken, nobody new is accepted.
+            let permit = open.clone().acquire_owned().await.ok()?;
+            Some((permit, incoming.next().await?))
+        };
+        let (permit, (io, peer)) = tokio::select! {
+            _ = &mut shutdown => break,
+            next = next => match next {
+                Some(accepted) => accepted,
+                // The TLS accept loop ended: nothing more will come.
+                None => break,
+            },
+        };
+        let service = {
+            let routes = routes.clone();
+            let peer = ConnectInfo(peer);
+            hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(peer.clone());
+                // A Router is always ready (axum documents `poll_ready` as such): called as is.
+                tower::Service::call(&mut routes.clone(), request)
+            })
+        };
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                // (The borrow `wait_for` returns is dropped before anything awaits.)
+                _ = async { stop.wait_for(|stopping| *stopping).await.is_ok() } => {
+                    // Finish the request in progress (an idle connection closes now).
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
-                Some(Err(error)) => tracing::debug!(%error, "console TLS accept failed"),
-                // The accept loop ended: nothing more will come.
-                None => std::future::pending::<()>().await,
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "console connection ended with an error");
+            }
+        });
+    }
+    // No more connections: the listening socket closes (over TLS, the accept loop ends).
+    drop(incoming);
+    let _ = stopping.send(true);
+    // Every connection holds a place until it closes: having them all back means all closed.
+    let _ = open.acquire_many(MAX_CONNECTIONS).await;
+    Ok(())
+}
+
+/// Where console connections come from: the listener itself, or the TLS accept loop's
+/// connections that completed their handshake (`tls::incoming_http1`).
+enum Incoming {
+    Plain(TcpListener),
+    Tls(ReceiverStream<std::io::Result<TlsConnection>>),
+}
+
+/// One accepted console connection, plain or TLS.
+enum ConsoleIo {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<TlsConnection>),
+}
+
+impl Incoming {
+    /// The next connection and its client certificate's identities (none over plain TCP);
+    /// `None` once no more can come.
+    async fn next(&mut self) -> Option<(ConsoleIo, ConsolePeer)> {
+        loop {
+            match self {
+                Incoming::Plain(listener) => match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Some((ConsoleIo::Plain(stream), ConsolePeer::default()));
+                    }
+                    Err(error) => {
+                        // E.g. out of file descriptors: back off rather than spin.
+                        tracing::warn!(%error, "console accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Incoming::Tls(connections) => match connections.next().await? {
+                    Ok(connection) => {
+                        let peer = ConsolePeer(connection.peer().0.clone());
+                        return Some((ConsoleIo::Tls(Box::new(connection)), peer));
+                    }
+                    Err(error) => tracing::debug!(%error, "console TLS accept failed"),
+                },
             }
         }
     }
+}
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        // axum asks only for logging; the address is in idemd's start-up log.
-        Ok(PeerIdentities::default())
+impl AsyncRead for ConsoleIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConsoleIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConsoleIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ConsoleIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConsoleIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ConsoleIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 
@@ -378,18 +487,6 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Requester {
 /// The client certificate's identities of a console connection, as axum's connect info.
 #[derive(Clone, Default)]
 struct ConsolePeer(Arc<Vec<String>>);
-
-impl Connected<IncomingStream<'_, TcpListener>> for ConsolePeer {
-    fn connect_info(_stream: IncomingStream<'_, TcpListener>) -> Self {
-        ConsolePeer::default()
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for ConsolePeer {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        ConsolePeer(stream.remote_addr().0.clone())
-    }
-}
 
 /// A signed-in request: its session and the caller the session's token resolves to now.
 struct Signed {

@@ -948,6 +948,101 @@ async fn console_on_call_workflow_in_chromium() {
 
 /// With --console-tls the console speaks HTTPS with the API's certificate (HTTP/1.1 in ALPN) and
 /// its session cookie is `Secure`; plaintext on its port gets no HTTP answer.
+/// A console client that sends its headers a byte at a time is cut off (the header read
+/// timeout, 10 s), and at most 256 console connections are open at once: the 257th is not
+/// served until one closes, while the API goes on answering. Without either, a flood of
+/// console connections would hold the process's file descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_cuts_off_slow_headers_and_caps_its_connections() {
+    const CAP: usize = 256;
+    let server = ConsoleServer::start().await;
+    let console = server.console;
+
+    // Slow headers: one byte every 200 ms; the server must end the connection within 30 s.
+    let slow = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(console).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let started = std::time::Instant::now();
+        let header = b"GET /sign-in HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'));
+        let mut buffer = [0u8; 1024];
+        for byte in header {
+            if stream.write_all(&[*byte]).is_err() {
+                return started.elapsed();
+            }
+            match stream.read(&mut buffer) {
+                // Closed, or an error answer before closing: either way, cut off.
+                Ok(_) => return started.elapsed(),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return started.elapsed(),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "a client sending its headers a byte every 200 ms was still connected after 30 s"
+            );
+        }
+        unreachable!("the header never ends")
+    })
+    .await
+    .expect("slow client");
+    assert!(
+        slow >= Duration::from_secs(5),
+        "cut off after {slow:?}: too early for a 10 s timeout"
+    );
+
+    // The cap: CAP idle connections, each accepted and waiting for its headers...
+    let mut idle = Vec::new();
+    for _ in 0..CAP {
+        idle.push(std::net::TcpStream::connect(console).expect("connect"));
+    }
+    // ...so one more, with a whole request, is not served while they stay open.
+    let mut waiting = std::net::TcpStream::connect(console).expect("connect");
+    waiting
+        .write_all(b"GET /static/console.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    let mut first = [0u8; 64];
+    match waiting.read(&mut first) {
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("the connection past the cap was answered: {other:?}"),
+    }
+    // The API is untouched by a full console.
+    let mut client = server.client().await;
+    acquire(
+        &mut client,
+        "while-the-console-is-full",
+        Duration::from_secs(30),
+    )
+    .await;
+    // One place frees: the waiting request is served.
+    drop(idle.pop());
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = Vec::new();
+    waiting
+        .read_to_end(&mut answer)
+        .expect("the answer once a place freed");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(200)])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_over_tls_sets_secure_cookies() {
     let ca = crate::security::TestCa::new("console test CA");
