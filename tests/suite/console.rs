@@ -946,8 +946,6 @@ async fn console_on_call_workflow_in_chromium() {
     }
 }
 
-/// With --console-tls the console speaks HTTPS with the API's certificate (HTTP/1.1 in ALPN) and
-/// its session cookie is `Secure`; plaintext on its port gets no HTTP answer.
 /// A console client that sends its headers a byte at a time is cut off (the header read
 /// timeout, 10 s), and at most 256 console connections are open at once: the 257th is not
 /// served until one closes, while the API goes on answering. Without either, a flood of
@@ -1043,6 +1041,8 @@ async fn console_cuts_off_slow_headers_and_caps_its_connections() {
     );
 }
 
+/// With --console-tls the console speaks HTTPS with the API's certificate (HTTP/1.1 in ALPN) and
+/// its session cookie is `Secure`; plaintext on its port gets no HTTP answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_over_tls_sets_secure_cookies() {
     let ca = crate::security::TestCa::new("console test CA");
