@@ -16,9 +16,7 @@ mod pages;
 pub mod session;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::connect_info::ConnectInfo;
@@ -32,7 +30,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use maud::Markup;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
@@ -199,21 +197,19 @@ enum Incoming {
 }
 
 /// One accepted console connection, plain or TLS.
-enum ConsoleIo {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<TlsConnection>),
-}
+trait ConsoleIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ConsoleIo for T {}
 
 impl Incoming {
     /// The next connection and its client certificate's identities (none over plain TCP);
     /// `None` once no more can come.
-    async fn next(&mut self) -> Option<(ConsoleIo, ConsolePeer)> {
+    async fn next(&mut self) -> Option<(Box<dyn ConsoleIo>, ConsolePeer)> {
         loop {
             match self {
                 Incoming::Plain(listener) => match listener.accept().await {
                     Ok((stream, _)) => {
                         let _ = stream.set_nodelay(true);
-                        return Some((ConsoleIo::Plain(stream), ConsolePeer::default()));
+                        return Some((Box::new(stream), ConsolePeer::default()));
                     }
                     Err(error) => {
                         // E.g. out of file descriptors: back off rather than spin.
@@ -224,51 +220,11 @@ impl Incoming {
                 Incoming::Tls(connections) => match connections.next().await? {
                     Ok(connection) => {
                         let peer = ConsolePeer(connection.peer().0.clone());
-                        return Some((ConsoleIo::Tls(Box::new(connection)), peer));
+                        return Some((Box::new(connection), peer));
                     }
                     Err(error) => tracing::debug!(%error, "console TLS accept failed"),
                 },
             }
-        }
-    }
-}
-
-impl AsyncRead for ConsoleIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ConsoleIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ConsoleIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            ConsoleIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ConsoleIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            ConsoleIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            ConsoleIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }
